@@ -1,0 +1,1 @@
+"""Drafters propose token trees (``tree.TokenTree``) rooted at the last committed token."""

@@ -1,0 +1,1 @@
+"""Attention kernels for tree verification. Imports nothing else of spruce."""

@@ -1,0 +1,116 @@
+"""Frozen configuration dataclasses: each is the single source of its defaults (the CLI reads them).
+
+``SamplingParams`` is per request; ``SpeculationConfig`` describes the draft tree; ``EngineConfig`` is
+what ``Engine.from_pretrained`` was asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from spruce.errors import InvalidRequestError
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. ``temperature == 0`` is greedy (argmax)."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    # nucleus sampling mass; 1.0 disables it
+    top_p: float = 1.0
+    # keep the k most likely tokens; 0 disables it
+    top_k: int = 0
+    # per-request seed: the same seed and request give the same output; None draws a fresh seed
+    seed: int | None = None
+    # stop strings: generation ends when the text contains one; it is not part of the returned text
+    stop: tuple[str, ...] = ()
+    # token ids that end generation besides the model's EOS ids (they are kept in token_ids)
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if any(not s for s in self.stop):
+            raise InvalidRequestError("stop strings must be non-empty")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """Shape of the draft tree built each step (static: same limits every step).
+
+    Level by level, the ``top_k`` best nodes of the previous level (by cumulative draft log-probability)
+    are expanded into their ``top_k`` most likely children each, and the best ``top_k`` of those join the
+    tree, until ``depth`` levels or ``budget`` draft nodes (the root excluded) are reached.
+    ``top_k == 1`` is a chain of ``min(depth, budget)`` tokens.
+    """
+
+    depth: int = 2
+    top_k: int = 1
+    budget: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("depth", "top_k", "budget"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidRequestError(f"speculation {name} must be an integer >= 1, got {value!r}")
+
+    @classmethod
+    def chain(cls, length: int) -> SpeculationConfig:
+        return cls(depth=length, top_k=1, budget=length)
+
+
+def default_speculation(device_type: str, dtype: str) -> SpeculationConfig:
+    """The default tree, sized for where the target runs.
+
+    The figures behind each entry are in ``evals/results/`` (measured with ``evals/bench_spec.py``):
+    - CPU float32: a target pass over 4+ tokens costs ~2x a 1-token pass and each draft level costs about a
+      third of a target pass, so only a short chain pays off.
+    - CPU bfloat16 (AMX): target passes cost about the same up to ~32 tokens, so a small tree is nearly free.
+    - GPU: passes are weight-bandwidth bound and flat up to tens of tokens.
+    """
+    if device_type == "cuda":
+        return SpeculationConfig(depth=5, top_k=4, budget=24)
+    if dtype == "bfloat16":
+        return SpeculationConfig(depth=4, top_k=2, budget=8)
+    return SpeculationConfig.chain(2)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine was built with (models as given, before resolution)."""
+
+    target: str | None = None
+    draft: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    # the draft may run in another precision than the target: verification keeps the output exact
+    draft_dtype: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InvalidRequestError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.draft_dtype is not None and self.draft_dtype not in DTYPES:
+            raise InvalidRequestError(f"draft_dtype must be one of {DTYPES}, got {self.draft_dtype!r}")

@@ -1,0 +1,282 @@
+"""The speculative engine: one request at a time, token ids in, token ids (and text) out.
+
+Per request: prefill the target with the prompt minus its last token; then each step the drafter proposes a
+tree rooted at the last committed token, the target verifies every node in one pass, the accepted root
+path plus the bonus token are committed, and both KV caches keep exactly that path. ``speculation=None``
+runs the same loop with a root-only tree: plain target decoding, the baseline for every speedup.
+
+Greedy output is token-identical to plain greedy decoding of the target (see ``spruce.verify.greedy``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from spruce.config import EngineConfig, SamplingParams, SpeculationConfig, default_speculation
+from spruce.draft.model_drafter import ModelDrafter
+from spruce.draft.tree import TokenTree
+from spruce.errors import IncompatibleModelsError, InvalidRequestError
+from spruce.modeling import forward_tokens, new_cache
+from spruce.stats import SpecStats
+from spruce.stopping import StopChecker
+from spruce.verify.greedy import greedy_accept
+from spruce.verify.sampling import sample_token
+from spruce.verify.tree_verify import commit_accepted, verify_tree
+
+Prompt = Union[str, Sequence[int]]
+
+
+class _Default:
+    """Sentinel type: ``speculation`` omitted means the engine's default tree."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT = _Default()
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]
+    # "stop" (EOS, stop id or stop string) or "length" (max_tokens or context limit)
+    finish_reason: str
+    stats: SpecStats
+    prompt_token_ids: list[int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "stats": self.stats.to_dict(),
+        }
+
+
+class Engine:
+    """Target model (+ optional draft model) with a tokenizer; see ``from_pretrained``."""
+
+    def __init__(
+        self,
+        target: torch.nn.Module,
+        tokenizer,
+        draft: torch.nn.Module | None = None,
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.target = target
+        self.tokenizer = tokenizer
+        self.drafter = ModelDrafter(draft) if draft is not None else None
+        self.config = config or EngineConfig()
+        self.eos_ids = _eos_ids(target, tokenizer)
+        self.max_context = int(getattr(target.config, "max_position_embeddings", 0) or 1 << 31)
+        if draft is not None:
+            _check_pair(target, draft)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        target: str | Path | None = None,
+        draft: str | Path | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        draft_dtype: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> Engine:
+        """Load target and draft. ``target=None`` and ``draft=None``: the embedded default pair.
+
+        A user-given target with ``draft=None`` loads no draft model (plain decoding unless a draft is
+        given). ``draft_dtype`` defaults to ``dtype``.
+        """
+        from spruce.models import load_causal_lm, load_tokenizer, resolve_model_dir
+
+        config = EngineConfig(
+            target=None if target is None else str(target),
+            draft=None if draft is None else str(draft),
+            device=device,
+            dtype=dtype,
+            draft_dtype=draft_dtype,
+            trust_remote_code=trust_remote_code,
+        )
+        dev = torch.device(device)
+        target_dir = resolve_model_dir(target, "target")
+        use_embedded_draft = target is None and draft is None
+        draft_dir = resolve_model_dir(None, "draft") if use_embedded_draft else (
+            resolve_model_dir(draft, "draft") if draft is not None else None
+        )
+        tokenizer = load_tokenizer(target_dir, trust_remote_code)
+        target_model = load_causal_lm(target_dir, _torch_dtype(dtype), dev, trust_remote_code)
+        draft_model = None
+        if draft_dir is not None:
+            draft_model = load_causal_lm(draft_dir, _torch_dtype(draft_dtype or dtype), dev, trust_remote_code)
+            _check_tokenizers(tokenizer, load_tokenizer(draft_dir, trust_remote_code))
+        return cls(target_model, tokenizer, draft_model, config)
+
+    @property
+    def default_speculation(self) -> SpeculationConfig | None:
+        if self.drafter is None:
+            return None
+        return default_speculation(self.target.device.type, self.config.dtype)
+
+    # ---- public API ---------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | None = None,
+        speculation: SpeculationConfig | None | _Default = DEFAULT,
+    ) -> list[GenerationOutput]:
+        """Generate for each prompt (text, or a list of token ids). Returns one output per prompt.
+
+        ``speculation`` omitted: the default tree for this device and dtype; ``None``: no speculation.
+        Each prompt is validated before any is run, so a bad one fails the call before work is spent.
+        """
+        params = params or SamplingParams()
+        spec = self.default_speculation if isinstance(speculation, _Default) else speculation
+        if spec is not None and self.drafter is None:
+            raise InvalidRequestError("speculation needs a draft model; load one or pass speculation=None")
+        batch = _as_prompt_list(prompts)
+        encoded = [self.encode(p) for p in batch]
+        return [self._generate_one(ids, params, spec) for ids in encoded]
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt, validated against the vocabulary and the context length."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        vocab = int(self.target.config.vocab_size)
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        if len(ids) >= self.max_context:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens; the model's context is {self.max_context} "
+                "(at least one token must be left to generate)"
+            )
+        return ids
+
+    def apply_chat_template(self, user_message: str) -> str:
+        """Wrap one user message in the tokenizer's chat template (as the instruct models expect)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return user_message
+        messages = [{"role": "user", "content": user_message}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    # ---- the loop -----------------------------------------------------------------------------------
+
+    def _generate_one(
+        self, prompt_ids: list[int], params: SamplingParams, spec: SpeculationConfig | None
+    ) -> GenerationOutput:
+        if spec is not None and not params.greedy:
+            raise InvalidRequestError(
+                "speculation with temperature > 0 needs lossless tree sampling, which is not built yet; "
+                "use temperature 0 or speculation=None"
+            )
+        start = time.perf_counter()
+        stats = SpecStats()
+        limit = min(params.max_tokens, self.max_context - len(prompt_ids))
+        stopper = StopChecker(self.tokenizer, params, self.eos_ids, limit)
+        generator = _generator(params.seed)
+        tokens = list(prompt_ids)
+        cache = new_cache(self.target)
+        if len(tokens) > 1:
+            prefix = torch.tensor(tokens[:-1])
+            forward_tokens(self.target, cache, prefix, torch.arange(len(prefix)), None, last_only=True)
+        draft_state = self.drafter.new_state() if (spec is not None and self.drafter) else None
+        stats.prefill_time_s = time.perf_counter() - start
+
+        while stopper.finish_reason is None:
+            t0 = time.perf_counter()
+            if draft_state is not None and spec is not None and self.drafter is not None:
+                # the bonus token always follows, so a tree deeper than remaining - 1 is wasted work
+                tree = self.drafter.propose(draft_state, tokens, spec, max_depth=stopper.remaining - 1)
+            else:
+                tree = TokenTree.root_only(tokens[-1])
+            t1 = time.perf_counter()
+            prefix_len = len(tokens) - 1
+            logits = verify_tree(self.target, cache, tree, prefix_len)
+            if params.greedy:
+                result = greedy_accept(tree, logits.argmax(dim=-1))
+            else:
+                result = greedy_accept(tree, sample_token(logits, params, generator))
+            commit_accepted(cache, prefix_len, result.accepted_nodes)
+            if draft_state is not None and self.drafter is not None:
+                self.drafter.commit(draft_state, result.accepted_nodes.tolist())
+            emitted = result.emitted_tokens()
+            kept = stopper.extend(emitted)
+            tokens.extend(emitted[:kept])
+            stats.record_step(tree.max_depth, tree.num_draft_nodes, min(kept, result.num_accepted), kept)
+            stats.draft_time_s += t1 - t0
+            stats.verify_time_s += time.perf_counter() - t1
+
+        stats.wall_time_s = time.perf_counter() - start
+        return GenerationOutput(
+            text=stopper.text(),
+            token_ids=stopper.generated,
+            finish_reason=stopper.finish_reason,
+            stats=stats,
+            prompt_token_ids=prompt_ids,
+        )
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    items = list(prompts)
+    if not items:
+        raise InvalidRequestError("no prompts given")
+    if all(isinstance(p, int) for p in items):
+        return [items]
+    return items
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            ids.update([eos] if isinstance(eos, int) else eos)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def _check_pair(target: torch.nn.Module, draft: torch.nn.Module) -> None:
+    if draft.device != target.device:
+        raise IncompatibleModelsError(f"draft on {draft.device} but target on {target.device}")
+
+
+def _check_tokenizers(target_tok, draft_tok) -> None:
+    """Draft tokens are verified by id, so both models must share one vocabulary."""
+    if target_tok.get_vocab() != draft_tok.get_vocab():
+        raise IncompatibleModelsError(
+            "target and draft tokenizers differ: speculation verifies token ids, so the pair must share "
+            "one vocabulary"
+        )

@@ -1,0 +1,19 @@
+"""Exceptions that the engine raises for bad input or bad models; the server maps them to status codes."""
+
+from __future__ import annotations
+
+
+class SpruceError(Exception):
+    """Base class of spruce's own errors."""
+
+
+class InvalidRequestError(SpruceError, ValueError):
+    """The request is malformed (empty prompt, max_tokens <= 0, prompt longer than the context, ...)."""
+
+
+class ModelLoadError(SpruceError, RuntimeError):
+    """A model could not be found, verified or loaded."""
+
+
+class IncompatibleModelsError(ModelLoadError):
+    """Target and draft cannot be paired (different vocabularies or tokenizers)."""

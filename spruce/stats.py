@@ -1,0 +1,85 @@
+"""Per-request speculation telemetry: plain counters plus the definitions of what they mean.
+
+Definitions (one place; every sink, from JSON to gRPC to Prometheus, uses these):
+- step: one target verify pass. Every output token comes from a step (prefill only fills the cache with
+  the prompt minus its last token; the first step processes that token), so ``steps`` >= 1 per output.
+- drafted: draft tokens proposed (tree nodes other than the root), summed over steps.
+- accepted: draft tokens that were accepted by verification and emitted. The bonus token is NOT counted.
+- mean accepted length: output tokens / steps, i.e. tokens emitted per target pass, COUNTING the bonus
+  token. Plain decoding has exactly 1.0; it is the factor by which speculation cuts target passes.
+- acceptance rate: accepted / drafted (for a tree, the denominator counts every branch).
+- by depth: ``drafted_by_depth[d-1]`` counts steps whose tree reached depth d, ``accepted_by_depth[d-1]``
+  the steps in which a node at depth d was accepted; their ratio is the acceptance rate at depth d.
+Output truncation at a stop condition removes tokens from ``accepted`` (they were not emitted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SpecStats:
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    output_tokens: int = 0
+    drafted_by_depth: list[int] = field(default_factory=list)
+    accepted_by_depth: list[int] = field(default_factory=list)
+    prefill_time_s: float = 0.0
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    wall_time_s: float = 0.0
+
+    def record_step(self, tree_depth: int, num_drafted: int, emitted_draft_tokens: int, emitted: int) -> None:
+        """Count one verify pass: a tree of ``tree_depth`` levels, and what of it was emitted."""
+        self.steps += 1
+        self.drafted += num_drafted
+        self.accepted += emitted_draft_tokens
+        self.output_tokens += emitted
+        _grow(self.drafted_by_depth, tree_depth)
+        _grow(self.accepted_by_depth, tree_depth)
+        for d in range(tree_depth):
+            self.drafted_by_depth[d] += 1
+        for d in range(emitted_draft_tokens):
+            self.accepted_by_depth[d] += 1
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return self.output_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def acceptance_by_depth(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_depth, self.drafted_by_depth)]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of the stats (CLI ``--json``, API): counters plus the derived rates."""
+        return {
+            "steps": self.steps,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "output_tokens": self.output_tokens,
+            "mean_accepted_length": self.mean_accepted_length,
+            "acceptance_rate": self.acceptance_rate,
+            "acceptance_by_depth": self.acceptance_by_depth,
+            "drafted_by_depth": list(self.drafted_by_depth),
+            "accepted_by_depth": list(self.accepted_by_depth),
+            "prefill_time_s": self.prefill_time_s,
+            "draft_time_s": self.draft_time_s,
+            "verify_time_s": self.verify_time_s,
+            "wall_time_s": self.wall_time_s,
+            "tokens_per_s": self.tokens_per_s,
+        }
+
+
+def _grow(counts: list[int], length: int) -> None:
+    counts.extend([0] * (length - len(counts)))

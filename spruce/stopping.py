@@ -1,0 +1,64 @@
+"""When a request stops, and what text it returns.
+
+Order of checks for each appended token: EOS / stop token ids (the token is kept in ``token_ids``, not
+shown in text), stop strings (the text is cut before the stop string; the token that completed it is
+kept in ``token_ids``), then ``max_tokens`` and the context limit (finish reason "length").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from spruce.config import SamplingParams
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+
+class StopChecker:
+    def __init__(self, tokenizer, params: SamplingParams, eos_ids: Iterable[int], limit: int) -> None:
+        """``limit``: the most tokens this request may generate (max_tokens capped by the context)."""
+        self.tokenizer = tokenizer
+        self.params = params
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+        self.limit = limit
+        self.generated: list[int] = []
+        self.finish_reason: str | None = None
+        # index in the decoded text where a stop string starts, if one was found
+        self._stop_at: int | None = None
+        self._longest_stop = max((len(s) for s in params.stop), default=0)
+        self._searched = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.limit - len(self.generated)
+
+    def extend(self, tokens: list[int]) -> int:
+        """Append tokens one by one until a stop condition; returns how many were kept."""
+        kept = 0
+        for token in tokens:
+            if self.finish_reason is not None:
+                break
+            self.generated.append(token)
+            kept += 1
+            if token in self.stop_ids:
+                self.finish_reason = FINISH_STOP
+            elif self.params.stop and self._find_stop_string():
+                self.finish_reason = FINISH_STOP
+            elif len(self.generated) >= self.limit:
+                self.finish_reason = FINISH_LENGTH
+        return kept
+
+    def _find_stop_string(self) -> bool:
+        text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
+        start = max(0, self._searched - self._longest_stop + 1)
+        hits = [i for s in self.params.stop if (i := text.find(s, start)) >= 0]
+        self._searched = len(text)
+        if hits:
+            self._stop_at = min(hits)
+            return True
+        return False
+
+    def text(self) -> str:
+        text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
+        return text if self._stop_at is None else text[: self._stop_at]

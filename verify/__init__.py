@@ -1,0 +1,1 @@
+"""Verification: one target pass over a token tree, acceptance math, and the cache commit."""
