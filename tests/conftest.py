@@ -103,7 +103,7 @@ def tiny_target():
 
 @pytest.fixture(scope="session")
 def tiny_draft(tiny_target):
-    return perturbed_copy(tiny_target, noise=0.3, seed=1)
+    return perturbed_copy(tiny_target, noise=0.1, seed=1)
 
 
 @pytest.fixture(scope="session")

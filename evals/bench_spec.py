@@ -1,0 +1,166 @@
+"""Speculation vs plain decoding, side by side, on the engine as a library.
+
+For each prompt, every configuration (plain decoding first) runs in turn, and the order rotates from one
+prompt to the next, so machine drift hits all of them alike. Speedup per category = plain decoding's
+total time / the configuration's total time over the same prompts (greedy outputs are the same length,
+so this is also the tokens/s ratio). With greedy decoding it also checks that every output equals the
+plain output and names the first prompt that differs.
+
+    python -m spruce.evals.bench_spec --per-category 2 --max-tokens 64 --out evals/results/cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from spruce.config import DTYPES, SamplingParams, SpeculationConfig
+from spruce.evals.prompts import load_prompts
+
+BASELINE = "plain"
+
+
+def parse_spec(text: str) -> SpeculationConfig | None:
+    """``plain``, ``default`` (returned as None here and resolved by the engine), ``chain:N`` or
+    ``tree:DEPTH:TOPK:BUDGET``."""
+    kind, *nums = text.split(":")
+    if kind == "chain" and len(nums) == 1:
+        return SpeculationConfig.chain(int(nums[0]))
+    if kind == "tree" and len(nums) == 3:
+        return SpeculationConfig(depth=int(nums[0]), top_k=int(nums[1]), budget=int(nums[2]))
+    raise argparse.ArgumentTypeError(f"bad configuration {text!r}: use default, chain:N or tree:D:K:B")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from spruce.engine import Engine
+
+    engine = Engine.from_pretrained(args.target, args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype)
+    configs: dict[str, SpeculationConfig | None] = {BASELINE: None}
+    for name in args.configs:
+        configs[name] = engine.default_speculation if name == "default" else parse_spec(name)
+    prompts = load_prompts(args.prompts, per_category=args.per_category)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    names = list(configs)
+    # warm-up: one short run of each configuration (first calls allocate and fill caches)
+    for name in names:
+        engine.generate(engine.apply_chat_template("Say hi."), SamplingParams(max_tokens=4), configs[name])
+
+    records = []
+    for i, prompt in enumerate(tqdm(prompts, desc="prompts")):
+        text = engine.apply_chat_template(prompt.turns[0])
+        order = names[i % len(names) :] + names[: i % len(names)]
+        outs = {}
+        for name in order:
+            outs[name] = engine.generate(text, params, configs[name])[0]
+        for name in names:
+            o = outs[name]
+            records.append(
+                {
+                    "question_id": prompt.question_id,
+                    "category": prompt.category,
+                    "config": name,
+                    "output_tokens": len(o.token_ids),
+                    "same_as_plain": o.token_ids == outs[BASELINE].token_ids,
+                    "stats": o.stats.to_dict(),
+                }
+            )
+    return {
+        "command": args.command_line,
+        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
+        "date": time.strftime("%Y-%m-%d"),
+        "dtype": args.dtype,
+        "draft_dtype": args.draft_dtype or "engine default",
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "configs": {k: (asdict(v) if v else None) for k, v in configs.items()},
+        "records": records,
+        "summary": summarize(records, names),
+    }
+
+
+def summarize(records: list[dict], names: list[str]) -> dict:
+    """Per configuration and category: time, tokens, speedup vs plain, mean accepted length, lossless."""
+    acc: dict[tuple[str, str], dict] = defaultdict(lambda: defaultdict(float))
+    for r in records:
+        for cat in (r["category"], "overall"):
+            a = acc[(r["config"], cat)]
+            a["time_s"] += r["stats"]["wall_time_s"]
+            a["tokens"] += r["output_tokens"]
+            a["steps"] += r["stats"]["steps"]
+            a["differs"] += 0 if r["same_as_plain"] else 1
+    first_diff = {}
+    for r in records:
+        if not r["same_as_plain"] and r["config"] not in first_diff:
+            first_diff[r["config"]] = r["question_id"]
+    out: dict = {}
+    for (name, cat), a in acc.items():
+        base = acc[(BASELINE, cat)]
+        out.setdefault(name, {})[cat] = {
+            "tokens_per_s": a["tokens"] / a["time_s"],
+            "speedup": (base["time_s"] / base["tokens"]) / (a["time_s"] / a["tokens"]),
+            "mean_accepted_length": a["tokens"] / a["steps"],
+            "outputs_differing_from_plain": int(a["differs"]),
+        }
+    for name in names:
+        out[name]["first_differing_question_id"] = first_diff.get(name)
+    return out
+
+
+def markdown(report: dict) -> str:
+    summary = report["summary"]
+    cats = sorted({c for v in summary.values() for c in v if c not in ("overall", "first_differing_question_id")})
+    cols = [*cats, "overall"]
+    lines = [
+        f"dtype {report['dtype']}, draft dtype {report['draft_dtype']}, max_tokens {report['max_tokens']}, "
+        f"temperature {report['temperature']}; speedup = plain time / config time over the same prompts "
+        "(x), mean accepted length counts the bonus token (tokens per target pass).",
+        "",
+        "| config | " + " | ".join(cols) + " | tok/s overall | lossless |",
+        "|---|" + "---|" * (len(cols) + 2),
+    ]
+    for name, per in summary.items():
+        cells = [f"{per[c]['speedup']:.2f}x / {per[c]['mean_accepted_length']:.2f}" if c in per else "-" for c in cols]
+        lossless = "yes" if per["overall"]["outputs_differing_from_plain"] == 0 else (
+            f"no (first: question {per['first_differing_question_id']})"
+        )
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {per['overall']['tokens_per_s']:.2f} | {lossless} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--target")
+    p.add_argument("--draft")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--draft-dtype", choices=DTYPES)
+    p.add_argument("--prompts", help="Spec-Bench format JSONL (default: spruce's own prompt set)")
+    p.add_argument("--per-category", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--configs", nargs="+", default=["default"], help="default, chain:N, tree:D:K:B")
+    p.add_argument("--out", type=Path, help="write the JSON report here (and a .md beside it)")
+    args = p.parse_args(argv)
+    args.command_line = "python -m spruce.evals.bench_spec " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = run(args)
+    table = markdown(report)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(f"`{report['command']}`\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

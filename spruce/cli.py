@@ -1,0 +1,108 @@
+"""Command line: ``spruce generate``.
+
+Defaults come from the config dataclasses (``SamplingParams``, ``EngineConfig``), never repeated here.
+``--json`` prints one object with ``text``, ``token_ids``, ``finish_reason`` and ``stats`` (a contract).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from spruce.config import DTYPES, EngineConfig, SamplingParams, SpeculationConfig
+from spruce.errors import SpruceError
+
+_SAMPLING = SamplingParams()
+_ENGINE = EngineConfig()
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate a completion for one prompt")
+    p.add_argument("--prompt", required=True, help="the user message (wrapped in the chat template)")
+    p.add_argument("--target", default=_ENGINE.target, help="HF model dir or .gguf file (default: embedded)")
+    p.add_argument("--draft", default=_ENGINE.draft, help="HF model dir or .gguf file (default: embedded)")
+    p.add_argument("--max-tokens", type=int, default=_SAMPLING.max_tokens)
+    p.add_argument("--temperature", type=float, default=_SAMPLING.temperature)
+    p.add_argument("--top-p", type=float, default=_SAMPLING.top_p)
+    p.add_argument("--top-k", type=int, default=_SAMPLING.top_k)
+    p.add_argument("--seed", type=int, default=_SAMPLING.seed)
+    p.add_argument("--stop", action="append", default=list(_SAMPLING.stop), help="stop string (repeatable)")
+    p.add_argument("--no-speculation", action="store_true", help="plain target decoding (the baseline)")
+    p.add_argument("--tree-depth", type=int, help="draft tree depth (default: sized for device and dtype)")
+    p.add_argument("--tree-top-k", type=int, help="children per expanded draft node")
+    p.add_argument("--tree-budget", type=int, help="most draft nodes per step")
+    p.add_argument("--device", default=_ENGINE.device)
+    p.add_argument("--dtype", default=_ENGINE.dtype, choices=DTYPES)
+    p.add_argument("--draft-dtype", default=_ENGINE.draft_dtype, choices=DTYPES, help="default: auto")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _speculation(args: argparse.Namespace, default: SpeculationConfig | None) -> SpeculationConfig | None:
+    if args.no_speculation:
+        return None
+    overrides = {k: v for k, v in (("depth", args.tree_depth), ("top_k", args.tree_top_k), ("budget", args.tree_budget)) if v}
+    if not overrides:
+        return default
+    base = default or SpeculationConfig()
+    fields = {"depth": base.depth, "top_k": base.top_k, "budget": base.budget, **overrides}
+    return SpeculationConfig(**fields)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from spruce.engine import Engine
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    engine = Engine.from_pretrained(
+        target=args.target,
+        draft=args.draft,
+        device=args.device,
+        dtype=args.dtype,
+        draft_dtype=args.draft_dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
+    prompt = args.prompt if args.raw else engine.apply_chat_template(args.prompt)
+    out = engine.generate(prompt, params, speculation=_speculation(args, engine.default_speculation))[0]
+    if args.json:
+        print(json.dumps(out.to_dict()))
+    else:
+        print(out.text)
+        s = out.stats
+        print(
+            f"\n[{s.output_tokens} tokens in {s.wall_time_s:.2f} s, {s.tokens_per_s:.2f} tok/s, "
+            f"mean accepted length {s.mean_accepted_length:.2f} (bonus counted), finish: {out.finish_reason}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spruce", description="speculative decoding with token trees")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate}[args.command](args)
+    except SpruceError as exc:
+        print(f"spruce: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

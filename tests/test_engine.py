@@ -1,0 +1,197 @@
+"""The engine on tiny random models: speculation is lossless for greedy decoding, the draft cache stays
+consistent, stop conditions and stats hold, and bad input fails clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import EOS_ID, TINY_VOCAB, assert_close
+from spruce import Engine, SamplingParams, SpeculationConfig
+from spruce.draft.model_drafter import ModelDrafter
+from spruce.errors import InvalidRequestError
+from spruce.modeling import forward_tokens, new_cache
+from spruce.verify.greedy import greedy_accept
+
+SPECS = [
+    SpeculationConfig.chain(1),
+    SpeculationConfig.chain(4),
+    SpeculationConfig(depth=3, top_k=2, budget=6),
+    SpeculationConfig(depth=5, top_k=3, budget=12),
+]
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (int(torch.randint(1, 20, (1,), generator=gen)),), generator=gen).tolist() for _ in range(n)]
+
+
+def reference_greedy(model, prompt: list[int], max_tokens: int, eos: int | None = EOS_ID) -> list[int]:
+    """Plain greedy decoding with a fresh full forward per token (no cache): the oracle."""
+    seq, out = list(prompt), []
+    for _ in range(max_tokens):
+        ids = torch.tensor(seq)
+        token = int(forward_tokens(model, new_cache(model), ids, torch.arange(len(seq)), None)[-1].argmax())
+        out.append(token)
+        seq.append(token)
+        if token == eos:
+            break
+    return out
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"d{s.depth}k{s.top_k}b{s.budget}")
+def test_greedy_speculation_is_lossless(tiny_engine, spec):
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    accepted = 0
+    for prompt in prompts(4, seed=spec.budget):
+        base = tiny_engine.generate([prompt], params, speculation=None)[0]
+        fast = tiny_engine.generate([prompt], params, speculation=spec)[0]
+        assert fast.token_ids == base.token_ids
+        assert fast.stats.output_tokens == len(fast.token_ids)
+        accepted += fast.stats.accepted
+    # the comparison has teeth only if drafts were actually accepted
+    assert accepted > 0
+
+
+def test_plain_decoding_matches_uncached_reference(tiny_engine, tiny_target):
+    for prompt in prompts(3, seed=7):
+        out = tiny_engine.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True), speculation=None)[0]
+        assert out.token_ids == reference_greedy(tiny_target, prompt, 16, eos=None)
+
+
+@pytest.mark.parametrize("spec", SPECS[1:3], ids=["chain4", "tree"])
+def test_bad_draft_is_still_lossless(tiny_target, bad_draft, tokenizer, spec):
+    engine = Engine(tiny_target, tokenizer, bad_draft)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    for prompt in prompts(3, seed=11):
+        base = engine.generate([prompt], params, speculation=None)[0]
+        fast = engine.generate([prompt], params, speculation=spec)[0]
+        assert fast.token_ids == base.token_ids
+
+
+def test_draft_equal_target_accepts_all(tiny_target, tokenizer):
+    engine = Engine(tiny_target, tokenizer, tiny_target)
+    out = engine.generate([prompts(1, 3)[0]], SamplingParams(max_tokens=21, ignore_eos=True), SpeculationConfig.chain(4))[0]
+    # 21 tokens in 5-token steps (4 accepted + bonus) -> 5 steps, the last one capped by max_tokens
+    assert out.stats.acceptance_rate == 1.0
+    assert out.stats.steps == 5
+    assert out.stats.accepted_by_depth == out.stats.drafted_by_depth
+
+
+@pytest.mark.parametrize("spec", SPECS[1:], ids=["chain4", "tree6", "tree12"])
+def test_draft_cache_matches_fresh_forward_after_commits(tiny_target, tiny_draft, spec):
+    """After each step the draft cache equals a fresh forward over the tokens it claims to hold."""
+    drafter = ModelDrafter(tiny_draft)
+    state = drafter.new_state()
+    tokens = prompts(1, 5)[0] + [1, 2]
+    target_cache = new_cache(tiny_target)
+    forward_tokens(tiny_target, target_cache, torch.tensor(tokens[:-1]), torch.arange(len(tokens) - 1), None)
+    from spruce.verify.tree_verify import commit_accepted, verify_tree
+
+    for _ in range(6):
+        tree = drafter.propose(state, tokens, spec, max_depth=spec.depth)
+        tree.validate()
+        assert tree.num_draft_nodes <= spec.budget and tree.max_depth <= spec.depth
+        logits = verify_tree(tiny_target, target_cache, tree, len(tokens) - 1)
+        result = greedy_accept(tree, logits.argmax(-1))
+        commit_accepted(target_cache, len(tokens) - 1, result.accepted_nodes)
+        drafter.commit(state, result.accepted_nodes.tolist())
+        tokens += result.emitted_tokens()
+        fresh = new_cache(tiny_draft)
+        forward_tokens(tiny_draft, fresh, torch.tensor(tokens[: state.cached]), torch.arange(state.cached), None)
+        for got, want in zip(state.cache.layers, fresh.layers):
+            assert_close(got.keys, want.keys, atol=1e-5, what="draft keys")
+        assert state.cached < len(tokens)
+
+
+def test_stop_conditions(tiny_engine, tokenizer):
+    prompt = prompts(1, 21)[0]
+    full = tiny_engine.generate([prompt], SamplingParams(max_tokens=30, ignore_eos=True), speculation=None)[0]
+    # a stop token id cuts right after that token, with finish reason "stop"
+    stop_id = full.token_ids[5]
+    first = full.token_ids.index(stop_id)
+    out = tiny_engine.generate([prompt], SamplingParams(max_tokens=30, ignore_eos=True, stop_token_ids=(stop_id,)))[0]
+    assert out.token_ids == full.token_ids[: first + 1] and out.finish_reason == "stop"
+    # a stop string is cut from the text
+    text = tokenizer.decode(full.token_ids, skip_special_tokens=True)
+    if len(text) > 8:
+        stop = text[4:7]
+        out = tiny_engine.generate([prompt], SamplingParams(max_tokens=30, ignore_eos=True, stop=(stop,)))[0]
+        assert out.finish_reason == "stop"
+        assert out.text == text[: text.find(stop)]
+    # max_tokens
+    out = tiny_engine.generate([prompt], SamplingParams(max_tokens=7, ignore_eos=True))[0]
+    assert len(out.token_ids) == 7 and out.finish_reason == "length"
+
+
+def test_eos_ends_generation(tiny_target, tiny_draft, tokenizer):
+    engine = Engine(tiny_target, tokenizer, tiny_draft)
+    # pick the token the target predicts first as "EOS" so the stop happens inside a speculative step
+    prompt = prompts(1, 8)[0]
+    first = engine.generate([prompt], SamplingParams(max_tokens=3, ignore_eos=True), speculation=None)[0].token_ids
+    engine.eos_ids = {first[1]}
+    out = engine.generate([prompt], SamplingParams(max_tokens=30), SpeculationConfig.chain(4))[0]
+    assert out.token_ids == first[:2] and out.finish_reason == "stop"
+    engine.eos_ids = {EOS_ID}
+
+
+def test_stats_are_consistent(tiny_engine):
+    out = tiny_engine.generate(prompts(1, 9), SamplingParams(max_tokens=25, ignore_eos=True), SPECS[2])[0]
+    s = out.stats
+    assert s.output_tokens == len(out.token_ids) == 25
+    assert s.mean_accepted_length == pytest.approx(s.output_tokens / s.steps)
+    assert s.accepted + s.steps >= s.output_tokens  # the last step may lose its bonus to max_tokens
+    assert sum(s.accepted_by_depth) == s.accepted
+    assert all(a <= d for a, d in zip(s.accepted_by_depth, s.drafted_by_depth))
+    d = out.to_dict()
+    assert set(d) == {"text", "token_ids", "finish_reason", "stats"}
+    for key in ("steps", "drafted", "accepted", "mean_accepted_length", "acceptance_by_depth", "wall_time_s"):
+        assert key in d["stats"]
+
+
+def test_sampling_without_speculation_is_seeded(tiny_engine):
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=123, ignore_eos=True)
+    a = tiny_engine.generate(prompts(1, 4), params, speculation=None)[0].token_ids
+    b = tiny_engine.generate(prompts(1, 4), params, speculation=None)[0].token_ids
+    assert a == b
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=-3), "max_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(stop=("",)), "stop"),
+    ],
+)
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts(tiny_engine):
+    with pytest.raises(InvalidRequestError, match="empty"):
+        tiny_engine.generate("")
+    with pytest.raises(InvalidRequestError, match="empty"):
+        tiny_engine.generate([[]])
+    with pytest.raises(InvalidRequestError, match="context"):
+        tiny_engine.generate([[1] * 300])
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        tiny_engine.generate([[1, TINY_VOCAB + 5]])
+    with pytest.raises(InvalidRequestError, match="speculation"):
+        SpeculationConfig(depth=0)
+
+
+def test_generation_stops_at_context_limit(tiny_engine):
+    out = tiny_engine.generate([[1] * 250], SamplingParams(max_tokens=100, ignore_eos=True))[0]
+    assert len(out.token_ids) == 6 and out.finish_reason == "length"
+
+
+def test_text_prompt_and_chat_template(tiny_engine):
+    text = tiny_engine.apply_chat_template("hello")
+    assert text.startswith("<|im_start|>user\nhello")
+    out = tiny_engine.generate(text, SamplingParams(max_tokens=5, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5 and isinstance(out.text, str)

@@ -1,0 +1,72 @@
+"""CPU fast paths against their reference twins, on fresh random inputs."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY_VOCAB, assert_close
+from spruce.kernels.cpu_linear import SMALL_ROWS_MAX, SmallRowsLinear, small_rows_linear, use_small_rows_linear
+from spruce.kernels.reference import masked_attention
+from spruce.modeling import forward_tokens, new_cache
+
+# float32 products of length <= 1024: only the summation order differs
+F32_LINEAR_ATOL = 1e-4
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, SMALL_ROWS_MAX, SMALL_ROWS_MAX + 1, 33])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead", [(), (1,), (2,)])
+def test_small_rows_linear_matches_f_linear(rows, bias, lead):
+    gen = torch.Generator().manual_seed(rows * 10 + len(lead))
+    x = torch.randn(*lead, rows, 96, generator=gen)
+    w = torch.randn(200, 96, generator=gen)
+    b = torch.randn(200, generator=gen) if bias else None
+    got = small_rows_linear(x, w, b)
+    assert got.shape == (*lead, rows, 200)
+    assert_close(got, F.linear(x, w, b), atol=F32_LINEAR_ATOL, what="small_rows_linear")
+
+
+def test_small_rows_linear_leaves_other_dtypes_to_f_linear():
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    w = torch.randn(8, 16, dtype=torch.bfloat16)
+    assert torch.equal(small_rows_linear(x, w, None), F.linear(x, w))
+
+
+def test_model_with_small_rows_linear_matches_original(tiny_target):
+    fast = copy.deepcopy(tiny_target)
+    assert use_small_rows_linear(fast) == sum(isinstance(m, torch.nn.Linear) for m in tiny_target.modules())
+    assert all(type(m) is SmallRowsLinear for m in fast.modules() if isinstance(m, torch.nn.Linear))
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, TINY_VOCAB, (12,), generator=gen)
+    for t in (1, 3, 5):
+        a_cache, b_cache = new_cache(fast), new_cache(tiny_target)
+        forward_tokens(fast, a_cache, ids[:-t], torch.arange(12 - t), None)
+        forward_tokens(tiny_target, b_cache, ids[:-t], torch.arange(12 - t), None)
+        got = forward_tokens(fast, a_cache, ids[-t:], torch.arange(12 - t, 12), None)
+        want = forward_tokens(tiny_target, b_cache, ids[-t:], torch.arange(12 - t, 12), None)
+        assert_close(got, want, atol=F32_LINEAR_ATOL * 10, what=f"logits T={t}")
+
+
+@pytest.mark.parametrize("h,hkv", [(4, 4), (4, 2), (6, 1)])
+def test_reference_attention_matches_sdpa(h, hkv):
+    gen = torch.Generator().manual_seed(h + hkv)
+    t, s, d = 5, 9, 16
+    q = torch.randn(h, t, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(hkv, s, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(hkv, s, d, generator=gen, dtype=torch.float64)
+    visible = torch.rand(t, s, generator=gen) < 0.6
+    visible[:, 0] = True
+    out, lse = masked_attention(q, k, v, visible)
+    rep = h // hkv
+    want = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0), attn_mask=visible
+    )
+    assert_close(out, want, atol=1e-12, what="attention output")
+    scores = (q @ k.repeat_interleave(rep, 0).transpose(-1, -2)) / math.sqrt(d)
+    want_lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    assert_close(lse, want_lse, atol=1e-12, what="lse")
