@@ -27,6 +27,7 @@ from spruce.modeling import (
     new_cache,
     prefix_tree_visibility,
 )
+from spruce.sampling import sampling_probs
 
 
 @dataclass
@@ -51,8 +52,19 @@ class ModelDrafter:
     def new_state(self) -> DraftState:
         return DraftState(cache=new_cache(self.model))
 
-    def propose(self, state: DraftState, tokens: list[int], config: SpeculationConfig, max_depth: int) -> TokenTree:
-        """Build a tree rooted at ``tokens[-1]`` of at most ``min(config.depth, max_depth)`` levels."""
+    def propose(
+        self,
+        state: DraftState,
+        tokens: list[int],
+        config: SpeculationConfig,
+        max_depth: int,
+        sampling: DraftSampling | None = None,
+    ) -> Proposal:
+        """Build a tree rooted at ``tokens[-1]`` of at most ``min(config.depth, max_depth)`` levels.
+
+        ``sampling=None``: greedy trees (the most likely children). Otherwise children are drawn from the
+        processed draft distribution without replacement, as lossless tree sampling requires.
+        """
         committed = len(tokens)
         if not 0 <= state.cached < committed or cache_length(state.cache) != state.cached:
             raise RuntimeError(f"draft cache holds {cache_length(state.cache)} positions, state says {state.cached}")
@@ -64,6 +76,7 @@ class ModelDrafter:
         state.node_slots = {}
 
         node_tokens, parents, logprobs = [tokens[-1]], [ROOT_PARENT], [0.0]
+        expanded: dict[int, torch.Tensor] = {}
         cum = torch.zeros(1)
         frontier = [0]
         depth = min(config.depth, max_depth)
@@ -71,25 +84,32 @@ class ModelDrafter:
             room = config.budget - (len(node_tokens) - 1)
             if room <= 0:
                 break
-            # [F, V] draft log-probabilities at each frontier node
-            logp = torch.log_softmax(logits, dim=-1)
-            top = logp.topk(config.top_k, dim=-1)
-            # [F * top_k] cumulative log-probability of each candidate child
-            scores = (cum[:, None] + top.values).flatten()
-            best = scores.topk(min(config.top_k, room, scores.numel())).indices
-            new_nodes = []
-            for flat in best.tolist():
-                f, r = divmod(flat, config.top_k)
+            if sampling is None:
+                # [F, V] draft log-probabilities at each frontier node
+                logq = torch.log_softmax(logits, dim=-1)
+                picks = select_greedy(logq, cum, config.top_k, room)
+            else:
+                q = sampling_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+                expanded.update({node: q[i] for i, node in enumerate(frontier)})
+                logq = q.log()
+                picks = select_sampled(logq, cum, config.top_k, room, sampling.generator)
+            new_nodes, new_cum = [], []
+            for f, token in picks:
                 new_nodes.append(len(node_tokens))
-                node_tokens.append(int(top.indices[f, r]))
+                node_tokens.append(token)
                 parents.append(frontier[f])
-                logprobs.append(float(top.values[f, r]))
-            cum = scores[best]
-            frontier = new_nodes
+                logprobs.append(float(logq[f, token]))
+                new_cum.append(float(cum[f] + logq[f, token]))
+            cum_all = torch.tensor(new_cum)
+            # the next level expands the best top_k new nodes (by cumulative draft log-probability)
+            order = cum_all.argsort(descending=True)[: config.top_k]
+            frontier = [new_nodes[i] for i in order.tolist()]
+            cum = cum_all[order]
             if level < depth and len(node_tokens) - 1 < config.budget:
                 tree_so_far = TokenTree.from_parents(node_tokens, parents)
                 logits = self._forward_level(state, tree_so_far, frontier, committed + level - 1)
-        return TokenTree.from_parents(node_tokens, parents, torch.tensor(logprobs, dtype=torch.float32))
+        tree = TokenTree.from_parents(node_tokens, parents, torch.tensor(logprobs, dtype=torch.float32))
+        return Proposal(tree, _stack_rows(expanded, tree.num_nodes, logits.shape[-1]) if sampling is not None else None)
 
     def _forward_level(self, state: DraftState, tree: TokenTree, nodes: list[int], position: int) -> torch.Tensor:
         """Forward ``nodes`` (all at one depth) after the committed tokens and earlier levels; [F, V] logits."""
@@ -116,3 +136,70 @@ class ModelDrafter:
         keep_cache_positions(state.cache, state.committed, torch.tensor(keep, dtype=torch.long))
         state.cached = state.committed + len(keep)
         state.node_slots = {}
+
+
+@dataclass(frozen=True)
+class DraftSampling:
+    """How the draft samples children: the request's processing and its generator."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    generator: torch.Generator
+
+
+@dataclass(frozen=True, eq=False)
+class Proposal:
+    tree: TokenTree
+    # [N, V] draft distribution each node's children were drawn from (zero rows for unexpanded nodes);
+    # None for greedy trees
+    draft_probs: torch.Tensor | None = None
+
+
+def select_greedy(
+    # [F, V] draft log-probabilities, frontier in descending score order
+    logq: torch.Tensor,
+    # [F] cumulative log-probability of each frontier node
+    cum: torch.Tensor,
+    top_k: int,
+    room: int,
+) -> list[tuple[int, int]]:
+    """(frontier index, token) of the best ``min(top_k, room)`` children by cumulative log-probability."""
+    top = logq.topk(top_k, dim=-1)
+    scores = (cum[:, None] + top.values).flatten()
+    best = scores.topk(min(top_k, room, scores.numel())).indices.tolist()
+    return [(f, int(top.indices[f, r])) for f, r in (divmod(i, top_k) for i in best)]
+
+
+def select_sampled(
+    # [F, V] draft log-probabilities (-inf where filtered out), frontier in descending score order
+    logq: torch.Tensor,
+    # [F] cumulative log-probability of each frontier node (unused: counts must not depend on draws)
+    cum: torch.Tensor,
+    top_k: int,
+    room: int,
+    generator: torch.Generator,
+) -> list[tuple[int, int]]:
+    """Each frontier node in turn gets ``top_k`` children drawn without replacement (Gumbel-top-k: the
+    order of log q + Gumbel noise is a sequential draw without replacement), until ``room`` runs out.
+
+    Child counts depend only on the frontier order and q's support, never on the drawn tokens, and each
+    node keeps a draw-order prefix: the two conditions of ``spruce.verify.tree_sampling``.
+    """
+    del cum
+    picks: list[tuple[int, int]] = []
+    for f in range(logq.shape[0]):
+        k = min(top_k, room - len(picks), int(torch.isfinite(logq[f]).sum()))
+        if k <= 0:
+            break
+        uniform = torch.rand(logq.shape[1], generator=generator, dtype=torch.float64).clamp_(min=1e-300)
+        keys = logq[f].double() - torch.log(-torch.log(uniform))
+        picks.extend((f, int(t)) for t in keys.topk(k).indices)
+    return picks
+
+
+def _stack_rows(rows: dict[int, torch.Tensor], n: int, vocab: int) -> torch.Tensor:
+    out = torch.zeros(n, vocab)
+    for node, row in rows.items():
+        out[node] = row
+    return out

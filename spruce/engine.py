@@ -19,14 +19,15 @@ from typing import Any, Union
 import torch
 
 from spruce.config import EngineConfig, SamplingParams, SpeculationConfig, default_speculation
-from spruce.draft.model_drafter import ModelDrafter
+from spruce.draft.model_drafter import DraftSampling, ModelDrafter, Proposal
 from spruce.draft.tree import TokenTree
 from spruce.errors import IncompatibleModelsError, InvalidRequestError
 from spruce.modeling import forward_tokens, new_cache
 from spruce.stats import SpecStats
 from spruce.stopping import StopChecker
 from spruce.verify.greedy import greedy_accept
-from spruce.verify.sampling import sample_token
+from spruce.sampling import sampling_probs
+from spruce.verify.tree_sampling import tree_rejection_sample
 from spruce.verify.tree_verify import commit_accepted, verify_tree
 
 Prompt = Union[str, Sequence[int]]
@@ -178,11 +179,6 @@ class Engine:
     def _generate_one(
         self, prompt_ids: list[int], params: SamplingParams, spec: SpeculationConfig | None
     ) -> GenerationOutput:
-        if spec is not None and not params.greedy:
-            raise InvalidRequestError(
-                "speculation with temperature > 0 needs lossless tree sampling, which is not built yet; "
-                "use temperature 0 or speculation=None"
-            )
         start = time.perf_counter()
         stats = SpecStats()
         limit = min(params.max_tokens, self.max_context - len(prompt_ids))
@@ -196,22 +192,27 @@ class Engine:
         draft_state = self.drafter.new_state() if (spec is not None and self.drafter) else None
         stats.prefill_time_s = time.perf_counter() - start
 
+        sampling = None if params.greedy else DraftSampling(params.temperature, params.top_k, params.top_p, generator)
         while stopper.finish_reason is None:
             t0 = time.perf_counter()
-            if draft_state is not None and spec is not None and self.drafter is not None:
-                # the bonus token always follows, so a tree deeper than remaining - 1 is wasted work
-                tree = self.drafter.propose(draft_state, tokens, spec, max_depth=stopper.remaining - 1)
+            # the bonus token always follows, so a tree deeper than remaining - 1 is wasted work
+            drafting = draft_state is not None and stopper.remaining > 1
+            if drafting and spec is not None and self.drafter is not None:
+                proposal = self.drafter.propose(draft_state, tokens, spec, stopper.remaining - 1, sampling)
             else:
-                tree = TokenTree.root_only(tokens[-1])
+                proposal = Proposal(TokenTree.root_only(tokens[-1]))
+            tree = proposal.tree
             t1 = time.perf_counter()
             prefix_len = len(tokens) - 1
             logits = verify_tree(self.target, cache, tree, prefix_len)
             if params.greedy:
                 result = greedy_accept(tree, logits.argmax(dim=-1))
             else:
-                result = greedy_accept(tree, sample_token(logits, params, generator))
+                target_probs = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
+                draft_probs = proposal.draft_probs if proposal.draft_probs is not None else torch.zeros_like(target_probs)
+                result = tree_rejection_sample(tree, target_probs, draft_probs, generator)
             commit_accepted(cache, prefix_len, result.accepted_nodes)
-            if draft_state is not None and self.drafter is not None:
+            if drafting and draft_state is not None and self.drafter is not None:
                 self.drafter.commit(draft_state, result.accepted_nodes.tolist())
             emitted = result.emitted_tokens()
             kept = stopper.extend(emitted)

@@ -89,7 +89,7 @@ def test_draft_cache_matches_fresh_forward_after_commits(tiny_target, tiny_draft
     from spruce.verify.tree_verify import commit_accepted, verify_tree
 
     for _ in range(6):
-        tree = drafter.propose(state, tokens, spec, max_depth=spec.depth)
+        tree = drafter.propose(state, tokens, spec, max_depth=spec.depth).tree
         tree.validate()
         assert tree.num_draft_nodes <= spec.budget and tree.max_depth <= spec.depth
         logits = verify_tree(tiny_target, target_cache, tree, len(tokens) - 1)

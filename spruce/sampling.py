@@ -1,15 +1,12 @@
-"""Target-side sampling: temperature, top-k and top-p applied to logits, and seeded draws.
+"""Sampling distributions: temperature, top-k and top-p applied to logits.
 
-The same ``sampling_probs`` must be applied to target and draft logits wherever both are compared, so
-that the distribution speculation preserves is exactly the one plain sampling draws from.
-Pure: tensors and a ``torch.Generator`` in, tensors out.
+Shared by the drafter and the verifier: the same processing is applied to target and draft logits, so the
+distribution that speculation preserves is exactly the one plain sampling draws from. Pure.
 """
 
 from __future__ import annotations
 
 import torch
-
-from spruce.config import SamplingParams
 
 
 def sampling_probs(
@@ -40,16 +37,3 @@ def sampling_probs(
         probs = probs.masked_fill(drop, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
-
-
-def sample_token(
-    # [N, V] float logits
-    logits: torch.Tensor,
-    params: SamplingParams,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """[N] int64: one draw per row from the processed distribution (argmax when greedy)."""
-    if params.greedy:
-        return logits.argmax(dim=-1)
-    probs = sampling_probs(logits.cpu(), params.temperature, params.top_k, params.top_p)
-    return torch.multinomial(probs, 1, generator=generator).flatten()
