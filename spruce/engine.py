@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 
 from spruce.config import EngineConfig, SamplingParams, SpeculationConfig, default_speculation
-from spruce.draft.model_drafter import DraftSampling, ModelDrafter, Proposal
+from spruce.draft.model_drafter import DraftSampling, DraftState, ModelDrafter, Proposal
 from spruce.draft.tree import TokenTree
 from spruce.errors import IncompatibleModelsError, InvalidRequestError
 from spruce.modeling import forward_tokens, new_cache
 from spruce.stats import SpecStats
 from spruce.stopping import StopChecker
-from spruce.verify.greedy import greedy_accept
-from spruce.sampling import sampling_probs
-from spruce.verify.tree_sampling import tree_rejection_sample
+from spruce.verify.accept import accept
 from spruce.verify.tree_verify import commit_accepted, verify_tree
 
 Prompt = Union[str, Sequence[int]]
@@ -180,55 +178,69 @@ class Engine:
         self, prompt_ids: list[int], params: SamplingParams, spec: SpeculationConfig | None
     ) -> GenerationOutput:
         start = time.perf_counter()
-        stats = SpecStats()
         limit = min(params.max_tokens, self.max_context - len(prompt_ids))
-        stopper = StopChecker(self.tokenizer, params, self.eos_ids, limit)
         generator = _generator(params.seed)
-        tokens = list(prompt_ids)
-        cache = new_cache(self.target)
-        if len(tokens) > 1:
-            prefix = torch.tensor(tokens[:-1])
-            forward_tokens(self.target, cache, prefix, torch.arange(len(prefix)), None, last_only=True)
-        draft_state = self.drafter.new_state() if (spec is not None and self.drafter) else None
-        stats.prefill_time_s = time.perf_counter() - start
-
-        sampling = None if params.greedy else DraftSampling(params.temperature, params.top_k, params.top_p, generator)
-        while stopper.finish_reason is None:
-            t0 = time.perf_counter()
-            # the bonus token always follows, so a tree deeper than remaining - 1 is wasted work
-            drafting = draft_state is not None and stopper.remaining > 1
-            if drafting and spec is not None and self.drafter is not None:
-                proposal = self.drafter.propose(draft_state, tokens, spec, stopper.remaining - 1, sampling)
-            else:
-                proposal = Proposal(TokenTree.root_only(tokens[-1]))
-            tree = proposal.tree
-            t1 = time.perf_counter()
-            prefix_len = len(tokens) - 1
-            logits = verify_tree(self.target, cache, tree, prefix_len)
-            if params.greedy:
-                result = greedy_accept(tree, logits.argmax(dim=-1))
-            else:
-                target_probs = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
-                draft_probs = proposal.draft_probs if proposal.draft_probs is not None else torch.zeros_like(target_probs)
-                result = tree_rejection_sample(tree, target_probs, draft_probs, generator)
-            commit_accepted(cache, prefix_len, result.accepted_nodes)
-            if drafting and draft_state is not None and self.drafter is not None:
-                self.drafter.commit(draft_state, result.accepted_nodes.tolist())
-            emitted = result.emitted_tokens()
-            kept = stopper.extend(emitted)
-            tokens.extend(emitted[:kept])
-            stats.record_step(tree.max_depth, tree.num_draft_nodes, min(kept, result.num_accepted), kept)
-            stats.draft_time_s += t1 - t0
-            stats.verify_time_s += time.perf_counter() - t1
-
-        stats.wall_time_s = time.perf_counter() - start
+        req = _Request(
+            tokens=list(prompt_ids),
+            cache=new_cache(self.target),
+            stopper=StopChecker(self.tokenizer, params, self.eos_ids, limit),
+            generator=generator,
+            draft_state=self.drafter.new_state() if (spec is not None and self.drafter) else None,
+            sampling=None if params.greedy else DraftSampling(params.temperature, params.top_k, params.top_p, generator),
+        )
+        if len(prompt_ids) > 1:
+            prefix = torch.tensor(prompt_ids[:-1])
+            forward_tokens(self.target, req.cache, prefix, torch.arange(len(prefix)), None, last_only=True)
+        req.stats.prefill_time_s = time.perf_counter() - start
+        while req.stopper.finish_reason is None:
+            self._step(req, params, spec)
+        req.stats.wall_time_s = time.perf_counter() - start
         return GenerationOutput(
-            text=stopper.text(),
-            token_ids=stopper.generated,
-            finish_reason=stopper.finish_reason,
-            stats=stats,
+            text=req.stopper.text(),
+            token_ids=req.stopper.generated,
+            finish_reason=req.stopper.finish_reason,
+            stats=req.stats,
             prompt_token_ids=prompt_ids,
         )
+
+    def _step(self, req: _Request, params: SamplingParams, spec: SpeculationConfig | None) -> None:
+        """Draft a tree, verify it in one target pass, commit the accepted path plus the bonus token."""
+        t0 = time.perf_counter()
+        # the bonus token always follows, so a tree deeper than remaining - 1 is wasted work
+        max_depth = req.stopper.remaining - 1
+        drafter = self.drafter if (req.draft_state is not None and spec is not None and max_depth > 0) else None
+        if drafter is not None and req.draft_state is not None and spec is not None:
+            proposal = drafter.propose(req.draft_state, req.tokens, spec, max_depth, req.sampling)
+        else:
+            proposal = Proposal(TokenTree.root_only(req.tokens[-1]))
+        tree = proposal.tree
+        t1 = time.perf_counter()
+        prefix_len = len(req.tokens) - 1
+        logits = verify_tree(self.target, req.cache, tree, prefix_len)
+        result = accept(tree, logits, proposal.draft_probs, params, req.generator)
+        commit_accepted(req.cache, prefix_len, result.accepted_nodes)
+        if drafter is not None and req.draft_state is not None:
+            drafter.commit(req.draft_state, result.accepted_nodes.tolist())
+        emitted = result.emitted_tokens()
+        kept = req.stopper.extend(emitted)
+        req.tokens.extend(emitted[:kept])
+        req.stats.record_step(tree.max_depth, tree.num_draft_nodes, min(kept, result.num_accepted), kept)
+        req.stats.draft_time_s += t1 - t0
+        req.stats.verify_time_s += time.perf_counter() - t1
+
+
+@dataclass
+class _Request:
+    """State of one running request."""
+
+    # prompt + generated tokens; the target cache holds all but the last
+    tokens: list[int]
+    cache: object
+    stopper: StopChecker
+    generator: torch.Generator
+    draft_state: DraftState | None
+    sampling: DraftSampling | None
+    stats: SpecStats = field(default_factory=SpecStats)
 
 
 # ---- helpers ------------------------------------------------------------------------------------------

@@ -1,0 +1,30 @@
+"""One entry point for acceptance: greedy (temperature 0) or lossless tree sampling."""
+
+from __future__ import annotations
+
+import torch
+
+from spruce.config import SamplingParams
+from spruce.draft.tree import TokenTree
+from spruce.sampling import sampling_probs
+from spruce.verify.greedy import VerifyResult, greedy_accept
+from spruce.verify.tree_sampling import tree_rejection_sample
+
+
+def accept(
+    tree: TokenTree,
+    # [N, V] target logits at each tree node
+    logits: torch.Tensor,
+    # [N, V] draft distributions the children were drawn from; None for greedy or root-only trees
+    draft_probs: torch.Tensor | None,
+    params: SamplingParams,
+    generator: torch.Generator,
+) -> VerifyResult:
+    if params.greedy:
+        return greedy_accept(tree, logits.argmax(dim=-1))
+    target_probs = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
+    if draft_probs is None:
+        if tree.num_nodes > 1:
+            raise ValueError("sampling over a tree needs the draft distributions its children were drawn from")
+        draft_probs = torch.zeros_like(target_probs)
+    return tree_rejection_sample(tree, target_probs, draft_probs, generator)
