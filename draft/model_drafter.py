@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from spruce.config import SpeculationConfig
-from spruce.draft.tree import ROOT_PARENT, TokenTree
+from spruce.draft.tree import ROOT_PARENT, Proposal, TokenTree
 from spruce.modeling import (
     additive_mask,
     cache_length,
@@ -146,14 +146,6 @@ class DraftSampling:
     top_k: int
     top_p: float
     generator: torch.Generator
-
-
-@dataclass(frozen=True, eq=False)
-class Proposal:
-    tree: TokenTree
-    # [N, V] draft distribution each node's children were drawn from (zero rows for unexpanded nodes);
-    # None for greedy trees
-    draft_probs: torch.Tensor | None = None
 
 
 def select_greedy(

@@ -162,3 +162,16 @@ class TokenTree:
             if key in pairs:
                 raise ValueError(f"node {i} repeats token {key[1]} among the children of node {key[0]}")
             pairs.add(key)
+
+
+@dataclass(frozen=True, eq=False)
+class Proposal:
+    """What a drafter hands to verification: the tree, and how its children were proposed."""
+
+    tree: TokenTree
+    # [N, V] draft distribution each node's sampled children were drawn from (zero rows where none were
+    # sampled); None for greedy trees
+    draft_probs: torch.Tensor | None = None
+    # [N] bool: the node was proposed deterministically (n-gram lookup), not drawn from draft_probs;
+    # None means no such node
+    deterministic: torch.Tensor | None = None

@@ -28,15 +28,24 @@ from spruce.evals.prompts import load_prompts
 BASELINE = "plain"
 
 
-def parse_spec(text: str) -> SpeculationConfig | None:
-    """``plain``, ``default`` (returned as None here and resolved by the engine), ``chain:N`` or
-    ``tree:DEPTH:TOPK:BUDGET``."""
-    kind, *nums = text.split(":")
-    if kind == "chain" and len(nums) == 1:
-        return SpeculationConfig.chain(int(nums[0]))
-    if kind == "tree" and len(nums) == 3:
-        return SpeculationConfig(depth=int(nums[0]), top_k=int(nums[1]), budget=int(nums[2]))
-    raise argparse.ArgumentTypeError(f"bad configuration {text!r}: use default, chain:N or tree:D:K:B")
+def parse_spec(text: str) -> SpeculationConfig:
+    """``chain:N``, ``tree:DEPTH:TOPK:BUDGET``, ``ngram:BUDGET``, or a model shape plus n-gram branches
+    (``chain:2+ngram:2``). ``plain`` and ``default`` are handled by the caller."""
+    parts = text.split("+")
+    fields: dict = {}
+    for part in parts:
+        kind, *nums = part.split(":")
+        if kind == "chain" and len(nums) == 1:
+            fields.update(depth=int(nums[0]), top_k=1, budget=int(nums[0]))
+        elif kind == "tree" and len(nums) == 3:
+            fields.update(depth=int(nums[0]), top_k=int(nums[1]), budget=int(nums[2]))
+        elif kind == "ngram" and len(nums) == 1:
+            fields.update(ngram_budget=int(nums[0]))
+        else:
+            raise argparse.ArgumentTypeError(f"bad configuration {text!r}: see --help")
+    has_model, has_ngram = "depth" in fields, "ngram_budget" in fields
+    drafter = "both" if has_model and has_ngram else ("ngram" if has_ngram else "model")
+    return SpeculationConfig(drafter=drafter, **fields)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -148,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--configs", nargs="+", default=["default"], help="default, chain:N, tree:D:K:B")
+    p.add_argument(
+        "--configs", nargs="+", default=["default"],
+        help="default, chain:N, tree:D:K:B, ngram:B, or a model shape plus ngram (chain:2+ngram:2)",
+    )
     p.add_argument("--out", type=Path, help="write the JSON report here (and a .md beside it)")
     args = p.parse_args(argv)
     args.command_line = "python -m spruce.evals.bench_spec " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -7,7 +7,9 @@ A whole 1.5B target pass over 3 tokens drops from ~1100 ms to ~580 ms, which dec
 draft tree pays off at all in float32.
 
 ``small_rows_linear`` is the fast path; ``torch.nn.functional.linear`` is its reference twin (outputs agree
-to float rounding: only the summation order differs). ``use_small_rows_linear`` switches a model's
+to float rounding: only the summation order differs). It also flattens inputs to 2D first: a [1, 1, K]
+bfloat16 input with the strides of a slice (as ``logits_to_keep=1`` produces) took 520 ms through
+``F.linear`` against a [151936 x 896] weight, the same data as [1, K] 21 ms. ``use_small_rows_linear`` switches a model's
 ``nn.Linear`` modules to it in place (weights shared, nothing copied).
 """
 
@@ -30,13 +32,20 @@ def small_rows_linear(
     # [N] or None
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``F.linear`` for inputs of at most ``SMALL_ROWS_MAX`` rows, as ``(W @ x^T)^T``; [..., N]."""
+    """``F.linear`` on the flattened [rows, K] view; [..., N].
+
+    Two measured CPU pathologies are avoided (torch 2.13, see ``kernels/NOTES.md``):
+    - float32 with 2..``SMALL_ROWS_MAX`` rows: computed as ``(W @ x^T)^T`` (2-3x faster);
+    - a [1, 1, K] input whose size-1 dims carry odd strides (what ``logits_to_keep=1`` slices out of a
+      [1, T, K] hidden state) sends bfloat16 GEMMs to a path ~25x slower than the same data as [1, K].
+    """
     rows = x.reshape(-1, x.shape[-1])
-    if not (1 < rows.shape[0] <= SMALL_ROWS_MAX) or x.device.type != "cpu" or x.dtype not in _FAST_DTYPES:
-        return F.linear(x, weight, bias)
-    out = (weight @ rows.t()).t()
-    if bias is not None:
-        out = out + bias
+    if 1 < rows.shape[0] <= SMALL_ROWS_MAX and x.device.type == "cpu" and x.dtype in _FAST_DTYPES:
+        out = (weight @ rows.t()).t()
+        if bias is not None:
+            out = out + bias
+    else:
+        out = F.linear(rows, weight, bias)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -7,12 +7,13 @@ Defaults come from the config dataclasses (``SamplingParams``, ``EngineConfig``)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from collections.abc import Sequence
 
-from spruce.config import DTYPES, EngineConfig, SamplingParams, SpeculationConfig
+from spruce.config import DRAFTERS, DTYPES, EngineConfig, SamplingParams, SpeculationConfig
 from spruce.errors import SpruceError
 
 _SAMPLING = SamplingParams()
@@ -31,6 +32,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=_SAMPLING.seed)
     p.add_argument("--stop", action="append", default=list(_SAMPLING.stop), help="stop string (repeatable)")
     p.add_argument("--no-speculation", action="store_true", help="plain target decoding (the baseline)")
+    p.add_argument("--drafter", default=_ENGINE.drafter, choices=DRAFTERS, help="ngram loads no draft model")
     p.add_argument("--tree-depth", type=int, help="draft tree depth (default: sized for device and dtype)")
     p.add_argument("--tree-top-k", type=int, help="children per expanded draft node")
     p.add_argument("--tree-budget", type=int, help="most draft nodes per step")
@@ -48,9 +50,7 @@ def _speculation(args: argparse.Namespace, default: SpeculationConfig | None) ->
     overrides = {k: v for k, v in (("depth", args.tree_depth), ("top_k", args.tree_top_k), ("budget", args.tree_budget)) if v}
     if not overrides:
         return default
-    base = default or SpeculationConfig()
-    fields = {"depth": base.depth, "top_k": base.top_k, "budget": base.budget, **overrides}
-    return SpeculationConfig(**fields)
+    return dataclasses.replace(default or SpeculationConfig(drafter=args.drafter), **overrides)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -70,6 +70,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         draft_dtype=args.draft_dtype,
+        drafter=args.drafter,
         trust_remote_code=args.trust_remote_code,
     )
     prompt = args.prompt if args.raw else engine.apply_chat_template(args.prompt)

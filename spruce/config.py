@@ -56,45 +56,70 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+DRAFTERS = ("model", "ngram", "both")
+
+
 @dataclass(frozen=True)
 class SpeculationConfig:
-    """Shape of the draft tree built each step (static: same limits every step).
+    """Which drafter proposes, and the shape limits of the tree it builds each step.
 
-    Level by level, the ``top_k`` best nodes of the previous level (by cumulative draft log-probability)
-    are expanded into their ``top_k`` most likely children each, and the best ``top_k`` of those join the
-    tree, until ``depth`` levels or ``budget`` draft nodes (the root excluded) are reached.
-    ``top_k == 1`` is a chain of ``min(depth, budget)`` tokens.
+    Model tree: level by level, the ``top_k`` best nodes of the previous level (by cumulative draft
+    log-probability) are expanded into their ``top_k`` most likely children each (sampled children when
+    temperature > 0), and the best ``top_k`` candidates join the tree, until ``depth`` levels or ``budget``
+    draft nodes (the root excluded). ``top_k == 1`` is a chain of ``min(depth, budget)`` tokens.
+
+    N-gram (prompt lookup): the longest suffix of ``ngram_max`` .. ``ngram_min`` tokens that occurred
+    before proposes what followed it, up to ``ngram_branches`` distinct continuations and ``ngram_budget``
+    nodes in all. ``drafter="both"`` merges those branches into the model tree (on top of ``budget``).
     """
 
+    drafter: str = "model"
     depth: int = 2
     top_k: int = 1
     budget: int = 2
+    ngram_max: int = 4
+    ngram_min: int = 2
+    ngram_branches: int = 1
+    ngram_budget: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("depth", "top_k", "budget"):
+        if self.drafter not in DRAFTERS:
+            raise InvalidRequestError(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
+        for name in ("depth", "top_k", "budget", "ngram_min", "ngram_branches", "ngram_budget"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidRequestError(f"speculation {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.ngram_max, int) or self.ngram_max < self.ngram_min:
+            raise InvalidRequestError(f"ngram_max must be an integer >= ngram_min, got {self.ngram_max!r}")
+
+    @property
+    def uses_model(self) -> bool:
+        return self.drafter in ("model", "both")
+
+    @property
+    def uses_ngram(self) -> bool:
+        return self.drafter in ("ngram", "both")
 
     @classmethod
     def chain(cls, length: int) -> SpeculationConfig:
         return cls(depth=length, top_k=1, budget=length)
 
 
-def default_speculation(device_type: str, dtype: str) -> SpeculationConfig:
-    """The default tree, sized for where the target runs.
+def default_speculation(device_type: str, dtype: str, drafter: str = "model") -> SpeculationConfig:
+    """The default tree, sized for where the target runs (figures: ``evals/results/``, ``kernels/NOTES.md``).
 
-    The figures behind each entry are in ``evals/results/`` (measured with ``evals/bench_spec.py``):
-    - CPU float32: a target pass over 4+ tokens costs ~2x a 1-token pass and each draft level costs about a
-      third of a target pass, so only a short chain pays off.
-    - CPU bfloat16 (AMX): target passes cost about the same up to ~32 tokens, so a small tree is nearly free.
+    - CPU float32: a target pass over 3 tokens costs ~1.5x a 1-token pass, 2 tokens ~1.1x (with the
+      small-rows linear path), so only one or two draft tokens pay off.
+    - CPU bfloat16: target passes cost about the same up to ~8 tokens, so a small tree is nearly free.
     - GPU: passes are weight-bandwidth bound and flat up to tens of tokens.
     """
     if device_type == "cuda":
-        return SpeculationConfig(depth=5, top_k=4, budget=24)
-    if dtype == "bfloat16":
-        return SpeculationConfig(depth=4, top_k=2, budget=8)
-    return SpeculationConfig.chain(2)
+        shape = dict(depth=5, top_k=4, budget=24, ngram_budget=8)
+    elif dtype == "bfloat16":
+        shape = dict(depth=4, top_k=2, budget=6, ngram_budget=4)
+    else:
+        shape = dict(depth=2, top_k=1, budget=2, ngram_budget=2)
+    return SpeculationConfig(drafter=drafter, **shape)
 
 
 @dataclass(frozen=True)
@@ -107,10 +132,14 @@ class EngineConfig:
     dtype: str = "float32"
     # the draft may run in another precision than the target: verification keeps the output exact
     draft_dtype: str | None = None
+    # which drafter the default speculation uses; "ngram" loads no draft model
+    drafter: str = "model"
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise InvalidRequestError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.drafter not in DRAFTERS:
+            raise InvalidRequestError(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
         if self.draft_dtype is not None and self.draft_dtype not in DTYPES:
             raise InvalidRequestError(f"draft_dtype must be one of {DTYPES}, got {self.draft_dtype!r}")

@@ -19,8 +19,9 @@ from typing import Any, Union
 import torch
 
 from spruce.config import EngineConfig, SamplingParams, SpeculationConfig, default_speculation
-from spruce.draft.model_drafter import DraftSampling, DraftState, ModelDrafter, Proposal
-from spruce.draft.tree import TokenTree
+from spruce.draft.model_drafter import DraftSampling, DraftState, ModelDrafter
+from spruce.draft.ngram import add_ngram_branches
+from spruce.draft.tree import Proposal, TokenTree
 from spruce.errors import IncompatibleModelsError, InvalidRequestError
 from spruce.modeling import forward_tokens, new_cache
 from spruce.stats import SpecStats
@@ -86,12 +87,14 @@ class Engine:
         device: str = "cpu",
         dtype: str = "float32",
         draft_dtype: str | None = None,
+        drafter: str = "model",
         trust_remote_code: bool = False,
     ) -> Engine:
         """Load target and draft. ``target=None`` and ``draft=None``: the embedded default pair.
 
         A user-given target with ``draft=None`` loads no draft model (plain decoding unless a draft is
-        given). ``draft_dtype`` defaults to ``dtype``.
+        given). ``draft_dtype`` defaults to ``dtype``. ``drafter`` picks what the default speculation
+        uses: "model", "ngram" (prompt lookup; no draft model is loaded) or "both".
         """
         from spruce.models import load_causal_lm, load_tokenizer, resolve_model_dir
 
@@ -101,14 +104,17 @@ class Engine:
             device=device,
             dtype=dtype,
             draft_dtype=draft_dtype,
+            drafter=drafter,
             trust_remote_code=trust_remote_code,
         )
         dev = torch.device(device)
         target_dir = resolve_model_dir(target, "target")
-        use_embedded_draft = target is None and draft is None
-        draft_dir = resolve_model_dir(None, "draft") if use_embedded_draft else (
-            resolve_model_dir(draft, "draft") if draft is not None else None
-        )
+        draft_dir = None
+        if drafter != "ngram":
+            if draft is not None:
+                draft_dir = resolve_model_dir(draft, "draft")
+            elif target is None:
+                draft_dir = resolve_model_dir(None, "draft")
         tokenizer = load_tokenizer(target_dir, trust_remote_code)
         target_model = load_causal_lm(target_dir, _torch_dtype(dtype), dev, trust_remote_code)
         draft_model = None
@@ -119,9 +125,11 @@ class Engine:
 
     @property
     def default_speculation(self) -> SpeculationConfig | None:
-        if self.drafter is None:
+        """What ``generate`` uses when ``speculation`` is omitted (None: plain decoding)."""
+        kind = self.config.drafter
+        if kind != "ngram" and self.drafter is None:
             return None
-        return default_speculation(self.target.device.type, self.config.dtype)
+        return default_speculation(self.target.device.type, self.config.dtype, kind)
 
     # ---- public API ---------------------------------------------------------------------------------
 
@@ -138,8 +146,11 @@ class Engine:
         """
         params = params or SamplingParams()
         spec = self.default_speculation if isinstance(speculation, _Default) else speculation
-        if spec is not None and self.drafter is None:
-            raise InvalidRequestError("speculation needs a draft model; load one or pass speculation=None")
+        if spec is not None and spec.uses_model and self.drafter is None:
+            raise InvalidRequestError(
+                f"drafter {spec.drafter!r} needs a draft model; load one, use drafter='ngram', "
+                "or pass speculation=None"
+            )
         batch = _as_prompt_list(prompts)
         encoded = [self.encode(p) for p in batch]
         return [self._generate_one(ids, params, spec) for ids in encoded]
@@ -185,7 +196,7 @@ class Engine:
             cache=new_cache(self.target),
             stopper=StopChecker(self.tokenizer, params, self.eos_ids, limit),
             generator=generator,
-            draft_state=self.drafter.new_state() if (spec is not None and self.drafter) else None,
+            draft_state=self.drafter.new_state() if (spec is not None and spec.uses_model and self.drafter) else None,
             sampling=None if params.greedy else DraftSampling(params.temperature, params.top_k, params.top_p, generator),
         )
         if len(prompt_ids) > 1:
@@ -206,27 +217,36 @@ class Engine:
     def _step(self, req: _Request, params: SamplingParams, spec: SpeculationConfig | None) -> None:
         """Draft a tree, verify it in one target pass, commit the accepted path plus the bonus token."""
         t0 = time.perf_counter()
-        # the bonus token always follows, so a tree deeper than remaining - 1 is wasted work
-        max_depth = req.stopper.remaining - 1
-        drafter = self.drafter if (req.draft_state is not None and spec is not None and max_depth > 0) else None
-        if drafter is not None and req.draft_state is not None and spec is not None:
-            proposal = drafter.propose(req.draft_state, req.tokens, spec, max_depth, req.sampling)
-        else:
-            proposal = Proposal(TokenTree.root_only(req.tokens[-1]))
+        proposal = self._propose(req, spec)
         tree = proposal.tree
         t1 = time.perf_counter()
         prefix_len = len(req.tokens) - 1
         logits = verify_tree(self.target, req.cache, tree, prefix_len)
-        result = accept(tree, logits, proposal.draft_probs, params, req.generator)
+        result = accept(tree, logits, proposal.draft_probs, params, req.generator, proposal.deterministic)
         commit_accepted(req.cache, prefix_len, result.accepted_nodes)
-        if drafter is not None and req.draft_state is not None:
-            drafter.commit(req.draft_state, result.accepted_nodes.tolist())
+        if req.drafted_by_model and self.drafter is not None and req.draft_state is not None:
+            self.drafter.commit(req.draft_state, result.accepted_nodes.tolist())
         emitted = result.emitted_tokens()
         kept = req.stopper.extend(emitted)
         req.tokens.extend(emitted[:kept])
         req.stats.record_step(tree.max_depth, tree.num_draft_nodes, min(kept, result.num_accepted), kept)
         req.stats.draft_time_s += t1 - t0
         req.stats.verify_time_s += time.perf_counter() - t1
+
+    def _propose(self, req: _Request, spec: SpeculationConfig | None) -> Proposal:
+        # the bonus token always follows, so a tree deeper than remaining - 1 is wasted work
+        max_depth = req.stopper.remaining - 1
+        proposal = Proposal(TokenTree.root_only(req.tokens[-1]))
+        req.drafted_by_model = False
+        if spec is None or max_depth <= 0:
+            return proposal
+        if spec.uses_model and self.drafter is not None and req.draft_state is not None:
+            proposal = self.drafter.propose(req.draft_state, req.tokens, spec, max_depth, req.sampling)
+            req.drafted_by_model = True
+        if spec.uses_ngram:
+            budget = min(spec.ngram_budget, max_depth)
+            proposal = add_ngram_branches(proposal, req.tokens, spec.ngram_max, spec.ngram_min, spec.ngram_branches, budget)
+        return proposal
 
 
 @dataclass
@@ -241,6 +261,8 @@ class _Request:
     draft_state: DraftState | None
     sampling: DraftSampling | None
     stats: SpecStats = field(default_factory=SpecStats)
+    # whether this step's tree came from the draft model (its cache then needs a commit)
+    drafted_by_model: bool = False
 
 
 # ---- helpers ------------------------------------------------------------------------------------------

@@ -37,6 +37,19 @@ def test_small_rows_linear_leaves_other_dtypes_to_f_linear():
     assert torch.equal(small_rows_linear(x, w, None), F.linear(x, w))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_rows_linear_on_strided_slice(dtype):
+    """The [1, 1, K] slice that logits_to_keep=1 takes from a [1, T, K] hidden state."""
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(1, 3, 32, generator=gen).to(dtype)
+    w = torch.randn(50, 32, generator=gen).to(dtype)
+    x = hidden[:, -1:, :]
+    assert x.stride(0) != x.numel()
+    got = small_rows_linear(x, w, None)
+    assert got.shape == (1, 1, 50)
+    assert_close(got.float(), F.linear(x, w).float(), atol=F32_LINEAR_ATOL if dtype == torch.float32 else 0.1, what="slice")
+
+
 def test_model_with_small_rows_linear_matches_original(tiny_target):
     fast = copy.deepcopy(tiny_target)
     assert use_small_rows_linear(fast) == sum(isinstance(m, torch.nn.Linear) for m in tiny_target.modules())

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from spruce.draft.model_drafter import select_sampled
+from spruce.draft.ngram import merge_paths
 from spruce.draft.tree import ROOT_PARENT, TokenTree
 from spruce.sampling import sampling_probs
 from spruce.verify.greedy import VerifyResult
@@ -43,8 +44,17 @@ class ScriptedLM:
         return sampling_probs(self.logits(context)[None], temperature)[0]
 
 
-def draft_tree(draft: ScriptedLM, context: tuple[int, ...], depth: int, top_k: int, budget: int, temp: float, gen):
-    """Level-by-level tree as the model drafter builds it in sampling mode; returns (tree, q rows)."""
+def fixed_path(context: tuple[int, ...]) -> list[int]:
+    """A deterministic 'lookup' continuation, a function of the context only (like an n-gram match)."""
+    return [(sum(context) + 1) % V, (3 * sum(context)) % V]
+
+
+def draft_tree(
+    draft: ScriptedLM, context: tuple[int, ...], depth: int, top_k: int, budget: int, temp: float, gen,
+    fixed_budget: int = 0,
+):
+    """Level-by-level tree as the model drafter builds it in sampling mode, plus an optional
+    deterministic branch merged as the n-gram drafter does; returns (tree, q rows, paths, fixed flags)."""
     tokens, parents, q_rows = [context[-1]], [ROOT_PARENT], {}
     paths = {0: context}
     frontier, cum = [0], torch.zeros(1, dtype=torch.float64)
@@ -68,19 +78,25 @@ def draft_tree(draft: ScriptedLM, context: tuple[int, ...], depth: int, top_k: i
         order = torch.tensor(new_cum).argsort(descending=True)[:top_k].tolist()
         frontier = [new[i] for i in order]
         cum = torch.tensor(new_cum, dtype=torch.float64)[order]
+    tokens, parents, added = merge_paths(tokens, parents, [fixed_path(context)], fixed_budget)
+    for node in added:
+        paths[node] = paths[parents[node]] + (tokens[node],)
     tree = TokenTree.from_parents(tokens, parents)
     q_all = torch.zeros(tree.num_nodes, V, dtype=torch.float64)
     for node, row in q_rows.items():
         q_all[node] = row
-    return tree, q_all, paths
+    fixed = torch.zeros(tree.num_nodes, dtype=torch.bool)
+    fixed[added] = True
+    return tree, q_all, paths, fixed
 
 
 def generate(target, draft, prompt, n_tokens, shape, temp, gen, accept=tree_rejection_sample) -> tuple[int, ...]:
     context = tuple(prompt)
     while len(context) - len(prompt) < n_tokens:
-        tree, q, paths = draft_tree(draft, context, *shape, temp, gen)
+        depth, top_k, budget, *fixed_budget = shape
+        tree, q, paths, fixed = draft_tree(draft, context, depth, top_k, budget, temp, gen, *fixed_budget)
         p = torch.stack([target.probs(paths[i], temp) for i in range(tree.num_nodes)])
-        result: VerifyResult = accept(tree, p, q, gen)
+        result: VerifyResult = accept(tree, p, q, gen, fixed)
         context = context + tuple(result.emitted_tokens())
     return context[len(prompt) : len(prompt) + n_tokens]
 
@@ -133,6 +149,8 @@ CASES = {
     "bad_draft_tree": ((2, 3, 6), BAD_DRAFT),
     "draft_is_target": ((3, 2, 6), TARGET),
     "width_covers_vocab": ((1, 5, 5), BAD_DRAFT),
+    "tree_plus_fixed_branch": ((2, 2, 4, 2), CLOSE_DRAFT),
+    "fixed_branch_only": ((1, 1, 0, 2), BAD_DRAFT),
 }
 
 
@@ -152,7 +170,7 @@ def test_first_three_tokens_follow_target_at_temperature_0_7():
     assert p_value > P_VALUE_FLOOR, f"chi-square p = {p_value:.2e}"
 
 
-def _accept_by_draft_only(tree, target_probs, draft_probs, gen):
+def _accept_by_draft_only(tree, target_probs, draft_probs, gen, fixed=None):
     """A deliberately wrong sampler: always accepts the first child (emits draft samples)."""
     path = [0]
     while kids := tree.children(path[-1]):
@@ -173,7 +191,7 @@ def test_draft_equal_target_accepts_more_than_bad_draft():
     def mean_accepted(draft):
         total = 0
         for _ in range(500):
-            tree, q, paths = draft_tree(draft, (1, 2), 3, 1, 3, 1.0, gen)
+            tree, q, paths, _ = draft_tree(draft, (1, 2), 3, 1, 3, 1.0, gen)
             p = torch.stack([TARGET.probs(paths[i], 1.0) for i in range(tree.num_nodes)])
             total += tree_rejection_sample(tree, p, q, gen).num_accepted
         return total / 500

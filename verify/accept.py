@@ -19,12 +19,14 @@ def accept(
     draft_probs: torch.Tensor | None,
     params: SamplingParams,
     generator: torch.Generator,
+    # [N] bool nodes proposed deterministically (n-gram); None = none
+    deterministic: torch.Tensor | None = None,
 ) -> VerifyResult:
     if params.greedy:
         return greedy_accept(tree, logits.argmax(dim=-1))
     target_probs = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
     if draft_probs is None:
-        if tree.num_nodes > 1:
+        if tree.num_nodes > 1 and (deterministic is None or not bool(deterministic[1:].all())):
             raise ValueError("sampling over a tree needs the draft distributions its children were drawn from")
         draft_probs = torch.zeros_like(target_probs)
-    return tree_rejection_sample(tree, target_probs, draft_probs, generator)
+    return tree_rejection_sample(tree, target_probs, draft_probs, generator, deterministic)

@@ -26,6 +26,11 @@ for ANY draft distribution q, as long as (a) each node's children are a draw-ord
 draws from q_u, and (b) how many children a node gets does not depend on those children's draws.
 ``spruce.draft.model_drafter`` builds sampling trees that way.
 
+Deterministic children (n-gram lookup) are the special case of a point-mass proposal at x: the test
+accepts with probability min(1, r(x)/1) = r(x) and the residual max(r - delta_x, 0) is r with x removed,
+so the same argument holds; they are tested after the sampled siblings (their presence may depend on
+those draws, which are already history by then).
+
 Pure: tensors and a ``torch.Generator`` in, a ``VerifyResult`` out.
 """
 
@@ -53,27 +58,46 @@ def tree_rejection_sample(
     tree: TokenTree,
     # [N, V] float target sampling distribution at each node
     target_probs: torch.Tensor,
-    # [N, V] float draft distribution each node's children were drawn from (rows of leaves unused)
+    # [N, V] float draft distribution each node's sampled children were drawn from (other rows unused)
     draft_probs: torch.Tensor,
     generator: torch.Generator,
+    # [N] bool: node proposed deterministically (point-mass proposal); None = none is
+    deterministic: torch.Tensor | None = None,
 ) -> VerifyResult:
-    """Walk the tree from the root, testing children in index order (see the module docstring)."""
+    """Walk the tree from the root, testing children in index order (see the module docstring).
+
+    A deterministic child x is tested with the point mass at x as its proposal: accepted with
+    probability r(x), else r <- r with x removed. Sampled children must precede deterministic siblings.
+    """
     n = tree.num_nodes
     if target_probs.shape[0] != n or draft_probs.shape != target_probs.shape:
         raise ValueError(f"probs must be [N={n}, V], got {tuple(target_probs.shape)} and {tuple(draft_probs.shape)}")
     target_probs, draft_probs = target_probs.double().cpu(), draft_probs.double().cpu()
+    fixed = [False] * n if deterministic is None else deterministic.tolist()
     tokens = tree.tokens.tolist()
     path = [0]
     while True:
         node = path[-1]
         residual = target_probs[node].clone()
         proposal: torch.Tensor | None = draft_probs[node].clone()
-        accepted = None
+        accepted, seen_fixed = None, False
         for child in tree.children(node):
-            if proposal is None:
-                raise ValueError(f"node {node} has more children than its draft distribution has tokens")
             x = tokens[child]
             u = float(torch.rand((), generator=generator, dtype=torch.float64))
+            if fixed[child]:
+                seen_fixed = True
+                if u < float(residual[x]):
+                    accepted = child
+                    break
+                residual[x] = 0.0
+                residual = _normalize(residual)
+                if residual is None:
+                    raise ValueError(f"residual at node {node} vanished: target mass is all on rejected tokens")
+                continue
+            if seen_fixed:
+                raise ValueError(f"node {node}: sampled child {child} follows a deterministic sibling")
+            if proposal is None:
+                raise ValueError(f"node {node} has more children than its draft distribution has tokens")
             if proposal[x] > 0 and u * float(proposal[x]) < float(residual[x]):
                 accepted = child
                 break
