@@ -10,6 +10,7 @@ Greedy output is token-identical to plain greedy decoding of the target (see ``s
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -93,7 +94,8 @@ class Engine:
         """Load target and draft. ``target=None`` and ``draft=None``: the embedded default pair.
 
         A user-given target with ``draft=None`` loads no draft model (plain decoding unless a draft is
-        given). ``draft_dtype`` defaults to ``dtype``. ``drafter`` picks what the default speculation
+        given). ``draft_dtype=None`` picks bfloat16 on CPUs where it measures clearly faster, else ``dtype``
+        (the draft's precision never changes the output). ``drafter`` picks what the default speculation
         uses: "model", "ngram" (prompt lookup; no draft model is loaded) or "both".
         """
         from spruce.models import load_causal_lm, load_tokenizer, resolve_model_dir
@@ -119,7 +121,9 @@ class Engine:
         target_model = load_causal_lm(target_dir, _torch_dtype(dtype), dev, trust_remote_code)
         draft_model = None
         if draft_dir is not None:
-            draft_model = load_causal_lm(draft_dir, _torch_dtype(draft_dtype or dtype), dev, trust_remote_code)
+            chosen = draft_dtype or _pick_draft_dtype(dev, dtype, draft_dir)
+            draft_model = load_causal_lm(draft_dir, _torch_dtype(chosen), dev, trust_remote_code)
+            config = dataclasses.replace(config, draft_dtype=chosen)
             _check_tokenizers(tokenizer, load_tokenizer(draft_dir, trust_remote_code))
         return cls(target_model, tokenizer, draft_model, config)
 
@@ -266,6 +270,29 @@ class _Request:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
+
+
+# A bfloat16 draft must be at least this much faster per row than float32 to be chosen automatically.
+_BF16_DRAFT_MIN_SPEEDUP = 1.3
+
+
+def _pick_draft_dtype(device: torch.device, dtype: str, draft_dir: Path) -> str:
+    """The draft's dtype when not given: bfloat16 on a CPU where it measures clearly faster.
+
+    The target's verification keeps the output exact whatever the draft computes in, so the draft may
+    trade precision for speed; measured on the embedded pair (evals/results/), a bfloat16 draft kept the
+    same acceptance and made float32 speculation 1.33x instead of 1.12x faster than plain decoding.
+    """
+    if device.type != "cpu" or dtype == "bfloat16":
+        return dtype
+    from transformers import AutoConfig
+
+    from spruce.kernels.cpu_linear import bf16_speedup
+
+    cfg = AutoConfig.from_pretrained(draft_dir, local_files_only=True)
+    hidden = int(getattr(cfg, "hidden_size", 1024))
+    inner = int(getattr(cfg, "intermediate_size", 4 * hidden))
+    return "bfloat16" if bf16_speedup(hidden, inner) >= _BF16_DRAFT_MIN_SPEEDUP else dtype
 
 
 def _torch_dtype(name: str) -> torch.dtype:

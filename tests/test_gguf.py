@@ -54,7 +54,7 @@ def write_tiny_gguf(model, tokenizer, path) -> None:
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens)
     w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
-    w.add_token_merges(["Ġ Ġ"])
+    w.add_token_scores([0.0] * len(tokens))
     w.add_eos_token_id(tokenizer.eos_token_id)
     w.add_bos_token_id(tokenizer.eos_token_id)
     for name, tensor in model.state_dict().items():
