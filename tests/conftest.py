@@ -17,9 +17,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# 256 byte tokens + <|endoftext|> + <|im_start|> + <|im_end|>
-TINY_VOCAB = 259
-EOS_ID = 256
+# 256 byte tokens + two merges ("ĠĠ", "Ġt"; a GGUF array of one merge reads back as a scalar in 5.17) + <|endoftext|> + <|im_start|> + <|im_end|>
+TINY_VOCAB = 261
+EOS_ID = 258
+TINY_MERGES = [("Ġ", "Ġ"), ("Ġ", "t")]
 
 
 def _tokenizer():
@@ -28,7 +29,9 @@ def _tokenizer():
 
     byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(byte_alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    for a, b in TINY_MERGES:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=TINY_MERGES))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_VOCAB, assert_close, build_tiny_model
+from conftest import TINY_MERGES, TINY_VOCAB, assert_close, build_tiny_model
 from spruce import Engine, SamplingParams
 from spruce.models import resolve_model_dir
 
@@ -54,7 +54,7 @@ def write_tiny_gguf(model, tokenizer, path) -> None:
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens)
     w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
-    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_merges([f"{a} {b}" for a, b in TINY_MERGES])
     w.add_eos_token_id(tokenizer.eos_token_id)
     w.add_bos_token_id(tokenizer.eos_token_id)
     for name, tensor in model.state_dict().items():
