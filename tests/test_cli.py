@@ -1,0 +1,40 @@
+"""``spruce generate`` end to end on tiny model directories (in process)."""
+
+from __future__ import annotations
+
+import json
+
+from spruce.cli import main
+
+
+def test_generate_json_contract(tiny_dirs, capsys):
+    target, draft = tiny_dirs
+    args = ["generate", "--prompt", "hi there", "--target", str(target), "--draft", str(draft), "--max-tokens", "6"]
+    assert main([*args, "--json"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert set(spec) == {"text", "token_ids", "finish_reason", "stats"}
+    assert spec["finish_reason"] in ("stop", "length")
+    for key in ("steps", "drafted", "accepted", "mean_accepted_length", "acceptance_by_depth", "wall_time_s"):
+        assert key in spec["stats"]
+    assert main([*args, "--json", "--no-speculation"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["token_ids"] == spec["token_ids"]
+    assert plain["stats"]["drafted"] == 0
+
+
+def test_generate_tree_flags_and_ngram(tiny_dirs, capsys):
+    target, draft = tiny_dirs
+    base = ["generate", "--prompt", "abcabcabc", "--target", str(target), "--max-tokens", "5", "--json", "--raw"]
+    assert main([*base, "--draft", str(draft), "--tree-depth", "3", "--tree-top-k", "2", "--tree-budget", "4"]) == 0
+    tree = json.loads(capsys.readouterr().out)
+    assert main([*base, "--drafter", "ngram"]) == 0
+    ngram = json.loads(capsys.readouterr().out)
+    assert tree["token_ids"] == ngram["token_ids"]
+
+
+def test_bad_input_is_a_clear_error(tiny_dirs, capsys, tmp_path):
+    target, _ = tiny_dirs
+    assert main(["generate", "--prompt", "x", "--target", str(target), "--max-tokens", "0"]) == 2
+    assert "max_tokens" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--target", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err
