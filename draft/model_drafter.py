@@ -46,8 +46,21 @@ class DraftState:
 class ModelDrafter:
     """Tree proposer backed by a small causal LM."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, vocab_size: int | None = None) -> None:
+        """``vocab_size``: the target's logits width; draft logits are cut or padded to it, so a draft
+        never proposes an id the target cannot score and its distributions line up with the target's."""
         self.model = model
+        self.vocab_size = vocab_size
+
+    def _logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """[F, V] draft logits on the CPU (tree building is small, sequential work), fit to the target's V."""
+        logits = logits.float().cpu()
+        v = self.vocab_size
+        if v is None or logits.shape[-1] == v:
+            return logits
+        if logits.shape[-1] > v:
+            return logits[:, :v]
+        return torch.nn.functional.pad(logits, (0, v - logits.shape[-1]), value=float("-inf"))
 
     def new_state(self) -> DraftState:
         return DraftState(cache=new_cache(self.model))
@@ -70,7 +83,7 @@ class ModelDrafter:
             raise RuntimeError(f"draft cache holds {cache_length(state.cache)} positions, state says {state.cached}")
         pending = torch.tensor(tokens[state.cached :], dtype=torch.long)
         positions = torch.arange(state.cached, committed, dtype=torch.long)
-        logits = forward_tokens(self.model, state.cache, pending, positions, None, last_only=True)
+        logits = self._logits(forward_tokens(self.model, state.cache, pending, positions, None, last_only=True))
         state.cached = committed
         state.committed = committed
         state.node_slots = {}
@@ -107,7 +120,7 @@ class ModelDrafter:
             cum = cum_all[order]
             if level < depth and len(node_tokens) - 1 < config.budget:
                 tree_so_far = TokenTree.from_parents(node_tokens, parents)
-                logits = self._forward_level(state, tree_so_far, frontier, committed + level - 1)
+                logits = self._logits(self._forward_level(state, tree_so_far, frontier, committed + level - 1))
         tree = TokenTree.from_parents(node_tokens, parents, torch.tensor(logprobs, dtype=torch.float32))
         return Proposal(tree, _stack_rows(expanded, tree.num_nodes, logits.shape[-1]) if sampling is not None else None)
 
@@ -157,10 +170,11 @@ def select_greedy(
     room: int,
 ) -> list[tuple[int, int]]:
     """(frontier index, token) of the best ``min(top_k, room)`` children by cumulative log-probability."""
-    top = logq.topk(top_k, dim=-1)
+    k = min(top_k, logq.shape[-1])
+    top = logq.topk(k, dim=-1)
     scores = (cum[:, None] + top.values).flatten()
-    best = scores.topk(min(top_k, room, scores.numel())).indices.tolist()
-    return [(f, int(top.indices[f, r])) for f, r in (divmod(i, top_k) for i in best)]
+    best = scores.topk(min(k, room, scores.numel())).indices.tolist()
+    return [(f, int(top.indices[f, r])) for f, r in (divmod(i, k) for i in best)]
 
 
 def select_sampled(

@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> dict:
     engine = Engine.from_pretrained(args.target, args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype)
     configs: dict[str, SpeculationConfig | None] = {BASELINE: None}
     for name in args.configs:
-        configs[name] = engine.default_speculation if name == "default" else parse_spec(name)
+        if name != BASELINE:
+            configs[name] = engine.default_speculation if name == "default" else parse_spec(name)
     prompts = load_prompts(args.prompts, per_category=args.per_category)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     names = list(configs)
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
         "date": time.strftime("%Y-%m-%d"),
         "dtype": args.dtype,
-        "draft_dtype": args.draft_dtype or "engine default",
+        "draft_dtype": engine.config.draft_dtype,
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "configs": {k: (asdict(v) if v else None) for k, v in configs.items()},
@@ -137,9 +138,12 @@ def markdown(report: dict) -> str:
     ]
     for name, per in summary.items():
         cells = [f"{per[c]['speedup']:.2f}x / {per[c]['mean_accepted_length']:.2f}" if c in per else "-" for c in cols]
-        lossless = "yes" if per["overall"]["outputs_differing_from_plain"] == 0 else (
-            f"no (first: question {per['first_differing_question_id']})"
-        )
+        if report["temperature"] > 0:
+            lossless = "n/a (sampling: exact in distribution, not per token)"
+        elif per["overall"]["outputs_differing_from_plain"] == 0:
+            lossless = "yes"
+        else:
+            lossless = f"no (first: question {per['first_differing_question_id']})"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {per['overall']['tokens_per_s']:.2f} | {lossless} |")
     return "\n".join(lines)
 

@@ -47,7 +47,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _speculation(args: argparse.Namespace, default: SpeculationConfig | None) -> SpeculationConfig | None:
     if args.no_speculation:
         return None
-    overrides = {k: v for k, v in (("depth", args.tree_depth), ("top_k", args.tree_top_k), ("budget", args.tree_budget)) if v}
+    overrides = {k: v for k, v in (("depth", args.tree_depth), ("top_k", args.tree_top_k), ("budget", args.tree_budget)) if v is not None}
     if not overrides:
         return default
     return dataclasses.replace(default or SpeculationConfig(drafter=args.drafter), **overrides)

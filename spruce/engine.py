@@ -73,7 +73,10 @@ class Engine:
     ) -> None:
         self.target = target
         self.tokenizer = tokenizer
-        self.drafter = ModelDrafter(draft) if draft is not None else None
+        _check_cache_layout(target)
+        if draft is not None:
+            _check_cache_layout(draft)
+        self.drafter = ModelDrafter(draft, int(target.config.vocab_size)) if draft is not None else None
         self.config = config or EngineConfig()
         self.eos_ids = _eos_ids(target, tokenizer)
         self.max_context = int(getattr(target.config, "max_position_embeddings", 0) or 1 << 31)
@@ -131,8 +134,10 @@ class Engine:
     def default_speculation(self) -> SpeculationConfig | None:
         """What ``generate`` uses when ``speculation`` is omitted (None: plain decoding)."""
         kind = self.config.drafter
-        if kind != "ngram" and self.drafter is None:
-            return None
+        if self.drafter is None:
+            if kind == "model":
+                return None
+            kind = "ngram"  # "both" without a draft model: the n-gram half
         return default_speculation(self.target.device.type, self.config.dtype, kind)
 
     # ---- public API ---------------------------------------------------------------------------------
@@ -289,10 +294,27 @@ def _pick_draft_dtype(device: torch.device, dtype: str, draft_dir: Path) -> str:
 
     from spruce.kernels.cpu_linear import bf16_speedup
 
+    native = _cpu_has_native_bf16()
+    if native is not None:
+        return "bfloat16" if native else dtype
     cfg = AutoConfig.from_pretrained(draft_dir, local_files_only=True)
     hidden = int(getattr(cfg, "hidden_size", 1024))
     inner = int(getattr(cfg, "intermediate_size", 4 * hidden))
     return "bfloat16" if bf16_speedup(hidden, inner) >= _BF16_DRAFT_MIN_SPEEDUP else dtype
+
+
+def _cpu_has_native_bf16() -> bool | None:
+    """Whether the CPU advertises bfloat16 dot products (avx512_bf16 / amx_bf16); None if unknown.
+
+    A fixed answer per machine keeps seeded sampling reproducible (the draft's dtype shapes the trees,
+    and so the random stream); timing is the fallback where the flags cannot be read.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -311,7 +333,9 @@ def _generator(seed: int | None) -> torch.Generator:
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
-    items = list(prompts)
+    if hasattr(prompts, "tolist"):  # a tensor or array of token ids (1-D) or of prompts (2-D)
+        prompts = prompts.tolist()
+    items = [p.tolist() if hasattr(p, "tolist") else p for p in prompts]
     if not items:
         raise InvalidRequestError("no prompts given")
     if all(isinstance(p, int) for p in items):
@@ -333,6 +357,17 @@ def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
 def _check_pair(target: torch.nn.Module, draft: torch.nn.Module) -> None:
     if draft.device != target.device:
         raise IncompatibleModelsError(f"draft on {draft.device} but target on {target.device}")
+
+
+def _check_cache_layout(model: torch.nn.Module) -> None:
+    """Tree verification moves KV slots by absolute position: every layer must keep full attention."""
+    cfg = model.config
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"} or getattr(cfg, "use_sliding_window", False):
+        raise IncompatibleModelsError(
+            f"{getattr(cfg, 'model_type', 'model')} uses {sorted(kinds)} layers: spruce's tree verification "
+            "needs full-attention layers throughout (sliding-window caches are not supported yet)"
+        )
 
 
 def _check_tokenizers(target_tok, draft_tok) -> None:

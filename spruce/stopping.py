@@ -26,8 +26,6 @@ class StopChecker:
         self.finish_reason: str | None = None
         # index in the decoded text where a stop string starts, if one was found
         self._stop_at: int | None = None
-        self._longest_stop = max((len(s) for s in params.stop), default=0)
-        self._searched = 0
 
     @property
     def remaining(self) -> int:
@@ -50,10 +48,10 @@ class StopChecker:
         return kept
 
     def _find_stop_string(self) -> bool:
+        # the whole text is searched each time: a partial UTF-8 character can decode to a different
+        # length until it completes, so offsets from earlier decodes are not safe to resume from
         text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
-        start = max(0, self._searched - self._longest_stop + 1)
-        hits = [i for s in self.params.stop if (i := text.find(s, start)) >= 0]
-        self._searched = len(text)
+        hits = [i for s in self.params.stop if (i := text.find(s)) >= 0]
         if hits:
             self._stop_at = min(hits)
             return True

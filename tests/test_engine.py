@@ -195,3 +195,35 @@ def test_text_prompt_and_chat_template(tiny_engine):
     assert text.startswith("<|im_start|>user\nhello")
     out = tiny_engine.generate(text, SamplingParams(max_tokens=5, ignore_eos=True))[0]
     assert len(out.token_ids) == 5 and isinstance(out.text, str)
+
+
+@pytest.mark.parametrize("draft_vocab", [TINY_VOCAB + 7, TINY_VOCAB - 3])
+def test_draft_with_other_logits_width(tiny_target, tokenizer, draft_vocab):
+    """A draft whose embedding table is padded (or shorter) still pairs: its logits are fit to the target's."""
+    from conftest import build_tiny_model
+
+    draft = build_tiny_model(seed=0, vocab_size=draft_vocab)
+    engine = Engine(tiny_target, tokenizer, draft)
+    spec = SpeculationConfig(depth=2, top_k=2, budget=3)
+    prompt = prompts(1, 13)[0]
+    base = engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True), speculation=None)[0]
+    fast = engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True), spec)[0]
+    assert fast.token_ids == base.token_ids
+    sampled = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=1.0, seed=1, ignore_eos=True), spec)[0]
+    assert len(sampled.token_ids) == 12 and max(sampled.token_ids) < TINY_VOCAB
+
+
+def test_sliding_window_models_are_rejected(tokenizer):
+    from conftest import build_tiny_model
+    from spruce.errors import IncompatibleModelsError
+
+    model = build_tiny_model(seed=0, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    with pytest.raises(IncompatibleModelsError, match="full-attention"):
+        Engine(model, tokenizer)
+
+
+def test_prompts_as_tensors(tiny_engine):
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    one = tiny_engine.generate(torch.tensor([5, 6, 7]), params)
+    two = tiny_engine.generate(torch.tensor([[5, 6, 7], [8, 9, 10]]), params)
+    assert len(one) == 1 and len(two) == 2 and two[0].token_ids == one[0].token_ids

@@ -207,3 +207,13 @@ def test_select_sampled_keeps_draw_order_prefixes_and_counts():
     assert [len(x) for x in per] == [4, 3, 2]  # node 1 limited by its support, node 2 by the room
     assert all(len(set(x)) == len(x) for x in per)
     assert set(per[1]) <= {0, 1, 2}
+
+
+def test_confident_draft_with_tiny_tail_does_not_crash():
+    """q puts ~all mass on one token: after rejecting it, the rest (1e-14) is still a distribution."""
+    tree = TokenTree.from_parents([0, 1, 2], [-1, 0, 0])
+    q = torch.tensor([[0.0, 1 - 1e-14, 1e-14, 0.0, 0.0]] * 3, dtype=torch.float64)
+    p = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 3, dtype=torch.float64)
+    for seed in range(40):
+        result = tree_rejection_sample(tree, p, q, torch.Generator().manual_seed(seed))
+        assert result.emitted_tokens()[0] in (1, 3)

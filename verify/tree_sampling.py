@@ -106,7 +106,9 @@ def tree_rejection_sample(
                 # r == s up to round-off, so x would have been accepted surely; numerical corner only
                 residual = target_probs[node].clone()
             proposal[x] = 0.0
-            proposal = _normalize(proposal)
+            # any positive mass left is a valid distribution: the drafter drew from exactly these weights
+            total = proposal.sum()
+            proposal = proposal / total if total > 0 else None
         if accepted is None:
             last = _draw(residual, generator)
             break
