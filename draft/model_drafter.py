@@ -89,36 +89,50 @@ class ModelDrafter:
         state.node_slots = {}
 
         node_tokens, parents, logprobs = [tokens[-1]], [ROOT_PARENT], [0.0]
+        # rank path of each node (static trees)
+        node_paths: list[tuple[int, ...]] = [()]
+        static = _static_children(config.tree_paths) if config.tree_paths else None
         expanded: dict[int, torch.Tensor] = {}
         cum = torch.zeros(1)
         frontier = [0]
-        depth = min(config.depth, max_depth)
+        depth = min(config.depth if config.tree_paths is None else max(map(len, config.tree_paths)), max_depth)
         for level in range(1, depth + 1):
             room = config.budget - (len(node_tokens) - 1)
-            if room <= 0:
+            if static is None and room <= 0:
                 break
             if sampling is None:
                 # [F, V] draft log-probabilities at each frontier node
                 logq = torch.log_softmax(logits, dim=-1)
-                picks = select_greedy(logq, cum, config.top_k, room)
             else:
                 q = sampling_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
                 expanded.update({node: q[i] for i, node in enumerate(frontier)})
                 logq = q.log()
+            if static is not None:
+                counts = [static.get(node_paths[f], 0) for f in frontier]
+                picks = select_static(logq, counts, None if sampling is None else sampling.generator)
+            elif sampling is None:
+                picks = select_greedy(logq, cum, config.top_k, room)
+            else:
                 picks = select_sampled(logq, cum, config.top_k, room, sampling.generator)
             new_nodes, new_cum = [], []
-            for f, token in picks:
+            for rank, (f, token) in _ranked(picks):
                 new_nodes.append(len(node_tokens))
                 node_tokens.append(token)
                 parents.append(frontier[f])
+                node_paths.append(node_paths[frontier[f]] + (rank,))
                 logprobs.append(float(logq[f, token]))
                 new_cum.append(float(cum[f] + logq[f, token]))
             cum_all = torch.tensor(new_cum)
-            # the next level expands the best top_k new nodes (by cumulative draft log-probability)
-            order = cum_all.argsort(descending=True)[: config.top_k]
+            if static is not None:
+                # the next level expands the new nodes that have children in the static shape
+                order = torch.tensor([i for i, n in enumerate(new_nodes) if static.get(node_paths[n], 0)], dtype=torch.long)
+            else:
+                # the next level expands the best top_k new nodes (by cumulative draft log-probability)
+                order = cum_all.argsort(descending=True)[: config.top_k]
             frontier = [new_nodes[i] for i in order.tolist()]
             cum = cum_all[order]
-            if level < depth and len(node_tokens) - 1 < config.budget:
+            more = (len(node_tokens) - 1 < config.budget) if static is None else bool(frontier)
+            if level < depth and more:
                 tree_so_far = TokenTree.from_parents(node_tokens, parents)
                 logits = self._logits(self._forward_level(state, tree_so_far, frontier, committed + level - 1))
         tree = TokenTree.from_parents(node_tokens, parents, torch.tensor(logprobs, dtype=torch.float32))
@@ -202,6 +216,43 @@ def select_sampled(
         keys = logq[f].double() - torch.log(-torch.log(uniform))
         picks.extend((f, int(t)) for t in keys.topk(k).indices)
     return picks
+
+
+def select_static(
+    # [F, V] draft log-probabilities
+    logq: torch.Tensor,
+    # children wanted per frontier node (a static shape decides them before any draw)
+    counts: list[int],
+    generator: torch.Generator | None,
+) -> list[tuple[int, int]]:
+    """(frontier index, token): the ``counts[f]`` most likely tokens of node f (greedy), or its first
+    ``counts[f]`` draws without replacement (sampling), in rank order."""
+    picks: list[tuple[int, int]] = []
+    for f, k in enumerate(counts):
+        if k <= 0:
+            continue
+        if generator is None:
+            picks.extend((f, int(t)) for t in logq[f].topk(min(k, logq.shape[-1])).indices)
+        else:
+            picks.extend((f, t) for _, t in select_sampled(logq[f : f + 1], torch.zeros(1), k, k, generator))
+    return picks
+
+
+def _ranked(picks: list[tuple[int, int]]):
+    """Yield (rank among the picks of the same frontier node, pick), in order."""
+    seen: dict[int, int] = {}
+    for f, token in picks:
+        rank = seen.get(f, 0)
+        seen[f] = rank + 1
+        yield rank, (f, token)
+
+
+def _static_children(paths: tuple[tuple[int, ...], ...]) -> dict[tuple[int, ...], int]:
+    """Number of children of each rank path in a static shape (the root is ``()``)."""
+    counts: dict[tuple[int, ...], int] = {}
+    for p in paths:
+        counts[p[:-1]] = counts.get(p[:-1], 0) + 1
+    return counts
 
 
 def _stack_rows(rows: dict[int, torch.Tensor], n: int, vocab: int) -> torch.Tensor:

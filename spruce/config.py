@@ -81,8 +81,14 @@ class SpeculationConfig:
     ngram_min: int = 2
     ngram_branches: int = 1
     ngram_budget: int = 4
+    # a static tree as Medusa-style sibling-rank paths, e.g. ((0,), (1,), (0, 0)): node (0, 1) is the
+    # second child of the root's first child. When set, it replaces depth / top_k / budget for the model
+    # tree (the same shape every step: comparable runs, and CUDA-graph friendly later).
+    tree_paths: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.tree_paths is not None:
+            object.__setattr__(self, "tree_paths", _check_paths(self.tree_paths))
         if self.drafter not in DRAFTERS:
             raise InvalidRequestError(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
         for name in ("depth", "top_k", "budget", "ngram_min", "ngram_branches", "ngram_budget"):
@@ -103,6 +109,21 @@ class SpeculationConfig:
     @classmethod
     def chain(cls, length: int) -> SpeculationConfig:
         return cls(depth=length, top_k=1, budget=length)
+
+
+def _check_paths(paths) -> tuple[tuple[int, ...], ...]:
+    """Each path's parent path is listed (or is the root) and each node's child ranks are 0..m-1, so a
+    node's children are the first m draft choices: its m most likely tokens, or its first m draws."""
+    clean = tuple(sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p)))
+    if not clean or any(not p or min(p) < 0 for p in clean):
+        raise InvalidRequestError("tree_paths must be non-empty paths of sibling ranks >= 0")
+    listed = set(clean)
+    for p in clean:
+        if len(p) > 1 and p[:-1] not in listed:
+            raise InvalidRequestError(f"tree path {p} has no parent path {p[:-1]}")
+        if p[-1] > 0 and p[:-1] + (p[-1] - 1,) not in listed:
+            raise InvalidRequestError(f"tree path {p} skips rank {p[-1] - 1}: child ranks must be 0..m-1")
+    return clean
 
 
 def default_speculation(device_type: str, dtype: str, drafter: str = "model") -> SpeculationConfig:

@@ -227,3 +227,38 @@ def test_prompts_as_tensors(tiny_engine):
     one = tiny_engine.generate(torch.tensor([5, 6, 7]), params)
     two = tiny_engine.generate(torch.tensor([[5, 6, 7], [8, 9, 10]]), params)
     assert len(one) == 1 and len(two) == 2 and two[0].token_ids == one[0].token_ids
+
+
+MEDUSA_LIKE = ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0))
+
+
+def test_static_tree_has_exactly_the_given_shape(tiny_target, tiny_draft):
+    drafter = ModelDrafter(tiny_draft)
+    state = drafter.new_state()
+    spec = SpeculationConfig(tree_paths=MEDUSA_LIKE)
+    tree = drafter.propose(state, prompts(1, 2)[0] + [4], spec, max_depth=8).tree
+    tree.validate()
+    assert tree.num_draft_nodes == len(MEDUSA_LIKE)
+    assert sorted(tree.depth.tolist()) == sorted([0] + [len(p) for p in MEDUSA_LIKE])
+    # rank 0 at the root is the draft's argmax
+    root_children = tree.children(0)
+    assert len(root_children) == 3
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_static_tree_generation(tiny_engine, temperature):
+    spec = SpeculationConfig(tree_paths=MEDUSA_LIKE)
+    params = SamplingParams(max_tokens=20, temperature=temperature, seed=3, ignore_eos=True)
+    out = tiny_engine.generate(prompts(1, 6), params, spec)[0]
+    assert len(out.token_ids) == 20
+    if temperature == 0.0:
+        assert out.token_ids == tiny_engine.generate(prompts(1, 6), params, speculation=None)[0].token_ids
+        assert out.stats.accepted > 0
+
+
+@pytest.mark.parametrize(
+    "paths,match", [(((1,),), "skips rank"), (((0, 0),), "parent path"), ((), "non-empty"), (((-1,),), "ranks")]
+)
+def test_bad_static_paths(paths, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        SpeculationConfig(tree_paths=paths)

@@ -59,7 +59,15 @@ ENGINE_SAMPLES = 3000
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", [SpeculationConfig.chain(2), SpeculationConfig(depth=2, top_k=3, budget=6)], ids=["chain2", "tree"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        SpeculationConfig.chain(2),
+        SpeculationConfig(depth=2, top_k=3, budget=6),
+        SpeculationConfig(tree_paths=((0,), (1,), (0, 0), (0, 1))),
+    ],
+    ids=["chain2", "tree", "static"],
+)
 def test_engine_first_two_tokens_follow_target(tiny_target, tiny_draft, tokenizer, spec):
     engine = Engine(tiny_target, tokenizer, tiny_draft)
     prompt = [10, 20, 30]
