@@ -14,6 +14,7 @@ runs ``depth`` forwards per step: the first over the pending committed tokens, t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from spruce.modeling import (
     prefix_tree_visibility,
 )
 from spruce.sampling import sampling_probs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -46,7 +50,7 @@ class DraftState:
 class ModelDrafter:
     """Tree proposer backed by a small causal LM."""
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, vocab_size: int | None = None) -> None:
         """``vocab_size``: the target's logits width; draft logits are cut or padded to it, so a draft
         never proposes an id the target cannot score and its distributions line up with the target's."""
         self.model = model

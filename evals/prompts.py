@@ -33,7 +33,8 @@ def load_prompts(path: str | Path | None = None, per_category: int | None = None
     else:
         text = Path(path).read_text()
         source = str(path)
-    prompts, counts = [], {}
+    prompts: list[Prompt] = []
+    counts: dict[str, int] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue

@@ -137,12 +137,10 @@ def default_speculation(device_type: str, dtype: str, drafter: str = "model") ->
     - GPU: passes are weight-bandwidth bound and flat up to tens of tokens.
     """
     if device_type == "cuda":
-        shape = dict(depth=5, top_k=4, budget=24, ngram_budget=8)
-    elif dtype == "bfloat16":
-        shape = dict(depth=3, top_k=2, budget=4, ngram_budget=2)
-    else:
-        shape = dict(depth=1, top_k=1, budget=1, ngram_budget=1)
-    return SpeculationConfig(drafter=drafter, **shape)
+        return SpeculationConfig(drafter=drafter, depth=5, top_k=4, budget=24, ngram_budget=8)
+    if dtype == "bfloat16":
+        return SpeculationConfig(drafter=drafter, depth=3, top_k=2, budget=4, ngram_budget=2)
+    return SpeculationConfig(drafter=drafter, depth=1, top_k=1, budget=1, ngram_budget=1)
 
 
 @dataclass(frozen=True)

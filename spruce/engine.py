@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
@@ -29,6 +29,9 @@ from spruce.stats import SpecStats
 from spruce.stopping import StopChecker
 from spruce.verify.accept import accept
 from spruce.verify.tree_verify import commit_accepted, verify_tree
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Prompt = Union[str, Sequence[int]]
 
@@ -66,9 +69,9 @@ class Engine:
 
     def __init__(
         self,
-        target: torch.nn.Module,
+        target: PreTrainedModel,
         tokenizer,
-        draft: torch.nn.Module | None = None,
+        draft: PreTrainedModel | None = None,
         config: EngineConfig | None = None,
     ) -> None:
         self.target = target
@@ -330,7 +333,7 @@ def _generator(seed: int | None) -> torch.Generator:
     return gen
 
 
-def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+def _as_prompt_list(prompts: Any) -> list[Any]:
     if isinstance(prompts, str):
         return [prompts]
     if hasattr(prompts, "tolist"):  # a tensor or array of token ids (1-D) or of prompts (2-D)
@@ -343,7 +346,7 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return items
 
 
-def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+def _eos_ids(model: PreTrainedModel, tokenizer) -> set[int]:
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), model.config):
         eos = getattr(source, "eos_token_id", None)
@@ -354,12 +357,12 @@ def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     return ids
 
 
-def _check_pair(target: torch.nn.Module, draft: torch.nn.Module) -> None:
+def _check_pair(target: PreTrainedModel, draft: PreTrainedModel) -> None:
     if draft.device != target.device:
         raise IncompatibleModelsError(f"draft on {draft.device} but target on {target.device}")
 
 
-def _check_cache_layout(model: torch.nn.Module) -> None:
+def _check_cache_layout(model: PreTrainedModel) -> None:
     """Tree verification moves KV slots by absolute position: every layer must keep full attention."""
     cfg = model.config
     kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])

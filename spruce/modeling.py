@@ -13,10 +13,13 @@ Facts this relies on (transformers 5.x, checked in tests on the installed versio
 
 from __future__ import annotations
 
-import functools
 import inspect
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def additive_mask(
@@ -43,7 +46,7 @@ def prefix_tree_visibility(
 
 @torch.inference_mode()
 def forward_tokens(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     cache,
     # [T] int64
     input_ids: torch.Tensor,
@@ -71,11 +74,15 @@ def forward_tokens(
     return out.logits[0].float()
 
 
-@functools.cache
+_CACHE_KWARG: dict[type, str] = {}
+
+
 def _cache_kwarg(model_class: type) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` (5.2x); use whichever this version takes."""
-    params = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    if model_class not in _CACHE_KWARG:
+        params = inspect.signature(getattr(model_class, "forward")).parameters
+        _CACHE_KWARG[model_class] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[model_class]
 
 
 def cache_length(cache) -> int:
@@ -109,7 +116,7 @@ def keep_cache_positions(
         cache.crop(-drop)
 
 
-def new_cache(model: torch.nn.Module):
+def new_cache(model: PreTrainedModel):
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config)

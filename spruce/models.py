@@ -175,8 +175,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, source_sha256: str) -> Path:
         # try to re-quantize, and save_pretrained refuses quantized models.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
+        setattr(model, "hf_quantizer", None)
+        setattr(model, "is_quantized", False)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         bar.update(1)
@@ -226,7 +226,8 @@ def load_causal_lm(model_dir: Path, dtype: torch.dtype, device: torch.device, tr
         trust_remote_code=trust_remote_code,
         local_files_only=True,
     )
-    model = model.to(device).eval().requires_grad_(False)
+    model.to(device)  # type: ignore[arg-type]  # transformers' decorator hides the signature
+    model.eval().requires_grad_(False)
     if device.type == "cpu":
         use_small_rows_linear(model)
     return model

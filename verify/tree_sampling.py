@@ -90,9 +90,10 @@ def tree_rejection_sample(
                     accepted = child
                     break
                 residual[x] = 0.0
-                residual = _normalize(residual)
-                if residual is None:
+                renormed = _normalize(residual)
+                if renormed is None:
                     raise ValueError(f"residual at node {node} vanished: target mass is all on rejected tokens")
+                residual = renormed
                 continue
             if seen_fixed:
                 raise ValueError(f"node {node}: sampled child {child} follows a deterministic sibling")
@@ -101,10 +102,9 @@ def tree_rejection_sample(
             if proposal[x] > 0 and u * float(proposal[x]) < float(residual[x]):
                 accepted = child
                 break
-            residual = _normalize(torch.clamp(residual - proposal, min=0.0))
-            if residual is None:
-                # r == s up to round-off, so x would have been accepted surely; numerical corner only
-                residual = target_probs[node].clone()
+            renormed = _normalize(torch.clamp(residual - proposal, min=0.0))
+            # None: r == s up to round-off, so x would have been accepted surely; numerical corner only
+            residual = renormed if renormed is not None else target_probs[node].clone()
             proposal[x] = 0.0
             # any positive mass left is a valid distribution: the drafter drew from exactly these weights
             total = proposal.sum()

@@ -9,10 +9,15 @@ cache again holds every committed token except the new root (the bonus token).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from spruce.draft.tree import TokenTree
 from spruce.modeling import additive_mask, forward_tokens, keep_cache_positions, prefix_tree_visibility
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def tree_positions(
@@ -29,7 +34,7 @@ def tree_mask(tree: TokenTree, prefix_len: int, dtype: torch.dtype) -> torch.Ten
 
 
 def verify_tree(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     cache,
     tree: TokenTree,
     prefix_len: int,
