@@ -83,6 +83,36 @@ class ModelDrafter:
         processed draft distribution without replacement, as lossless tree sampling requires.
         """
         committed = len(tokens)
+        logits = self._feed_pending(state, tokens)
+        static = _static_children(config.tree_paths) if config.tree_paths else None
+        depth = config.depth if config.tree_paths is None else max(map(len, config.tree_paths))
+        depth = min(depth, max_depth)
+        tree = _TreeBuilder(tokens[-1])
+        for level in range(1, depth + 1):
+            room = config.budget - tree.num_draft_nodes
+            if static is None and room <= 0:
+                break
+            logq = tree.draft_logprobs(logits, sampling)
+            if static is not None:
+                counts = [static.get(tree.paths[f], 0) for f in tree.frontier]
+                picks = select_static(logq, counts, None if sampling is None else sampling.generator)
+            elif sampling is None:
+                picks = select_greedy(logq, tree.cum, config.top_k, room)
+            else:
+                picks = select_sampled(logq, tree.cum, config.top_k, room, sampling.generator)
+            new_nodes = tree.add(picks, logq)
+            tree.advance(new_nodes, config.top_k, static)
+            more = (tree.num_draft_nodes < config.budget) if static is None else bool(tree.frontier)
+            if level < depth and more:
+                so_far = TokenTree.from_parents(tree.tokens, tree.parents)
+                logits = self._logits(self._forward_level(state, so_far, tree.frontier, committed + level - 1))
+        out = TokenTree.from_parents(tree.tokens, tree.parents, torch.tensor(tree.logprobs, dtype=torch.float32))
+        probs = _stack_rows(tree.expanded, out.num_nodes, logits.shape[-1]) if sampling is not None else None
+        return Proposal(out, probs)
+
+    def _feed_pending(self, state: DraftState, tokens: list[int]) -> torch.Tensor:
+        """Forward the committed tokens the draft has not seen; [1, V] logits at the root."""
+        committed = len(tokens)
         if not 0 <= state.cached < committed or cache_length(state.cache) != state.cached:
             raise RuntimeError(f"draft cache holds {cache_length(state.cache)} positions, state says {state.cached}")
         pending = torch.tensor(tokens[state.cached :], dtype=torch.long)
@@ -91,56 +121,7 @@ class ModelDrafter:
         state.cached = committed
         state.committed = committed
         state.node_slots = {}
-
-        node_tokens, parents, logprobs = [tokens[-1]], [ROOT_PARENT], [0.0]
-        # rank path of each node (static trees)
-        node_paths: list[tuple[int, ...]] = [()]
-        static = _static_children(config.tree_paths) if config.tree_paths else None
-        expanded: dict[int, torch.Tensor] = {}
-        cum = torch.zeros(1)
-        frontier = [0]
-        depth = min(config.depth if config.tree_paths is None else max(map(len, config.tree_paths)), max_depth)
-        for level in range(1, depth + 1):
-            room = config.budget - (len(node_tokens) - 1)
-            if static is None and room <= 0:
-                break
-            if sampling is None:
-                # [F, V] draft log-probabilities at each frontier node
-                logq = torch.log_softmax(logits, dim=-1)
-            else:
-                q = sampling_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-                expanded.update({node: q[i] for i, node in enumerate(frontier)})
-                logq = q.log()
-            if static is not None:
-                counts = [static.get(node_paths[f], 0) for f in frontier]
-                picks = select_static(logq, counts, None if sampling is None else sampling.generator)
-            elif sampling is None:
-                picks = select_greedy(logq, cum, config.top_k, room)
-            else:
-                picks = select_sampled(logq, cum, config.top_k, room, sampling.generator)
-            new_nodes, new_cum = [], []
-            for rank, (f, token) in _ranked(picks):
-                new_nodes.append(len(node_tokens))
-                node_tokens.append(token)
-                parents.append(frontier[f])
-                node_paths.append(node_paths[frontier[f]] + (rank,))
-                logprobs.append(float(logq[f, token]))
-                new_cum.append(float(cum[f] + logq[f, token]))
-            cum_all = torch.tensor(new_cum)
-            if static is not None:
-                # the next level expands the new nodes that have children in the static shape
-                order = torch.tensor([i for i, n in enumerate(new_nodes) if static.get(node_paths[n], 0)], dtype=torch.long)
-            else:
-                # the next level expands the best top_k new nodes (by cumulative draft log-probability)
-                order = cum_all.argsort(descending=True)[: config.top_k]
-            frontier = [new_nodes[i] for i in order.tolist()]
-            cum = cum_all[order]
-            more = (len(node_tokens) - 1 < config.budget) if static is None else bool(frontier)
-            if level < depth and more:
-                tree_so_far = TokenTree.from_parents(node_tokens, parents)
-                logits = self._logits(self._forward_level(state, tree_so_far, frontier, committed + level - 1))
-        tree = TokenTree.from_parents(node_tokens, parents, torch.tensor(logprobs, dtype=torch.float32))
-        return Proposal(tree, _stack_rows(expanded, tree.num_nodes, logits.shape[-1]) if sampling is not None else None)
+        return logits
 
     def _forward_level(self, state: DraftState, tree: TokenTree, nodes: list[int], position: int) -> torch.Tensor:
         """Forward ``nodes`` (all at one depth) after the committed tokens and earlier levels; [F, V] logits."""
@@ -167,6 +148,59 @@ class ModelDrafter:
         keep_cache_positions(state.cache, state.committed, torch.tensor(keep, dtype=torch.long))
         state.cached = state.committed + len(keep)
         state.node_slots = {}
+
+
+class _TreeBuilder:
+    """The tree under construction: node lists, each node's rank path, and the current frontier."""
+
+    def __init__(self, root_token: int) -> None:
+        self.tokens, self.parents, self.logprobs = [root_token], [ROOT_PARENT], [0.0]
+        # sibling-rank path of each node (static trees look their shape up by it)
+        self.paths: list[tuple[int, ...]] = [()]
+        # nodes whose children are being chosen, and their cumulative draft log-probabilities
+        self.frontier = [0]
+        self.cum = torch.zeros(1)
+        # node -> the draft distribution its sampled children were drawn from
+        self.expanded: dict[int, torch.Tensor] = {}
+        # cumulative log-probabilities of the nodes the last ``add`` appended
+        self._new_cum = torch.zeros(0)
+
+    @property
+    def num_draft_nodes(self) -> int:
+        return len(self.tokens) - 1
+
+    def draft_logprobs(self, logits: torch.Tensor, sampling: DraftSampling | None) -> torch.Tensor:
+        """[F, V] log q at the frontier: plain softmax for greedy trees, processed q when sampling."""
+        if sampling is None:
+            return torch.log_softmax(logits, dim=-1)
+        q = sampling_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+        self.expanded.update({node: q[i] for i, node in enumerate(self.frontier)})
+        return q.log()
+
+    def add(self, picks: list[tuple[int, int]], logq: torch.Tensor) -> list[int]:
+        """Append the picked (frontier index, token) children; returns their node indices."""
+        new_nodes, new_cum = [], []
+        for rank, (f, token) in _ranked(picks):
+            parent = self.frontier[f]
+            new_nodes.append(len(self.tokens))
+            self.tokens.append(token)
+            self.parents.append(parent)
+            self.paths.append(self.paths[parent] + (rank,))
+            self.logprobs.append(float(logq[f, token]))
+            new_cum.append(float(self.cum[f] + logq[f, token]))
+        self._new_cum = torch.tensor(new_cum)
+        return new_nodes
+
+    def advance(self, new_nodes: list[int], top_k: int, static: dict[tuple[int, ...], int] | None) -> None:
+        """The next frontier: new nodes with children in a static shape, else the best ``top_k`` new
+        nodes by cumulative draft log-probability."""
+        if static is not None:
+            keep = [i for i, n in enumerate(new_nodes) if static.get(self.paths[n], 0)]
+            order = torch.tensor(keep, dtype=torch.long)
+        else:
+            order = self._new_cum.argsort(descending=True)[:top_k]
+        self.frontier = [new_nodes[i] for i in order.tolist()]
+        self.cum = self._new_cum[order]
 
 
 @dataclass(frozen=True)
