@@ -99,7 +99,7 @@ class ModelDrafter:
             elif sampling is None:
                 picks = select_greedy(logq, tree.cum, config.top_k, room)
             else:
-                picks = select_sampled(logq, tree.cum, config.top_k, room, sampling.generator)
+                picks = select_sampled(logq, config.top_k, room, sampling.generator)
             new_nodes = tree.add(picks, logq)
             tree.advance(new_nodes, config.top_k, static)
             more = (tree.num_draft_nodes < config.budget) if static is None else bool(tree.frontier)
@@ -232,8 +232,6 @@ def select_greedy(
 def select_sampled(
     # [F, V] draft log-probabilities (-inf where filtered out), frontier in descending score order
     logq: torch.Tensor,
-    # [F] cumulative log-probability of each frontier node (unused: counts must not depend on draws)
-    cum: torch.Tensor,
     top_k: int,
     room: int,
     generator: torch.Generator,
@@ -244,7 +242,6 @@ def select_sampled(
     Child counts depend only on the frontier order and q's support, never on the drawn tokens, and each
     node keeps a draw-order prefix: the two conditions of ``spruce.verify.tree_sampling``.
     """
-    del cum
     picks: list[tuple[int, int]] = []
     for f in range(logq.shape[0]):
         k = min(top_k, room - len(picks), int(torch.isfinite(logq[f]).sum()))
@@ -272,7 +269,7 @@ def select_static(
         if generator is None:
             picks.extend((f, int(t)) for t in logq[f].topk(min(k, logq.shape[-1])).indices)
         else:
-            picks.extend((f, t) for _, t in select_sampled(logq[f : f + 1], torch.zeros(1), k, k, generator))
+            picks.extend((f, t) for _, t in select_sampled(logq[f : f + 1], k, k, generator))
     return picks
 
 

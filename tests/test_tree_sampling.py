@@ -66,7 +66,7 @@ def draft_tree(
         for i, f in enumerate(frontier):
             q_rows[f] = q[i]
         logq = q.double().log()
-        picks = select_sampled(logq, cum, top_k, room, gen)
+        picks = select_sampled(logq, top_k, room, gen)
         new, new_cum = [], []
         for f, tok in picks:
             node = len(tokens)
@@ -202,7 +202,7 @@ def test_select_sampled_keeps_draw_order_prefixes_and_counts():
     gen = torch.Generator().manual_seed(0)
     logq = torch.log_softmax(torch.randn(3, 10, generator=gen), dim=-1)
     logq[1, 3:] = float("-inf")  # only 3 tokens possible at frontier node 1
-    picks = select_sampled(logq, torch.zeros(3), top_k=4, room=9, generator=gen)
+    picks = select_sampled(logq, top_k=4, room=9, generator=gen)
     per = [[t for f, t in picks if f == i] for i in range(3)]
     assert [len(x) for x in per] == [4, 3, 2]  # node 1 limited by its support, node 2 by the room
     assert all(len(set(x)) == len(x) for x in per)
