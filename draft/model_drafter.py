@@ -5,10 +5,18 @@ the tree nodes that were forwarded to expand them, in forwarding order. After ve
 keeps the committed part plus the slots of the accepted path's nodes that were forwarded, so the next
 step re-processes only what the draft has not seen: the accepted nodes of the last level and the bonus.
 
-Tree construction (static limits from ``SpeculationConfig``): level by level, the nodes added at the
-previous level are expanded into their ``top_k`` most likely children; the ``top_k`` best candidates by
-cumulative draft log-probability join the tree, until ``depth`` levels or ``budget`` nodes. The drafter
-runs ``depth`` forwards per step: the first over the pending committed tokens, then one per level.
+Tree construction, three kinds (limits from ``SpeculationConfig``):
+- dynamic (EAGLE-2, Li et al. 2024): expansion, then rerank. Level by level, the ``top_k`` candidates of
+  the previous level with the highest cumulative draft log-probability are forwarded and each gets its
+  ``top_k`` most likely children as candidates; after ``depth`` levels the ``budget`` candidates with
+  the highest cumulative log-probability form the tree. A child's score never exceeds its parent's, so
+  the kept set is a tree. Used for greedy requests, and for sampling when ``sampled_children`` is off:
+  the children are then the top-k of the processed draft distribution, verified as point masses.
+- sampled (SpecInfer / Sequoia): children are drawn from the processed draft distribution without
+  replacement, level by level, until ``depth`` or ``budget``; no rerank, since keeping or dropping a drawn
+  child by its own probability would bias lossless tree sampling (see ``spruce.verify.tree_sampling``).
+- static: the fixed rank paths of ``tree_paths``, every step the same shape.
+The drafter runs one forward over the pending committed tokens, then one per expanded level.
 """
 
 from __future__ import annotations
@@ -79,36 +87,49 @@ class ModelDrafter:
     ) -> Proposal:
         """Build a tree rooted at ``tokens[-1]`` of at most ``min(config.depth, max_depth)`` levels.
 
-        ``sampling=None``: greedy trees (the most likely children). Otherwise children are drawn from the
-        processed draft distribution without replacement, as lossless tree sampling requires.
+        ``sampling=None``: greedy (the most likely children). Otherwise the tree is built on the processed
+        draft distribution: drawn children (``config.sampled_children``) or its top-k, as deterministic
+        proposals; both keep lossless sampling exact.
         """
         committed = len(tokens)
         logits = self._feed_pending(state, tokens)
         static = _static_children(config.tree_paths) if config.tree_paths else None
-        depth = config.depth if config.tree_paths is None else max(map(len, config.tree_paths))
+        sampled = sampling is not None and config.sampled_children
+        if static is not None:
+            depth = max(map(len, config.tree_paths or ()))
+        else:
+            # a node at depth d needs d - 1 ancestors in the tree: deeper levels could never be kept
+            depth = min(config.depth, config.budget)
         depth = min(depth, max_depth)
+        generator = sampling.generator if sampled and sampling is not None else None
         tree = _TreeBuilder(tokens[-1])
         for level in range(1, depth + 1):
             room = config.budget - tree.num_draft_nodes
-            if static is None and room <= 0:
+            if sampled and static is None and room <= 0:
                 break
-            logq = tree.draft_logprobs(logits, sampling)
+            logq = tree.draft_logprobs(logits, sampling, keep_rows=sampled)
             if static is not None:
                 counts = [static.get(tree.paths[f], 0) for f in tree.frontier]
-                picks = select_static(logq, counts, None if sampling is None else sampling.generator)
-            elif sampling is None:
-                picks = select_greedy(logq, tree.cum, config.top_k, room)
+                picks = select_static(logq, counts, generator)
+            elif sampled and generator is not None:
+                picks = select_sampled(logq, config.top_k, room, generator)
             else:
-                picks = select_sampled(logq, config.top_k, room, sampling.generator)
+                picks = select_expand(logq, config.top_k)
             new_nodes = tree.add(picks, logq)
             tree.advance(new_nodes, config.top_k, static)
-            more = (tree.num_draft_nodes < config.budget) if static is None else bool(tree.frontier)
-            if level < depth and more:
+            room_left = static is not None or not sampled or tree.num_draft_nodes < config.budget
+            if level < depth and tree.frontier and room_left:
                 so_far = TokenTree.from_parents(tree.tokens, tree.parents)
                 logits = self._logits(self._forward_level(state, so_far, tree.frontier, committed + level - 1))
+        if static is None and not sampled:
+            kept = tree.rerank(config.budget)
+            state.node_slots = {kept[old]: slot for old, slot in state.node_slots.items() if old in kept}
         out = TokenTree.from_parents(tree.tokens, tree.parents, torch.tensor(tree.logprobs, dtype=torch.float32))
-        probs = _stack_rows(tree.expanded, out.num_nodes, logits.shape[-1]) if sampling is not None else None
-        return Proposal(out, probs)
+        if sampling is None:
+            return Proposal(out)
+        if not sampled:
+            return Proposal(out, None, torch.ones(out.num_nodes, dtype=torch.bool))
+        return Proposal(out, _stack_rows(tree.expanded, out.num_nodes, logits.shape[-1]))
 
     def _feed_pending(self, state: DraftState, tokens: list[int]) -> torch.Tensor:
         """Forward the committed tokens the draft has not seen; [1, V] logits at the root."""
@@ -155,6 +176,8 @@ class _TreeBuilder:
 
     def __init__(self, root_token: int) -> None:
         self.tokens, self.parents, self.logprobs = [root_token], [ROOT_PARENT], [0.0]
+        # cumulative draft log-probability of every node (the dynamic tree's rerank score)
+        self.cums: list[float] = [0.0]
         # sibling-rank path of each node (static trees look their shape up by it)
         self.paths: list[tuple[int, ...]] = [()]
         # nodes whose children are being chosen, and their cumulative draft log-probabilities
@@ -169,18 +192,22 @@ class _TreeBuilder:
     def num_draft_nodes(self) -> int:
         return len(self.tokens) - 1
 
-    def draft_logprobs(self, logits: torch.Tensor, sampling: DraftSampling | None) -> torch.Tensor:
-        """[F, V] log q at the frontier: plain softmax for greedy trees, processed q when sampling."""
+    def draft_logprobs(self, logits: torch.Tensor, sampling: DraftSampling | None, keep_rows: bool) -> torch.Tensor:
+        """[F, V] log q at the frontier: plain softmax for greedy trees, processed q when sampling
+        (kept per node when ``keep_rows``: verification needs what sampled children were drawn from)."""
         if sampling is None:
             return torch.log_softmax(logits, dim=-1)
         q = sampling_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-        self.expanded.update({node: q[i] for i, node in enumerate(self.frontier)})
+        if keep_rows:
+            self.expanded.update({node: q[i] for i, node in enumerate(self.frontier)})
         return q.log()
 
     def add(self, picks: list[tuple[int, int]], logq: torch.Tensor) -> list[int]:
         """Append the picked (frontier index, token) children; returns their node indices."""
         new_nodes, new_cum = [], []
         for rank, (f, token) in _ranked(picks):
+            if not torch.isfinite(logq[f, token]):
+                continue  # filtered out by top-k / top-p: the target can never accept it
             parent = self.frontier[f]
             new_nodes.append(len(self.tokens))
             self.tokens.append(token)
@@ -188,6 +215,7 @@ class _TreeBuilder:
             self.paths.append(self.paths[parent] + (rank,))
             self.logprobs.append(float(logq[f, token]))
             new_cum.append(float(self.cum[f] + logq[f, token]))
+            self.cums.append(new_cum[-1])
         self._new_cum = torch.tensor(new_cum)
         return new_nodes
 
@@ -203,6 +231,23 @@ class _TreeBuilder:
         self.cum = self._new_cum[order]
 
 
+    def rerank(self, budget: int) -> dict[int, int]:
+        """Keep the root and the ``budget`` nodes with the highest cumulative log-probability (ties: the
+        shallower, then the earlier node). Renumbers the nodes in place; returns old -> new index."""
+        order = sorted(range(1, len(self.tokens)), key=lambda i: (-self.cums[i], len(self.paths[i]), i))
+        kept = [0, *sorted(order[:budget])]
+        new_index = {old: new for new, old in enumerate(kept)}
+        if any(self.parents[i] not in new_index for i in kept[1:]):
+            raise AssertionError("rerank dropped an ancestor of a kept node")
+        self.tokens = [self.tokens[i] for i in kept]
+        self.parents = [ROOT_PARENT] + [new_index[self.parents[i]] for i in kept[1:]]
+        self.logprobs = [self.logprobs[i] for i in kept]
+        self.cums = [self.cums[i] for i in kept]
+        self.paths = [self.paths[i] for i in kept]
+        self.expanded = {new_index[n]: row for n, row in self.expanded.items() if n in new_index}
+        return new_index
+
+
 @dataclass(frozen=True)
 class DraftSampling:
     """How the draft samples children: the request's processing and its generator."""
@@ -213,20 +258,15 @@ class DraftSampling:
     generator: torch.Generator
 
 
-def select_greedy(
-    # [F, V] draft log-probabilities, frontier in descending score order
+def select_expand(
+    # [F, V] draft log-probabilities at the frontier
     logq: torch.Tensor,
-    # [F] cumulative log-probability of each frontier node
-    cum: torch.Tensor,
     top_k: int,
-    room: int,
 ) -> list[tuple[int, int]]:
-    """(frontier index, token) of the best ``min(top_k, room)`` children by cumulative log-probability."""
+    """(frontier index, token): the ``top_k`` most likely children of every frontier node, in rank order."""
     k = min(top_k, logq.shape[-1])
-    top = logq.topk(k, dim=-1)
-    scores = (cum[:, None] + top.values).flatten()
-    best = scores.topk(min(k, room, scores.numel())).indices.tolist()
-    return [(f, int(top.indices[f, r])) for f, r in (divmod(i, k) for i in best)]
+    top = logq.topk(k, dim=-1).indices
+    return [(f, int(t)) for f in range(logq.shape[0]) for t in top[f]]
 
 
 def select_sampled(

@@ -63,10 +63,18 @@ DRAFTERS = ("model", "ngram", "both")
 class SpeculationConfig:
     """Which drafter proposes, and the shape limits of the tree it builds each step.
 
-    Model tree: level by level, the ``top_k`` best nodes of the previous level (by cumulative draft
-    log-probability) are expanded into their ``top_k`` most likely children each (sampled children when
-    temperature > 0), and the best ``top_k`` candidates join the tree, until ``depth`` levels or ``budget``
-    draft nodes (the root excluded). ``top_k == 1`` is a chain of ``min(depth, budget)`` tokens.
+    Model tree (``spruce.draft.model_drafter``): dynamic, EAGLE-2 style: ``depth`` levels are expanded,
+    the ``top_k`` best candidates of each level (by cumulative draft log-probability) getting ``top_k``
+    children each, and the ``budget`` best candidates overall are verified (the root excluded).
+    ``top_k == 1`` is a chain of ``min(depth, budget)`` tokens. When sampling (temperature > 0) with
+    ``sampled_children``, children are instead drawn without replacement from the processed draft
+    distribution, level by level until ``budget`` (SpecInfer / Sequoia); without it, the dynamic tree is
+    built on the processed distribution's top-k and verified as point-mass proposals. Both are lossless.
+
+    ``adaptive``: ``depth`` and ``budget`` become upper bounds, and each step the engine's cost model
+    (``spruce.costmodel``) picks the tree that maximizes expected tokens per second from the measured
+    acceptance profile and pass costs, down to no speculation. Seeded sampling requests keep the fixed
+    limits, so that a seed reproduces its output whatever the server has measured.
 
     N-gram (prompt lookup): the longest suffix of ``ngram_max`` .. ``ngram_min`` tokens that occurred
     before proposes what followed it, up to ``ngram_branches`` distinct continuations and ``ngram_budget``
@@ -85,6 +93,9 @@ class SpeculationConfig:
     # second child of the root's first child. When set, it replaces depth / top_k / budget for the model
     # tree (the same shape every step: comparable runs, and CUDA-graph friendly later).
     tree_paths: tuple[tuple[int, ...], ...] | None = None
+    # sampling: draw children from the draft (True) or take its top-k as deterministic proposals (False)
+    sampled_children: bool = True
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         if self.tree_paths is not None:
@@ -95,6 +106,8 @@ class SpeculationConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidRequestError(f"speculation {name} must be an integer >= 1, got {value!r}")
+        if self.adaptive and self.tree_paths is not None:
+            raise InvalidRequestError("adaptive speculation chooses its own tree: drop tree_paths or adaptive")
         if not isinstance(self.ngram_max, int) or self.ngram_max < self.ngram_min:
             raise InvalidRequestError(f"ngram_max must be an integer >= ngram_min, got {self.ngram_max!r}")
 

@@ -65,8 +65,9 @@ ENGINE_SAMPLES = 3000
         SpeculationConfig.chain(2),
         SpeculationConfig(depth=2, top_k=3, budget=6),
         SpeculationConfig(tree_paths=((0,), (1,), (0, 0), (0, 1))),
+        SpeculationConfig(depth=3, top_k=2, budget=5, sampled_children=False),
     ],
-    ids=["chain2", "tree", "static"],
+    ids=["chain2", "tree", "static", "dynamic_topk"],
 )
 def test_engine_first_two_tokens_follow_target(tiny_target, tiny_draft, tokenizer, spec):
     engine = Engine(tiny_target, tokenizer, tiny_draft)

@@ -1,0 +1,75 @@
+"""The dynamic (EAGLE-2) draft tree against a slow twin that runs every root path with a fresh full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spruce import SpeculationConfig
+from spruce.draft.model_drafter import DraftSampling, ModelDrafter
+from spruce.modeling import forward_tokens, new_cache
+from test_engine import prompts
+
+
+def _logq(model, seq: list[int]) -> torch.Tensor:
+    logits = forward_tokens(model, new_cache(model), torch.tensor(seq), torch.arange(len(seq)), None)[-1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def reference_dynamic_tree(model, tokens: list[int], depth: int, top_k: int, budget: int) -> set[tuple[int, ...]]:
+    """EAGLE-2 spelled out: expand the best ``top_k`` candidates of each level into their ``top_k`` most
+    likely children, then keep the ``budget`` candidates with the highest cumulative log-probability.
+    Returns the kept nodes as token paths from the root."""
+    frontier: list[tuple[tuple[int, ...], float]] = [((), 0.0)]
+    pool: list[tuple[tuple[int, ...], float]] = []
+    for _ in range(min(depth, budget)):
+        level = []
+        for path, cum in frontier:
+            logq = _logq(model, tokens + list(path))
+            top = logq.topk(top_k)
+            level += [(path + (int(t),), cum + float(v)) for v, t in zip(top.values, top.indices)]
+        pool += level
+        frontier = sorted(level, key=lambda c: -c[1])[:top_k]
+    kept = sorted(pool, key=lambda c: (-c[1], len(c[0])))[:budget]
+    return {path for path, _ in kept}
+
+
+def _token_paths(tree) -> set[tuple[int, ...]]:
+    toks = tree.tokens.tolist()
+    return {tuple(toks[i] for i in tree.path_to(n)[1:]) for n in range(1, tree.num_nodes)}
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 4), (4, 3, 9), (2, 4, 8), (5, 1, 3)], ids=lambda s: f"d{s[0]}k{s[1]}b{s[2]}")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dynamic_tree_equals_reference(tiny_draft, shape, seed):
+    depth, top_k, budget = shape
+    tokens = prompts(1, seed)[0] + [7]
+    drafter = ModelDrafter(tiny_draft)
+    proposal = drafter.propose(drafter.new_state(), tokens, SpeculationConfig(depth=depth, top_k=top_k, budget=budget), depth)
+    tree = proposal.tree
+    tree.validate()
+    assert tree.num_draft_nodes == budget
+    assert _token_paths(tree) == reference_dynamic_tree(tiny_draft, tokens, depth, top_k, budget)
+    # each node's recorded log q is the draft's own on its root path
+    for node in range(1, tree.num_nodes):
+        path = tree.path_to(node)
+        want = _logq(tiny_draft, tokens + tree.tokens[path[1:-1]].tolist())[int(tree.tokens[node])]
+        assert abs(float(tree.draft_logprobs[node]) - float(want)) < 1e-4
+
+
+def test_dynamic_topk_sampling_tree_is_deterministic_proposals(tiny_draft):
+    """With ``sampled_children=False`` a sampling request gets the dynamic tree of the PROCESSED draft
+    distribution, every node marked deterministic (verified as a point mass)."""
+    tokens = prompts(1, 3)[0] + [7]
+    drafter = ModelDrafter(tiny_draft)
+    spec = SpeculationConfig(depth=3, top_k=2, budget=5, sampled_children=False)
+    sampling = DraftSampling(temperature=0.7, top_k=3, top_p=1.0, generator=torch.Generator().manual_seed(0))
+    proposal = drafter.propose(drafter.new_state(), tokens, spec, 3, sampling)
+    assert proposal.draft_probs is None
+    assert proposal.deterministic is not None and bool(proposal.deterministic.all())
+    proposal.tree.validate()
+    # top_k=3 filtering: every proposed token is among the draft's 3 most likely at its parent
+    for node in range(1, proposal.tree.num_nodes):
+        path = proposal.tree.path_to(node)
+        logq = _logq(tiny_draft, tokens + proposal.tree.tokens[path[1:-1]].tolist())
+        assert int(proposal.tree.tokens[node]) in logq.topk(3).indices.tolist()
