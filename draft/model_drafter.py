@@ -95,12 +95,7 @@ class ModelDrafter:
         logits = self._feed_pending(state, tokens)
         static = _static_children(config.tree_paths) if config.tree_paths else None
         sampled = sampling is not None and config.sampled_children
-        if static is not None:
-            depth = max(map(len, config.tree_paths or ()))
-        else:
-            # a node at depth d needs d - 1 ancestors in the tree: deeper levels could never be kept
-            depth = min(config.depth, config.budget)
-        depth = min(depth, max_depth)
+        depth = self.levels(config, max_depth)
         generator = sampling.generator if sampled and sampling is not None else None
         tree = _TreeBuilder(tokens[-1])
         for level in range(1, depth + 1):
@@ -130,6 +125,14 @@ class ModelDrafter:
         if not sampled:
             return Proposal(out, None, torch.ones(out.num_nodes, dtype=torch.bool))
         return Proposal(out, _stack_rows(tree.expanded, out.num_nodes, logits.shape[-1]))
+
+    @staticmethod
+    def levels(config: SpeculationConfig, max_depth: int) -> int:
+        """Levels ``propose`` expands (= draft forwards per step) for this config."""
+        if config.tree_paths:
+            return min(max(map(len, config.tree_paths)), max_depth)
+        # a node at depth d needs d - 1 ancestors in the tree: deeper levels could never be kept
+        return min(config.depth, config.budget, max_depth)
 
     def _feed_pending(self, state: DraftState, tokens: list[int]) -> torch.Tensor:
         """Forward the committed tokens the draft has not seen; [1, V] logits at the root."""

@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from spruce.config import EngineConfig, SamplingParams, SpeculationConfig, default_speculation
+from spruce.costmodel import AcceptanceProfile, CostCurve, TreePlan, plan_tree
 from spruce.draft.model_drafter import DraftSampling, DraftState, ModelDrafter
 from spruce.draft.ngram import add_ngram_branches
 from spruce.draft.tree import Proposal, TokenTree
 from spruce.errors import IncompatibleModelsError, InvalidRequestError
-from spruce.modeling import forward_tokens, new_cache
+from spruce.modeling import forward_tokens, keep_cache_positions, new_cache
 from spruce.stats import SpecStats
 from spruce.stopping import StopChecker
 from spruce.verify.accept import accept
@@ -85,6 +86,10 @@ class Engine:
         self.max_context = int(getattr(target.config, "max_position_embeddings", 0) or 1 << 31)
         if draft is not None:
             _check_pair(target, draft)
+        # what the cost model learns, engine-wide (see ``spruce.costmodel``)
+        self.profile = AcceptanceProfile()
+        self.verify_costs = CostCurve()
+        self.draft_costs = CostCurve()
 
     @classmethod
     def from_pretrained(
@@ -195,6 +200,15 @@ class Engine:
         messages = [{"role": "user", "content": user_message}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def speculation_telemetry(self) -> dict[str, Any]:
+        """Engine-wide: the acceptance profile by depth and sibling rank, and the measured pass costs
+        (seconds by tree tokens for the target, by levels for the draft)."""
+        return {
+            "acceptance_profile": self.profile.to_dict(),
+            "verify_cost_s_by_tree_tokens": self.verify_costs.to_dict(),
+            "draft_cost_s_by_levels": self.draft_costs.to_dict(),
+        }
+
     # ---- the loop -----------------------------------------------------------------------------------
 
     def _generate_one(
@@ -210,6 +224,8 @@ class Engine:
             generator=generator,
             draft_state=self.drafter.new_state() if (spec is not None and spec.uses_model and self.drafter) else None,
             sampling=None if params.greedy else DraftSampling(params.temperature, params.top_k, params.top_p, generator),
+            # a seed must reproduce its output: seeded sampling keeps the fixed tree limits
+            adaptive=spec is not None and spec.adaptive and (params.greedy or params.seed is None),
         )
         if len(prompt_ids) > 1:
             prefix = torch.tensor(prompt_ids[:-1])
@@ -229,15 +245,22 @@ class Engine:
     def _step(self, req: _Request, params: SamplingParams, spec: SpeculationConfig | None) -> None:
         """Draft a tree, verify it in one target pass, commit the accepted path plus the bonus token."""
         t0 = time.perf_counter()
+        if spec is not None and spec.adaptive:
+            spec = self._planned(req, spec) if req.adaptive else dataclasses.replace(spec, adaptive=False)
         proposal = self._propose(req, spec)
         tree = proposal.tree
         t1 = time.perf_counter()
         prefix_len = len(req.tokens) - 1
         logits = verify_tree(self.target, req.cache, tree, prefix_len)
+        t2 = time.perf_counter()
         result = accept(tree, logits, proposal.draft_probs, params, req.generator, proposal.deterministic)
         commit_accepted(req.cache, prefix_len, result.accepted_nodes)
-        if req.drafted_by_model and self.drafter is not None and req.draft_state is not None:
-            self.drafter.commit(req.draft_state, result.accepted_nodes.tolist())
+        accepted_nodes = result.accepted_nodes.tolist()
+        if req.model_nodes and self.drafter is not None and req.draft_state is not None:
+            self.drafter.commit(req.draft_state, accepted_nodes)
+            self.profile.record(tree, accepted_nodes, torch.arange(tree.num_nodes) >= req.model_nodes)
+            self.draft_costs.observe(req.model_levels, req.model_draft_s)
+        self.verify_costs.observe(tree.num_nodes, t2 - t1)
         emitted = result.emitted_tokens()
         kept = req.stopper.extend(emitted)
         req.tokens.extend(emitted[:kept])
@@ -245,16 +268,63 @@ class Engine:
         req.stats.draft_time_s += t1 - t0
         req.stats.verify_time_s += time.perf_counter() - t1
 
+    def _planned(self, req: _Request, spec: SpeculationConfig) -> SpeculationConfig | None:
+        """This step's tree from the cost model; ``spec``'s depth and budget are the upper bounds."""
+        fixed = dataclasses.replace(spec, adaptive=False)
+        if not (spec.uses_model and self.drafter is not None):
+            return fixed  # the n-gram drafter costs no draft passes; its budget stays as configured
+        if not self.draft_costs.known:
+            self._calibrate(fixed)
+        plan = plan_tree(self.profile.rates(), self.verify_costs, self.draft_costs, spec.budget, spec.depth)
+        if plan.budget == 0:
+            req.steps_without_draft += 1
+            if req.steps_without_draft < _EXPLORE_EVERY:
+                req.stats.record_plan(plan.budget)
+                return dataclasses.replace(fixed, drafter="ngram") if spec.uses_ngram else None
+            # now and then draft anyway, so that the profile keeps learning
+            plan = plan_tree(self.profile.rates(), self.verify_costs, self.draft_costs, spec.budget, spec.depth, min_budget=1)
+        req.steps_without_draft = 0
+        req.stats.record_plan(plan.budget)
+        return dataclasses.replace(fixed, depth=plan.depth, top_k=plan.top_k, budget=plan.budget)
+
+    def _calibrate(self, spec: SpeculationConfig) -> None:
+        """Start-up measurement of the pass costs: the target over 1 .. budget + 1 chain tokens and the draft
+        over one token, after a short synthetic prefix (online timings refine both afterwards)."""
+        assert self.drafter is not None
+        vocab = int(self.target.config.vocab_size)
+        prefix = torch.arange(_CALIBRATION_PREFIX) % vocab
+        positions = torch.arange(_CALIBRATION_PREFIX)
+        cache = new_cache(self.target)
+        with torch.inference_mode():
+            forward_tokens(self.target, cache, prefix, positions, None, last_only=True)
+            sizes = sorted({s for s in _CALIBRATION_SIZES if s <= spec.budget + 1} | {1, spec.budget + 1})
+            for size in [1, *sizes]:  # the first pass warms up
+                tree = TokenTree.chain(int(prefix[-1]), prefix[:size - 1].tolist())
+                t0 = time.perf_counter()
+                verify_tree(self.target, cache, tree, _CALIBRATION_PREFIX)
+                self.verify_costs.observe(size, time.perf_counter() - t0)
+                keep_cache_positions(cache, _CALIBRATION_PREFIX, torch.zeros(0, dtype=torch.long))
+            draft_cache = new_cache(self.drafter.model)
+            forward_tokens(self.drafter.model, draft_cache, prefix, positions, None, last_only=True)
+            t0 = time.perf_counter()
+            forward_tokens(self.drafter.model, draft_cache, prefix[:1], positions[-1:] + 1, None, last_only=True)
+            one = time.perf_counter() - t0
+        self.draft_costs.observe(1, one)
+        self.draft_costs.observe(2, 2 * one)
+
     def _propose(self, req: _Request, spec: SpeculationConfig | None) -> Proposal:
         # the bonus token always follows, so a tree deeper than remaining - 1 is wasted work
         max_depth = req.stopper.remaining - 1
         proposal = Proposal(TokenTree.root_only(req.tokens[-1]))
-        req.drafted_by_model = False
+        req.model_nodes = 0
         if spec is None or max_depth <= 0:
             return proposal
         if spec.uses_model and self.drafter is not None and req.draft_state is not None:
+            t0 = time.perf_counter()
             proposal = self.drafter.propose(req.draft_state, req.tokens, spec, max_depth, req.sampling)
-            req.drafted_by_model = True
+            req.model_draft_s = time.perf_counter() - t0
+            req.model_nodes = proposal.tree.num_nodes
+            req.model_levels = ModelDrafter.levels(spec, max_depth)
         if spec.uses_ngram:
             budget = min(spec.ngram_budget, max_depth)
             proposal = add_ngram_branches(proposal, req.tokens, spec.ngram_max, spec.ngram_min, spec.ngram_branches, budget)
@@ -272,13 +342,25 @@ class _Request:
     generator: torch.Generator
     draft_state: DraftState | None
     sampling: DraftSampling | None
+    # whether the cost model picks this request's trees
+    adaptive: bool = False
     stats: SpecStats = field(default_factory=SpecStats)
-    # whether this step's tree came from the draft model (its cache then needs a commit)
-    drafted_by_model: bool = False
+    # this step's model tree: its node count (0: none, the draft cache needs no commit), levels, seconds
+    model_nodes: int = 0
+    model_levels: int = 0
+    model_draft_s: float = 0.0
+    # consecutive adaptive steps that chose plain decoding
+    steps_without_draft: int = 0
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
 
+
+# Every this many plain steps in a row, an adaptive request drafts anyway so the profile keeps learning.
+_EXPLORE_EVERY = 16
+# Start-up cost measurement: a short synthetic prefix, and tree sizes to time (up to the budget + 1).
+_CALIBRATION_PREFIX = 32
+_CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 # A bfloat16 draft must be at least this much faster per row than float32 to be chosen automatically.
 _BF16_DRAFT_MIN_SPEEDUP = 1.3

@@ -8,6 +8,8 @@ Definitions (one place; every sink, from JSON to gRPC to Prometheus, uses these)
 - mean accepted length: output tokens / steps, i.e. tokens emitted per target pass, COUNTING the bonus
   token. Plain decoding has exactly 1.0; it is the factor by which speculation cuts target passes.
 - acceptance rate: accepted / drafted (for a tree, the denominator counts every branch).
+- steps by tree size: how many steps verified a tree of n draft nodes (0: plain decoding); with adaptive
+  speculation, ``steps_by_planned_budget`` counts the cost model's choices (n-gram nodes come on top).
 - by depth: ``drafted_by_depth[d-1]`` counts steps whose tree reached depth d, ``accepted_by_depth[d-1]``
   the steps in which a node at depth d was accepted; their ratio is the acceptance rate at depth d.
 Output truncation at a stop condition removes tokens from ``accepted`` (they were not emitted).
@@ -27,6 +29,8 @@ class SpecStats:
     output_tokens: int = 0
     drafted_by_depth: list[int] = field(default_factory=list)
     accepted_by_depth: list[int] = field(default_factory=list)
+    steps_by_tree_size: dict[int, int] = field(default_factory=dict)
+    steps_by_planned_budget: dict[int, int] = field(default_factory=dict)
     prefill_time_s: float = 0.0
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
@@ -38,12 +42,16 @@ class SpecStats:
         self.drafted += num_drafted
         self.accepted += emitted_draft_tokens
         self.output_tokens += emitted
+        self.steps_by_tree_size[num_drafted] = self.steps_by_tree_size.get(num_drafted, 0) + 1
         _grow(self.drafted_by_depth, tree_depth)
         _grow(self.accepted_by_depth, tree_depth)
         for d in range(tree_depth):
             self.drafted_by_depth[d] += 1
         for d in range(emitted_draft_tokens):
             self.accepted_by_depth[d] += 1
+
+    def record_plan(self, budget: int) -> None:
+        self.steps_by_planned_budget[budget] = self.steps_by_planned_budget.get(budget, 0) + 1
 
     @property
     def mean_accepted_length(self) -> float:
@@ -73,6 +81,8 @@ class SpecStats:
             "acceptance_by_depth": self.acceptance_by_depth,
             "drafted_by_depth": list(self.drafted_by_depth),
             "accepted_by_depth": list(self.accepted_by_depth),
+            "steps_by_tree_size": {str(k): v for k, v in sorted(self.steps_by_tree_size.items())},
+            "steps_by_planned_budget": {str(k): v for k, v in sorted(self.steps_by_planned_budget.items())},
             "prefill_time_s": self.prefill_time_s,
             "draft_time_s": self.draft_time_s,
             "verify_time_s": self.verify_time_s,

@@ -1,0 +1,221 @@
+"""Choosing the draft tree from measurements: acceptance profile x pass costs (Sequoia-style).
+
+Terms.
+- a[d][r], the positional acceptance rate: the probability that the child of sibling rank r (0 = the
+  draft's first choice) at depth d is accepted, given that its parent was accepted and the child exists.
+  With greedy verification (and with sampling, where siblings are tested in rank order) the events "rank
+  r is accepted" are disjoint among siblings, so a node's probability of being on the accepted path is the
+  product of a[.][.] along its root path, and the expected tokens per step are 1 (the bonus or recovered
+  token) plus the sum of those products over the tree (Sequoia, Chen et al. 2024).
+- verify cost V(n): seconds of one target pass over n tree tokens (the root included); draft cost D(d):
+  seconds of the draft's work for a tree of d levels (one forward over the pending tokens plus d - 1).
+
+For each depth limit d, the tree of n nodes with the largest expected tokens under the profile is built
+greedily (every child is worth at most its parent and, with a[d][.] made non-increasing in r, at most
+its elder sibling, so taking the best available node each time is optimal). The plan maximizes
+E(n, d) / (D(d) + V(n + 1)) over n <= max budget, d <= max depth, and n = 0 (plain decoding, V(1)).
+
+Both inputs are measured: the profile online from every verified tree (per engine, i.e. per server), the
+costs at start-up (a few timed passes) and then online (exponential moving average per size).
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from spruce.draft.tree import TokenTree
+
+# Depths and ranks the profile tracks; deeper or later-ranked nodes share the last cell.
+MAX_DEPTH = 8
+MAX_RANK = 8
+# Prior before any measurement: rank r accepted with probability PRIOR_RATE * PRIOR_DECAY**r, worth
+# PRIOR_WEIGHT observations (a few steps of evidence override it).
+PRIOR_RATE = 0.6
+PRIOR_DECAY = 0.4
+PRIOR_WEIGHT = 4.0
+# Weight of a new timing in the moving average of a pass cost.
+COST_EMA = 0.2
+
+
+class AcceptanceProfile:
+    """Online counts of tried / accepted draft nodes by depth and sibling rank (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # [MAX_DEPTH, MAX_RANK] nodes whose parent was accepted, and those accepted
+        self.tried = torch.zeros(MAX_DEPTH, MAX_RANK, dtype=torch.float64)
+        self.accepted = torch.zeros(MAX_DEPTH, MAX_RANK, dtype=torch.float64)
+
+    def record(
+        self,
+        tree: TokenTree,
+        # [K+1] accepted node indices, root first
+        accepted_nodes: list[int],
+        # [N] bool nodes to leave out (n-gram proposals); None keeps all
+        exclude: torch.Tensor | None = None,
+    ) -> None:
+        on_path = set(accepted_nodes)
+        parents = tree.parents.tolist()
+        depth = tree.depth.tolist()
+        ranks: dict[int, int] = {}
+        cells = []
+        for node in range(1, tree.num_nodes):
+            rank = ranks.get(parents[node], 0)
+            ranks[parents[node]] = rank + 1
+            if exclude is not None and bool(exclude[node]):
+                continue
+            if parents[node] in on_path:
+                cells.append((min(depth[node], MAX_DEPTH) - 1, min(rank, MAX_RANK - 1), node in on_path))
+        with self._lock:
+            for d, r, hit in cells:
+                self.tried[d, r] += 1
+                self.accepted[d, r] += hit
+
+    def rates(self) -> torch.Tensor:
+        """[MAX_DEPTH, MAX_RANK] smoothed a[d][r], non-increasing in r.
+
+        Each cell shrinks toward its rank's rate pooled over depths, which shrinks toward the prior, so a
+        depth never tried borrows what the shallower ones measured."""
+        with self._lock:
+            tried, accepted = self.tried.clone(), self.accepted.clone()
+        prior = PRIOR_RATE * PRIOR_DECAY ** torch.arange(MAX_RANK, dtype=torch.float64)
+        pooled = (accepted.sum(0) + PRIOR_WEIGHT * prior) / (tried.sum(0) + PRIOR_WEIGHT)
+        rates = (accepted + PRIOR_WEIGHT * pooled) / (tried + PRIOR_WEIGHT)
+        return torch.cummin(rates, dim=1).values
+
+    def to_dict(self) -> dict[str, Any]:
+        with self._lock:
+            tried, accepted = self.tried.clone(), self.accepted.clone()
+        used = int((tried.sum(1) > 0).sum())
+        return {
+            "tried_by_depth_rank": tried[:used].long().tolist(),
+            "accepted_by_depth_rank": accepted[:used].long().tolist(),
+            "rates_by_depth_rank": self.rates()[: max(used, 1)].tolist(),
+        }
+
+
+class CostCurve:
+    """Seconds per pass as a function of its size: measured points, linear in between, thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.points: dict[int, float] = {}
+
+    def observe(self, size: int, seconds: float) -> None:
+        with self._lock:
+            old = self.points.get(size)
+            self.points[size] = seconds if old is None else (1 - COST_EMA) * old + COST_EMA * seconds
+
+    @property
+    def known(self) -> bool:
+        return bool(self.points)
+
+    def __call__(self, size: int) -> float:
+        with self._lock:
+            pts = sorted(self.points.items())
+        if not pts:
+            raise ValueError("no cost measured yet")
+        if size in self.points:
+            return self.points[size]
+        below = [p for p in pts if p[0] < size]
+        above = [p for p in pts if p[0] > size]
+        if below and above:
+            (x0, y0), (x1, y1) = below[-1], above[0]
+            return y0 + (y1 - y0) * (size - x0) / (x1 - x0)
+        if above:  # smaller than anything measured: a pass never costs less than the smallest
+            return above[0][1]
+        if len(below) == 1:
+            return below[0][1]
+        (x0, y0), (x1, y1) = below[-2], below[-1]
+        return y1 + max(0.0, (y1 - y0) / (x1 - x0)) * (size - x1)
+
+    def to_dict(self) -> dict[str, float]:
+        with self._lock:
+            return {str(k): v for k, v in sorted(self.points.items())}
+
+
+@dataclass(frozen=True)
+class TreePlan:
+    """What the cost model chose for one step."""
+
+    # draft nodes (0: plain decoding), levels, and the children per expanded node the shape needs
+    budget: int
+    depth: int
+    top_k: int
+    expected_tokens: float
+    expected_step_s: float
+    # the shape the expectation was computed for, as sibling-rank paths
+    paths: tuple[tuple[int, ...], ...] = field(default=())
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.expected_tokens / self.expected_step_s
+
+
+def best_shape(
+    # [MAX_DEPTH, MAX_RANK] positional acceptance rates, non-increasing in rank
+    rates: torch.Tensor,
+    budget: int,
+    depth: int,
+) -> list[tuple[tuple[int, ...], float]]:
+    """The ``budget`` nodes of largest path probability with at most ``depth`` levels, best first, as
+    (sibling-rank path, probability of being accepted). Every prefix of the list is the best tree of its
+    size (Sequoia's positional model)."""
+    a = rates.tolist()
+    # heap of (-probability, tie-break, rank path, parent's probability)
+    heap = [(-a[0][0], 0, (0,), 1.0)]
+    out: list[tuple[tuple[int, ...], float]] = []
+    tie = 1
+    while heap and len(out) < budget:
+        neg, _, path, parent_p = heapq.heappop(heap)
+        p = -neg
+        out.append((path, p))
+        d, r = len(path), path[-1]
+        if r + 1 < MAX_RANK:  # the next sibling
+            heapq.heappush(heap, (-parent_p * a[min(d, MAX_DEPTH) - 1][r + 1], tie, path[:-1] + (r + 1,), parent_p))
+            tie += 1
+        if d < depth:  # the first child
+            heapq.heappush(heap, (-p * a[min(d + 1, MAX_DEPTH) - 1][0], tie, path + (0,), p))
+            tie += 1
+    return out
+
+
+def plan_tree(
+    rates: torch.Tensor,
+    verify_cost: CostCurve,
+    draft_cost: CostCurve,
+    max_budget: int,
+    max_depth: int,
+    min_budget: int = 0,
+) -> TreePlan:
+    """The (budget, depth) that maximizes expected tokens per second, or budget 0 when nothing pays
+    (``min_budget=1``: the best tree with at least one node)."""
+    plain = TreePlan(0, 0, 1, 1.0, verify_cost(1))
+    best: TreePlan | None = plain if min_budget == 0 else None
+    for depth in range(1, min(max_depth, max_budget) + 1):
+        shape = best_shape(rates, max_budget, depth)
+        step_draft = draft_cost(depth)
+        expected = 1.0
+        for n, (_, p) in enumerate(shape, start=1):
+            expected += p
+            seconds = step_draft + verify_cost(n + 1)
+            if best is None or expected / seconds > best.tokens_per_s:
+                paths = tuple(path for path, _ in shape[:n])
+                best = TreePlan(n, depth, _top_k_for(paths), expected, seconds, paths)
+    return best or plain
+
+
+def _top_k_for(paths: tuple[tuple[int, ...], ...]) -> int:
+    """Children per expanded node and nodes expanded per level that the dynamic builder needs to be able
+    to grow this shape."""
+    children = max(p[-1] for p in paths) + 1
+    parents = set(p[:-1] for p in paths if len(p) > 1)
+    per_level: dict[int, int] = {}
+    for p in parents:
+        per_level[len(p)] = per_level.get(len(p), 0) + 1
+    return max(children, *per_level.values()) if per_level else children

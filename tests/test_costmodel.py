@@ -1,0 +1,181 @@
+"""The cost model that picks the tree: shapes against brute force, the profile's counting, cost curves,
+and the engine's adaptive speculation (lossless, reproducible with a seed, plain decoding when drafting
+cannot pay)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spruce import Engine, SamplingParams, SpeculationConfig
+from spruce.costmodel import MAX_DEPTH, MAX_RANK, AcceptanceProfile, CostCurve, best_shape, plan_tree
+from spruce.draft.tree import TokenTree
+from test_engine import prompts, reference_greedy
+
+
+def _random_rates(seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    rates = torch.rand(MAX_DEPTH, MAX_RANK, generator=gen, dtype=torch.float64)
+    return torch.cummin(rates, dim=1).values
+
+
+def _value(rates: torch.Tensor, paths) -> float:
+    total = 0.0
+    for path in paths:
+        p = 1.0
+        for d, r in enumerate(path):
+            p *= float(rates[d, r])
+        total += p
+    return total
+
+
+def _closed(paths: set[tuple[int, ...]]) -> bool:
+    return all((len(p) == 1 or p[:-1] in paths) and (p[-1] == 0 or p[:-1] + (p[-1] - 1,) in paths) for p in paths)
+
+
+def brute_force_best(rates: torch.Tensor, n: int, depth: int, width: int = 3) -> float:
+    """Best expected accepted tokens over every valid tree of n nodes (ranks < width, depth levels)."""
+    candidates = [p for d in range(1, depth + 1) for p in itertools.product(range(width), repeat=d)]
+    best = 0.0
+    for subset in itertools.combinations(candidates, n):
+        if _closed(set(subset)):
+            best = max(best, _value(rates, subset))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("n,depth", [(1, 1), (3, 2), (4, 3), (5, 2)])
+def test_best_shape_is_optimal(seed, n, depth):
+    rates = _random_rates(seed)
+    rates[:, 3:] = 0.0  # keep the brute force small: at most 3 children per node
+    shape = best_shape(rates, n, depth)
+    paths = [p for p, _ in shape]
+    assert len(paths) == n and _closed(set(paths)) and max(map(len, paths)) <= depth
+    assert _value(rates, paths) == pytest.approx(brute_force_best(rates, n, depth), abs=1e-12)
+    assert [p for _, p in shape] == sorted((p for _, p in shape), reverse=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 6), st.integers(1, 16))
+def test_plan_maximizes_tokens_per_second(seed, max_depth, max_budget):
+    """The plan's expected tokens/s equals the best over every (n, d) computed the slow way."""
+    gen = torch.Generator().manual_seed(seed)
+    rates = _random_rates(seed)
+    verify, draft = CostCurve(), CostCurve()
+    for size in range(1, max_budget + 2):
+        verify.observe(size, 0.1 + float(torch.rand(1, generator=gen)) * 0.02 * size)
+    draft.observe(1, float(torch.rand(1, generator=gen)) * 0.05)
+    draft.observe(2, 2 * draft(1))
+    plan = plan_tree(rates, verify, draft, max_budget, max_depth)
+    best = 1.0 / verify(1)
+    for d in range(1, min(max_depth, max_budget) + 1):
+        for n in range(1, max_budget + 1):
+            shape = best_shape(rates, n, d)  # fewer than n nodes when the ranks run out
+            best = max(best, (1 + sum(p for _, p in shape)) / (draft(d) + verify(len(shape) + 1)))
+    assert plan.tokens_per_s == pytest.approx(best, rel=1e-9)
+    assert plan.budget <= max_budget and plan.depth <= max_depth
+    if plan.budget:
+        assert len(plan.paths) == plan.budget and max(p[-1] for p in plan.paths) < plan.top_k
+
+
+def test_flat_costs_pick_big_trees_and_steep_costs_pick_none():
+    rates = torch.full((MAX_DEPTH, MAX_RANK), 0.3, dtype=torch.float64)
+    rates[:, 0] = 0.8
+    flat, steep, draft = CostCurve(), CostCurve(), CostCurve()
+    for size in (1, 33):
+        flat.observe(size, 0.010)
+    steep.observe(1, 0.25)
+    steep.observe(2, 0.60)
+    steep.observe(3, 0.90)
+    draft.observe(1, 0.001)
+    big = plan_tree(rates, flat, draft, 32, 8)
+    assert big.budget >= 16 and big.depth >= 4
+    assert plan_tree(rates, steep, draft, 32, 8).budget == 0
+    assert plan_tree(rates, steep, draft, 32, 8, min_budget=1).budget >= 1
+
+
+def test_cost_curve_interpolates_and_extrapolates():
+    c = CostCurve()
+    with pytest.raises(ValueError):
+        c(1)
+    c.observe(1, 1.0)
+    c.observe(5, 3.0)
+    assert c(3) == pytest.approx(2.0)
+    assert c(0) == pytest.approx(1.0)
+    assert c(7) == pytest.approx(4.0)
+    c.observe(5, 4.0)  # moving average toward the new timing
+    assert 3.0 < c(5) < 4.0
+
+
+def test_profile_counts_tried_and_accepted_by_depth_and_rank():
+    # root -> a(rank 0) -> c(0), d(1); root -> b(rank 1) -> e(0); accepted path root, a, d
+    tree = TokenTree.from_parents([0, 1, 2, 3, 4, 5], [-1, 0, 0, 1, 1, 2])
+    prof = AcceptanceProfile()
+    prof.record(tree, [0, 1, 4])
+    assert prof.tried[0, :2].tolist() == [1, 1] and prof.accepted[0, :2].tolist() == [1, 0]
+    # depth 2: c and d tried (parent a accepted), e not (parent b rejected)
+    assert prof.tried[1, :2].tolist() == [1, 1] and prof.accepted[1, :2].tolist() == [0, 1]
+    assert prof.tried.sum() == 4
+    excluded = AcceptanceProfile()
+    excluded.record(tree, [0, 1, 4], exclude=torch.tensor([False, False, True, False, False, False]))
+    assert excluded.tried[0].sum() == 1
+
+
+def test_profile_rates_converge_and_borrow_across_depths():
+    prof = AcceptanceProfile()
+    chain = TokenTree.chain(0, [1])
+    for i in range(400):
+        prof.record(chain, [0, 1] if i % 4 else [0])  # rank 0 at depth 1 accepted 3/4 of the time
+    rates = prof.rates()
+    assert rates[0, 0] == pytest.approx(0.75, abs=0.02)
+    assert rates[3, 0] == pytest.approx(0.75, abs=0.05)  # depth 4 never seen: borrows depth 1's
+    assert bool((rates[:, 1:] <= rates[:, :-1]).all())
+
+
+# ---- the engine ----------------------------------------------------------------------------------------
+
+ADAPTIVE = SpeculationConfig(depth=4, top_k=2, budget=6, adaptive=True)
+
+
+def test_adaptive_greedy_is_lossless_and_reports_its_plans(tiny_engine, tiny_target):
+    for prompt in prompts(3, 11):
+        out = tiny_engine.generate([prompt], SamplingParams(max_tokens=12), ADAPTIVE)[0]
+        assert out.token_ids == reference_greedy(tiny_target, prompt, 12)[: len(out.token_ids)]
+        assert sum(out.stats.steps_by_planned_budget.values()) == out.stats.steps
+        assert sum(out.stats.steps_by_tree_size.values()) == out.stats.steps
+    telemetry = tiny_engine.speculation_telemetry()
+    assert telemetry["verify_cost_s_by_tree_tokens"] and telemetry["draft_cost_s_by_levels"]
+    assert sum(map(sum, telemetry["acceptance_profile"]["tried_by_depth_rank"])) > 0
+
+
+def test_adaptive_falls_back_to_plain_decoding_when_drafting_cannot_pay(tiny_target, tiny_draft, tokenizer):
+    engine = Engine(tiny_target, tokenizer, tiny_draft)
+    # a draft pass that costs far more than any target pass: no tree can pay for it
+    engine.draft_costs.observe(1, 10.0)
+    engine.draft_costs.observe(2, 20.0)
+    for size in range(1, 8):
+        engine.verify_costs.observe(size, 0.01)
+    out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=20, ignore_eos=True), ADAPTIVE)[0]
+    planned = out.stats.steps_by_planned_budget
+    assert planned.get(0, 0) >= 15  # plain decoding, except the exploration step every 16
+    assert out.token_ids == reference_greedy(tiny_target, [5, 6, 7], 20, eos=None)
+
+
+def test_seeded_sampling_ignores_what_the_server_learned(tiny_target, tiny_draft, tokenizer):
+    engine = Engine(tiny_target, tokenizer, tiny_draft)
+    params = SamplingParams(max_tokens=16, temperature=0.9, seed=7, ignore_eos=True)
+    first = engine.generate([[1, 2, 3]], params, ADAPTIVE)[0]
+    assert not first.stats.steps_by_planned_budget  # fixed limits, no plans
+    engine.generate(prompts(4, 2), SamplingParams(max_tokens=16), ADAPTIVE)  # the profile moves
+    engine.draft_costs.observe(1, 5.0)
+    again = engine.generate([[1, 2, 3]], params, ADAPTIVE)[0]
+    assert again.token_ids == first.token_ids
+
+
+def test_adaptive_and_static_paths_are_exclusive():
+    with pytest.raises(Exception, match="adaptive"):
+        SpeculationConfig(tree_paths=((0,),), adaptive=True)
