@@ -21,6 +21,7 @@ The drafter runs one forward over the pending committed tokens, then one per exp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,8 @@ class DraftState:
     node_slots: dict[int, int] = field(default_factory=dict)
     # committed length C at the last propose
     committed: int = 0
+    # draft forwards the last propose ran (the pending tokens, then one per expanded level)
+    levels: int = 0
 
 
 class ModelDrafter:
@@ -95,7 +98,7 @@ class ModelDrafter:
         logits = self._feed_pending(state, tokens)
         static = _static_children(config.tree_paths) if config.tree_paths else None
         sampled = sampling is not None and config.sampled_children
-        depth = self.levels(config, max_depth)
+        depth = self.max_levels(config, max_depth)
         generator = sampling.generator if sampled and sampling is not None else None
         tree = _TreeBuilder(tokens[-1])
         for level in range(1, depth + 1):
@@ -112,10 +115,12 @@ class ModelDrafter:
                 picks = select_expand(logq, config.top_k)
             new_nodes = tree.add(picks, logq)
             tree.advance(new_nodes, config.top_k, static)
-            room_left = static is not None or not sampled or tree.num_draft_nodes < config.budget
-            if level < depth and tree.frontier and room_left:
+            if level < depth and tree.frontier and (static is not None or tree.worth_expanding(config, sampled)):
                 so_far = TokenTree.from_parents(tree.tokens, tree.parents)
                 logits = self._logits(self._forward_level(state, so_far, tree.frontier, committed + level - 1))
+                state.levels += 1
+            else:
+                break
         if static is None and not sampled:
             kept = tree.rerank(config.budget)
             state.node_slots = {kept[old]: slot for old, slot in state.node_slots.items() if old in kept}
@@ -127,8 +132,8 @@ class ModelDrafter:
         return Proposal(out, _stack_rows(tree.expanded, out.num_nodes, logits.shape[-1]))
 
     @staticmethod
-    def levels(config: SpeculationConfig, max_depth: int) -> int:
-        """Levels ``propose`` expands (= draft forwards per step) for this config."""
+    def max_levels(config: SpeculationConfig, max_depth: int) -> int:
+        """Most levels ``propose`` builds for this config (it runs at most that many draft forwards)."""
         if config.tree_paths:
             return min(max(map(len, config.tree_paths)), max_depth)
         # a node at depth d needs d - 1 ancestors in the tree: deeper levels could never be kept
@@ -145,6 +150,7 @@ class ModelDrafter:
         state.cached = committed
         state.committed = committed
         state.node_slots = {}
+        state.levels = 1
         return logits
 
     def _forward_level(self, state: DraftState, tree: TokenTree, nodes: list[int], position: int) -> torch.Tensor:
@@ -233,6 +239,18 @@ class _TreeBuilder:
         self.frontier = [new_nodes[i] for i in order.tolist()]
         self.cum = self._new_cum[order]
 
+
+    def worth_expanding(self, config: SpeculationConfig, sampled: bool) -> bool:
+        """Whether another level can change the tree: room is left (sampled trees), the best frontier path
+        is likely enough (``config.min_expand_prob``), and (dynamic trees) fewer than ``budget`` nodes
+        already outscore it: no descendant of the frontier scores above its best, so the rerank would
+        keep exactly those nodes and the level would be wasted work."""
+        best = float(self.cum.max())
+        if math.exp(best) < config.min_expand_prob:
+            return False
+        if sampled:
+            return self.num_draft_nodes < config.budget
+        return sum(1 for c in self.cums[1:] if c > best) < config.budget
 
     def rerank(self, budget: int) -> dict[int, int]:
         """Keep the root and the ``budget`` nodes with the highest cumulative log-probability (ties: the

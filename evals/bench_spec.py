@@ -16,70 +16,129 @@ import json
 import platform
 import time
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from spruce.config import DTYPES, EngineConfig, SamplingParams, SpeculationConfig
+from spruce.config import DTYPES, EngineConfig, SamplingParams, SpeculationConfig, parse_tree_paths
 from spruce.evals.prompts import load_prompts
 
 BASELINE = "plain"
 
 
-def parse_spec(text: str) -> SpeculationConfig:
-    """``chain:N``, ``tree:DEPTH:TOPK:BUDGET``, ``ngram:BUDGET``, or a model shape plus n-gram branches
-    (``chain:2+ngram:2``). ``plain`` and ``default`` are handled by the caller."""
-    parts = text.split("+")
+def parse_spec(text: str, default: SpeculationConfig | None = None) -> SpeculationConfig:
+    """``chain:N``, ``tree:DEPTH:TOPK:BUDGET`` (dynamic), ``static:0/1/00/10`` (sibling-rank paths),
+    ``auto`` or ``auto:DEPTH:BUDGET`` (the cost model within those bounds; bare ``auto`` takes the
+    default's), ``ngram:BUDGET``, and a model shape plus n-gram branches (``tree:3:2:4+ngram:2``). A
+    ``:topk`` suffix on a model shape makes sampling use the draft's top-k instead of drawn children."""
     fields: dict = {}
-    for part in parts:
+    for part in text.split("+"):
         kind, *nums = part.split(":")
+        if nums and nums[-1] == "topk":
+            fields["sampled_children"] = False
+            nums = nums[:-1]
         if kind == "chain" and len(nums) == 1:
             fields.update(depth=int(nums[0]), top_k=1, budget=int(nums[0]))
         elif kind == "tree" and len(nums) == 3:
             fields.update(depth=int(nums[0]), top_k=int(nums[1]), budget=int(nums[2]))
+        elif kind == "static" and len(nums) == 1:
+            fields.update(tree_paths=parse_tree_paths(nums[0]))
+        elif kind == "auto" and len(nums) in (0, 2):
+            base = default or SpeculationConfig()
+            depth, budget = (int(nums[0]), int(nums[1])) if nums else (base.depth, base.budget)
+            fields.update(depth=depth, top_k=max(base.top_k, 2), budget=budget, adaptive=True)
         elif kind == "ngram" and len(nums) == 1:
             fields.update(ngram_budget=int(nums[0]))
         else:
             raise argparse.ArgumentTypeError(f"bad configuration {text!r}: see --help")
-    has_model, has_ngram = "depth" in fields, "ngram_budget" in fields
+    has_model = "depth" in fields or "tree_paths" in fields
+    has_ngram = "ngram_budget" in fields
     drafter = "both" if has_model and has_ngram else ("ngram" if has_ngram else "model")
     return SpeculationConfig(drafter=drafter, **fields)
+
+
+@dataclass(frozen=True)
+class HFBaseline:
+    """A peer baseline on the same models: HF transformers' ``generate`` with assisted generation
+    (``assistant_model``, its default schedule) or prompt lookup (``prompt_lookup_num_tokens``)."""
+
+    kind: str  # "assist" or "lookup"
+    lookup_tokens: int = 10
+
+
+def parse_config(text: str, default: SpeculationConfig | None) -> SpeculationConfig | HFBaseline | None:
+    if text == "default":
+        return default
+    if text == "hf:assist":
+        return HFBaseline("assist")
+    if text.startswith("hf:lookup"):
+        _, _, n = text.partition("hf:lookup:")
+        return HFBaseline("lookup", int(n) if n else 10)
+    return parse_spec(text, default)
+
+
+def hf_generate(engine, text: str, params: SamplingParams, baseline: HFBaseline) -> tuple[list[int], dict]:
+    """One HF ``generate`` call; returns the new token ids and stats in the engine's JSON shape (steps are
+    not reported by HF: 0)."""
+    ids = torch.tensor([engine.encode(text)])
+    kwargs: dict = {"max_new_tokens": params.max_tokens, "do_sample": not params.greedy}
+    if not params.greedy:
+        kwargs.update(temperature=params.temperature, top_k=params.top_k or None, top_p=params.top_p)
+        torch.manual_seed(params.seed or 0)
+    if baseline.kind == "assist":
+        if engine.drafter is None:
+            raise SystemExit("hf:assist needs a draft model")
+        kwargs["assistant_model"] = engine.drafter.model
+    else:
+        kwargs["prompt_lookup_num_tokens"] = baseline.lookup_tokens
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = engine.target.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    wall = time.perf_counter() - t0
+    tokens = out[0, ids.shape[1] :].tolist()
+    return tokens, {"wall_time_s": wall, "steps": 0, "output_tokens": len(tokens)}
 
 
 def run(args: argparse.Namespace) -> dict:
     from spruce.engine import Engine
 
     engine = Engine.from_pretrained(args.target, args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype)
-    configs: dict[str, SpeculationConfig | None] = {BASELINE: None}
+    configs: dict[str, SpeculationConfig | HFBaseline | None] = {BASELINE: None}
     for name in args.configs:
         if name != BASELINE:
-            configs[name] = engine.default_speculation if name == "default" else parse_spec(name)
+            configs[name] = parse_config(name, engine.default_speculation)
     prompts = load_prompts(args.prompts, per_category=args.per_category)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     names = list(configs)
+
+    def generate(name: str, text: str, p: SamplingParams) -> tuple[list[int], dict]:
+        config = configs[name]
+        if isinstance(config, HFBaseline):
+            return hf_generate(engine, text, p, config)
+        out = engine.generate(text, p, config)[0]
+        return out.token_ids, out.stats.to_dict()
+
     # warm-up: one short run of each configuration (first calls allocate and fill caches)
     for name in names:
-        engine.generate(engine.apply_chat_template("Say hi."), SamplingParams(max_tokens=4), configs[name])
+        generate(name, engine.apply_chat_template("Say hi."), SamplingParams(max_tokens=4))
 
     records = []
     for i, prompt in enumerate(tqdm(prompts, desc="prompts")):
         text = engine.apply_chat_template(prompt.turns[0])
         order = names[i % len(names) :] + names[: i % len(names)]
-        outs = {}
-        for name in order:
-            outs[name] = engine.generate(text, params, configs[name])[0]
+        outs = {name: generate(name, text, params) for name in order}
         for name in names:
-            o = outs[name]
+            tokens, stats = outs[name]
             records.append(
                 {
                     "question_id": prompt.question_id,
                     "category": prompt.category,
                     "config": name,
-                    "output_tokens": len(o.token_ids),
-                    "same_as_plain": o.token_ids == outs[BASELINE].token_ids,
-                    "stats": o.stats.to_dict(),
+                    "output_tokens": len(tokens),
+                    "same_as_plain": tokens == outs[BASELINE][0],
+                    "stats": stats,
                 }
             )
     return {
@@ -93,6 +152,7 @@ def run(args: argparse.Namespace) -> dict:
         "configs": {k: (asdict(v) if v else None) for k, v in configs.items()},
         "records": records,
         "summary": summarize(records, names),
+        "engine_telemetry": engine.speculation_telemetry(),
     }
 
 
@@ -116,7 +176,7 @@ def summarize(records: list[dict], names: list[str]) -> dict:
         out.setdefault(name, {})[cat] = {
             "tokens_per_s": a["tokens"] / a["time_s"],
             "speedup": (base["time_s"] / base["tokens"]) / (a["time_s"] / a["tokens"]),
-            "mean_accepted_length": a["tokens"] / a["steps"],
+            "mean_accepted_length": a["tokens"] / a["steps"] if a["steps"] else None,
             "outputs_differing_from_plain": int(a["differs"]),
         }
     for name in names:
@@ -137,7 +197,7 @@ def markdown(report: dict) -> str:
         "|---|" + "---|" * (len(cols) + 2),
     ]
     for name, per in summary.items():
-        cells = [f"{per[c]['speedup']:.2f}x / {per[c]['mean_accepted_length']:.2f}" if c in per else "-" for c in cols]
+        cells = [_cell(per[c]) if c in per else "-" for c in cols]
         if report["temperature"] > 0:
             lossless = "n/a (sampling: exact in distribution, not per token)"
         elif per["overall"]["outputs_differing_from_plain"] == 0:
@@ -146,6 +206,11 @@ def markdown(report: dict) -> str:
             lossless = f"no (first: question {per['first_differing_question_id']})"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {per['overall']['tokens_per_s']:.2f} | {lossless} |")
     return "\n".join(lines)
+
+
+def _cell(entry: dict) -> str:
+    mal = entry["mean_accepted_length"]
+    return f"{entry['speedup']:.2f}x / " + ("n/a" if mal is None else f"{mal:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--configs", nargs="+", default=["default"],
-        help="default, chain:N, tree:D:K:B, ngram:B, or a model shape plus ngram (chain:2+ngram:2)",
+        help="default, chain:N, tree:D:K:B, static:0/1/00, auto[:D:B], ngram:B, a model shape plus "
+        "ngram (tree:3:2:4+ngram:2), ':topk' after a model shape, hf:assist, hf:lookup[:N]",
     )
     p.add_argument("--out", type=Path, help="write the JSON report here (and a .md beside it)")
     args = p.parse_args(argv)

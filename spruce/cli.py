@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from spruce.config import DRAFTERS, DTYPES, EngineConfig, SamplingParams, SpeculationConfig
+from spruce.config import DRAFTERS, DTYPES, EngineConfig, SamplingParams, SpeculationConfig, parse_tree_paths
 from spruce.errors import SpruceError
 
 _SAMPLING = SamplingParams()
@@ -36,6 +36,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tree-depth", type=int, help="draft tree depth (default: sized for device and dtype)")
     p.add_argument("--tree-top-k", type=int, help="children per expanded draft node")
     p.add_argument("--tree-budget", type=int, help="most draft nodes per step")
+    p.add_argument(
+        "--tree-paths", type=_tree_paths,
+        help="a static tree as sibling-rank paths, e.g. 0/1/00/01 (replaces the depth/top-k/budget tree)",
+    )
     p.add_argument("--device", default=_ENGINE.device)
     p.add_argument("--dtype", default=_ENGINE.dtype, choices=DTYPES)
     p.add_argument("--draft-dtype", default=_ENGINE.draft_dtype, choices=DTYPES, help="default: auto")
@@ -44,13 +48,22 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _tree_paths(text: str) -> tuple[tuple[int, ...], ...]:
+    try:
+        return parse_tree_paths(text)
+    except SpruceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _speculation(args: argparse.Namespace, default: SpeculationConfig | None) -> SpeculationConfig | None:
     if args.no_speculation:
         return None
-    overrides = {k: v for k, v in (("depth", args.tree_depth), ("top_k", args.tree_top_k), ("budget", args.tree_budget)) if v is not None}
+    given = (("depth", args.tree_depth), ("top_k", args.tree_top_k), ("budget", args.tree_budget), ("tree_paths", args.tree_paths))
+    overrides = {k: v for k, v in given if v is not None}
     if not overrides:
         return default
-    return dataclasses.replace(default or SpeculationConfig(drafter=args.drafter), **overrides)
+    # a tree given on the command line is used as is: the cost model does not replace it
+    return dataclasses.replace(default or SpeculationConfig(drafter=args.drafter), adaptive=False, **overrides)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

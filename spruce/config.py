@@ -95,6 +95,9 @@ class SpeculationConfig:
     tree_paths: tuple[tuple[int, ...], ...] | None = None
     # sampling: draw children from the draft (True) or take its top-k as deterministic proposals (False)
     sampled_children: bool = True
+    # expand a further level only while the best frontier path's draft probability is at least this
+    # (0: always expand to ``depth``); adaptive speculation sets it from measured costs each step
+    min_expand_prob: float = 0.0
     adaptive: bool = False
 
     def __post_init__(self) -> None:
@@ -106,6 +109,8 @@ class SpeculationConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidRequestError(f"speculation {name} must be an integer >= 1, got {value!r}")
+        if not 0.0 <= self.min_expand_prob <= 1.0:
+            raise InvalidRequestError(f"min_expand_prob must be in [0, 1], got {self.min_expand_prob!r}")
         if self.adaptive and self.tree_paths is not None:
             raise InvalidRequestError("adaptive speculation chooses its own tree: drop tree_paths or adaptive")
         if not isinstance(self.ngram_max, int) or self.ngram_max < self.ngram_min:
@@ -124,6 +129,15 @@ class SpeculationConfig:
         return cls(depth=length, top_k=1, budget=length)
 
 
+def parse_tree_paths(text: str) -> tuple[tuple[int, ...], ...]:
+    """Sibling-rank paths written as digit strings separated by ``/``: ``"0/1/00/01"`` is the root's two
+    best children and the first one's two best (ranks above 9 are not writable this way)."""
+    try:
+        return _check_paths(tuple(tuple(int(c) for c in p.strip()) for p in text.split("/")))
+    except ValueError:
+        raise InvalidRequestError(f"bad tree paths {text!r}: expected digit strings joined by '/', e.g. 0/1/00") from None
+
+
 def _check_paths(paths) -> tuple[tuple[int, ...], ...]:
     """Each path's parent path is listed (or is the root) and each node's child ranks are 0..m-1, so a
     node's children are the first m draft choices: its m most likely tokens, or its first m draws."""
@@ -140,20 +154,18 @@ def _check_paths(paths) -> tuple[tuple[int, ...], ...]:
 
 
 def default_speculation(device_type: str, dtype: str, drafter: str = "model") -> SpeculationConfig:
-    """The default tree, sized for where the target runs (figures: ``evals/results/``, ``kernels/NOTES.md``).
+    """The default: adaptive speculation (the cost model picks each step's tree from measured acceptance
+    and pass costs) within bounds sized for where the target runs (figures: ``evals/results/``).
 
-    - CPU float32: a target pass over 3 tokens costs ~1.5x a 1-token pass, 2 tokens ~1.1x (with the
-      small-rows linear path), so one draft token pays off best (1.33x vs 1.21x for two, Spec-Bench-style
-      prompts, bfloat16 draft).
-    - CPU bfloat16: target passes cost about the same up to ~8 tokens, so a small tree is nearly free
-      (depth 3, 2 per level, 4 nodes: 1.39x; chain of 2: 1.35x; 6-8 nodes: 1.38-1.39x).
-    - GPU: passes are weight-bandwidth bound and flat up to tens of tokens.
+    - GPU: passes are weight-bandwidth bound and flat up to tens of tokens: room for wide trees.
+    - CPU: a float32 target pass over 16 tokens costs ~2.2x a 1-token pass, bfloat16 less; the draft
+      costs ~0.2x a target pass per level. The plan usually lands on chains or narrow trees of 2-8 nodes.
     """
     if device_type == "cuda":
-        return SpeculationConfig(drafter=drafter, depth=5, top_k=4, budget=24, ngram_budget=8)
+        return SpeculationConfig(drafter=drafter, depth=8, top_k=4, budget=32, ngram_budget=8, adaptive=True)
     if dtype == "bfloat16":
-        return SpeculationConfig(drafter=drafter, depth=3, top_k=2, budget=4, ngram_budget=2)
-    return SpeculationConfig(drafter=drafter, depth=1, top_k=1, budget=1, ngram_budget=1)
+        return SpeculationConfig(drafter=drafter, depth=8, top_k=2, budget=12, ngram_budget=4, adaptive=True)
+    return SpeculationConfig(drafter=drafter, depth=8, top_k=2, budget=8, ngram_budget=2, adaptive=True)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ costs at start-up (a few timed passes) and then online (exponential moving avera
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import threading
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ MAX_RANK = 8
 PRIOR_RATE = 0.6
 PRIOR_DECAY = 0.4
 PRIOR_WEIGHT = 4.0
+# The confidence threshold for expanding a level never exceeds this (a very slow draft should be turned
+# off by the plan, not by a threshold no path can meet).
+MAX_EXPAND_THRESHOLD = 0.9
 # Weight of a new timing in the moving average of a pass cost.
 COST_EMA = 0.2
 
@@ -151,6 +155,9 @@ class TreePlan:
     expected_step_s: float
     # the shape the expectation was computed for, as sibling-rank paths
     paths: tuple[tuple[int, ...], ...] = field(default=())
+    # expand another draft level only if its best path's draft probability (the draft's confidence, a
+    # proxy for the chance it is accepted) is worth a level's cost at the plan's tokens per second
+    min_expand_prob: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -207,7 +214,10 @@ def plan_tree(
             if best is None or expected / seconds > best.tokens_per_s:
                 paths = tuple(path for path, _ in shape[:n])
                 best = TreePlan(n, depth, _top_k_for(paths), expected, seconds, paths)
-    return best or plain
+    if best is None or best.budget == 0:
+        return plain
+    level_cost = max(0.0, draft_cost(2) - draft_cost(1))
+    return dataclasses.replace(best, min_expand_prob=min(MAX_EXPAND_THRESHOLD, level_cost * best.tokens_per_s))
 
 
 def _top_k_for(paths: tuple[tuple[int, ...], ...]) -> int:

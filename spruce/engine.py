@@ -285,7 +285,9 @@ class Engine:
             plan = plan_tree(self.profile.rates(), self.verify_costs, self.draft_costs, spec.budget, spec.depth, min_budget=1)
         req.steps_without_draft = 0
         req.stats.record_plan(plan.budget)
-        return dataclasses.replace(fixed, depth=plan.depth, top_k=plan.top_k, budget=plan.budget)
+        return dataclasses.replace(
+            fixed, depth=plan.depth, top_k=plan.top_k, budget=plan.budget, min_expand_prob=plan.min_expand_prob
+        )
 
     def _calibrate(self, spec: SpeculationConfig) -> None:
         """Start-up measurement of the pass costs: the target over 1 .. budget + 1 chain tokens and the draft
@@ -324,7 +326,7 @@ class Engine:
             proposal = self.drafter.propose(req.draft_state, req.tokens, spec, max_depth, req.sampling)
             req.model_draft_s = time.perf_counter() - t0
             req.model_nodes = proposal.tree.num_nodes
-            req.model_levels = ModelDrafter.levels(spec, max_depth)
+            req.model_levels = req.draft_state.levels
         if spec.uses_ngram:
             budget = min(spec.ngram_budget, max_depth)
             proposal = add_ngram_branches(proposal, req.tokens, spec.ngram_max, spec.ngram_min, spec.ngram_branches, budget)

@@ -38,3 +38,19 @@ def test_bad_input_is_a_clear_error(tiny_dirs, capsys, tmp_path):
     assert "max_tokens" in capsys.readouterr().err
     assert main(["generate", "--prompt", "x", "--target", str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_generate_static_tree_paths(tiny_dirs, capsys):
+    target, draft = tiny_dirs
+    base = ["generate", "--prompt", "abcabc", "--target", str(target), "--draft", str(draft), "--max-tokens", "6", "--json", "--raw"]
+    assert main([*base, "--tree-paths", "0/1/00/01"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    sizes = {int(k) for k in out["stats"]["steps_by_tree_size"]}
+    assert sizes <= {0, 1, 2, 3, 4} and 4 in sizes
+    assert main([*base, "--no-speculation"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == out["token_ids"]
+    try:
+        main([*base, "--tree-paths", "0/x"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    assert "tree paths" in capsys.readouterr().err

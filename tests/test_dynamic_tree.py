@@ -73,3 +73,15 @@ def test_dynamic_topk_sampling_tree_is_deterministic_proposals(tiny_draft):
         path = proposal.tree.path_to(node)
         logq = _logq(tiny_draft, tokens + proposal.tree.tokens[path[1:-1]].tolist())
         assert int(proposal.tree.tokens[node]) in logq.topk(3).indices.tolist()
+
+
+def test_confidence_threshold_stops_expansion(tiny_draft):
+    tokens = prompts(1, 4)[0] + [7]
+    drafter = ModelDrafter(tiny_draft)
+    state = drafter.new_state()
+    spec = SpeculationConfig(depth=4, top_k=2, budget=6, min_expand_prob=1.0)
+    tree = drafter.propose(state, tokens, spec, 4).tree
+    assert tree.max_depth == 1 and state.levels == 1  # no path is certain: only the root was expanded
+    full_state = drafter.new_state()
+    full = drafter.propose(full_state, tokens, SpeculationConfig(depth=4, top_k=2, budget=6), 4).tree
+    assert full.max_depth > 1 and full_state.levels > 1
