@@ -22,6 +22,7 @@ The drafter runs one forward over the pending committed tokens, then one per exp
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,10 @@ from spruce.sampling import sampling_probs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+
+# (path probabilities of the best candidates, descending; draft forwards run) -> nodes to keep
+SizeChooser = Callable[[list[float], int], int]
 
 
 @dataclass
@@ -87,8 +92,12 @@ class ModelDrafter:
         config: SpeculationConfig,
         max_depth: int,
         sampling: DraftSampling | None = None,
+        choose_size: SizeChooser | None = None,
     ) -> Proposal:
         """Build a tree rooted at ``tokens[-1]`` of at most ``min(config.depth, max_depth)`` levels.
+
+        ``choose_size`` (dynamic trees): given the candidates' path probabilities under the draft, best
+        first (at most ``config.budget``), and the draft forwards run, returns how many to keep.
 
         ``sampling=None``: greedy (the most likely children). Otherwise the tree is built on the processed
         draft distribution: drawn children (``config.sampled_children``) or its top-k, as deterministic
@@ -122,7 +131,11 @@ class ModelDrafter:
             else:
                 break
         if static is None and not sampled:
-            kept = tree.rerank(config.budget)
+            budget = config.budget
+            if choose_size is not None:
+                best = sorted(tree.cums[1:], reverse=True)[:budget]
+                budget = choose_size([math.exp(c) for c in best], state.levels)
+            kept = tree.rerank(budget)
             state.node_slots = {kept[old]: slot for old, slot in state.node_slots.items() if old in kept}
         out = TokenTree.from_parents(tree.tokens, tree.parents, torch.tensor(tree.logprobs, dtype=torch.float32))
         if sampling is None:

@@ -175,3 +175,15 @@ class Proposal:
     # [N] bool: the node was proposed deterministically (n-gram lookup), not drawn from draft_probs;
     # None means no such node
     deterministic: torch.Tensor | None = None
+
+
+def path_logprobs(tree: TokenTree) -> torch.Tensor:
+    """[N] float32 cumulative draft log-probability of each node's root path (the root 0)."""
+    if tree.draft_logprobs is None:
+        raise ValueError("the tree carries no draft log-probabilities")
+    cum = tree.draft_logprobs.clone()
+    cum[0] = 0.0
+    parents = tree.parents.tolist()
+    for i in range(1, tree.num_nodes):
+        cum[i] += cum[parents[i]]
+    return cum

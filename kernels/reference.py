@@ -38,3 +38,65 @@ def masked_attention(
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
     return probs @ v, lse
+
+
+# bits per ancestor-mask word (int64)
+WORD_BITS = 64
+
+
+def pack_bitmask(
+    # [N, N] bool, True where node j (column) is visible to node i (row): its ancestors and itself
+    visible: torch.Tensor,
+    words: int | None = None,
+) -> torch.Tensor:
+    """[N, W] int64: bit j % 64 of word j // 64 is ``visible[i, j]`` (W = ceil(N / 64) unless given)."""
+    n = visible.shape[0]
+    words = max(1, -(-n // WORD_BITS)) if words is None else words
+    padded = torch.zeros(n, words * WORD_BITS, dtype=torch.bool, device=visible.device)
+    padded[:, : visible.shape[1]] = visible
+    bits = padded.view(n, words, WORD_BITS).to(torch.int64)
+    weights = torch.ones(WORD_BITS, dtype=torch.int64, device=visible.device) << torch.arange(WORD_BITS, device=visible.device)
+    # bit 63 is the sign bit: the sum wraps to the two's complement value, which is what we want
+    return (bits * weights).sum(-1)
+
+
+def unpack_bitmask(
+    # [N, W] int64
+    words: torch.Tensor,
+    n: int,
+) -> torch.Tensor:
+    """[N, n] bool, the inverse of ``pack_bitmask``."""
+    j = torch.arange(n, device=words.device)
+    return ((words[:, j // WORD_BITS] >> (j % WORD_BITS)) & 1).bool()
+
+
+def tree_attention_reference(
+    # [Tq, H, D] packed tree queries
+    q: torch.Tensor,
+    # [Tk, Hkv, D] packed keys: each request's prefix, then its tree nodes
+    k: torch.Tensor,
+    # [Tk, Hkv, D]
+    v: torch.Tensor,
+    # [Tq, W] int64 ancestor-or-self bitmask per query
+    tree_mask: torch.Tensor,
+    # [B+1] query offsets
+    cu_seqlens_q: torch.Tensor,
+    # [B+1] key offsets
+    cu_seqlens_k: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ragged tree-attention contract spelled out per request: ([Tq, H, D] output, [Tq, H] lse)."""
+    outs, lses = [], []
+    for b in range(cu_seqlens_q.numel() - 1):
+        q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        k0, k1 = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
+        n, prefix = q1 - q0, (k1 - k0) - (q1 - q0)
+        visible = torch.cat(
+            [torch.ones(n, prefix, dtype=torch.bool, device=q.device), unpack_bitmask(tree_mask[q0:q1], n)], dim=1
+        )
+        o, lse = masked_attention(
+            q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1), visible, scale
+        )
+        outs.append(o.transpose(0, 1))
+        lses.append(lse.transpose(0, 1))
+    return torch.cat(outs), torch.cat(lses)

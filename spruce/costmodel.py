@@ -42,6 +42,8 @@ PRIOR_WEIGHT = 4.0
 # The confidence threshold for expanding a level never exceeds this (a very slow draft should be turned
 # off by the plan, not by a threshold no path can meet).
 MAX_EXPAND_THRESHOLD = 0.9
+# Bounds on the confidence calibration (a draft is neither trusted blindly nor written off by a few steps).
+MIN_CALIBRATION, MAX_CALIBRATION = 0.25, 2.0
 # Weight of a new timing in the moving average of a pass cost.
 COST_EMA = 0.2
 
@@ -54,6 +56,23 @@ class AcceptanceProfile:
         # [MAX_DEPTH, MAX_RANK] nodes whose parent was accepted, and those accepted
         self.tried = torch.zeros(MAX_DEPTH, MAX_RANK, dtype=torch.float64)
         self.accepted = torch.zeros(MAX_DEPTH, MAX_RANK, dtype=torch.float64)
+        # sum over verified trees of the draft's path probabilities, and of the draft tokens accepted
+        self.predicted_total = 0.0
+        self.accepted_total = 0.0
+
+    def record_confidence(self, predicted: float, accepted: int) -> None:
+        """One verified tree: the sum of its nodes' draft path probabilities and how many were accepted."""
+        with self._lock:
+            self.predicted_total += predicted
+            self.accepted_total += accepted
+
+    @property
+    def calibration(self) -> float:
+        """Accepted draft tokens per unit of draft path probability: the factor that turns the draft's
+        confidence into an acceptance estimate (1 before any evidence)."""
+        with self._lock:
+            ratio = (self.accepted_total + PRIOR_WEIGHT) / (self.predicted_total + PRIOR_WEIGHT)
+        return min(max(ratio, MIN_CALIBRATION), MAX_CALIBRATION)
 
     def record(
         self,
@@ -97,6 +116,7 @@ class AcceptanceProfile:
             tried, accepted = self.tried.clone(), self.accepted.clone()
         used = int((tried.sum(1) > 0).sum())
         return {
+            "confidence_calibration": self.calibration,
             "tried_by_depth_rank": tried[:used].long().tolist(),
             "accepted_by_depth_rank": accepted[:used].long().tolist(),
             "rates_by_depth_rank": self.rates()[: max(used, 1)].tolist(),
@@ -199,6 +219,7 @@ def plan_tree(
     max_budget: int,
     max_depth: int,
     min_budget: int = 0,
+    calibration: float = 1.0,
 ) -> TreePlan:
     """The (budget, depth) that maximizes expected tokens per second, or budget 0 when nothing pays
     (``min_budget=1``: the best tree with at least one node)."""
@@ -217,7 +238,27 @@ def plan_tree(
     if best is None or best.budget == 0:
         return plain
     level_cost = max(0.0, draft_cost(2) - draft_cost(1))
-    return dataclasses.replace(best, min_expand_prob=min(MAX_EXPAND_THRESHOLD, level_cost * best.tokens_per_s))
+    threshold = level_cost * best.tokens_per_s / calibration
+    return dataclasses.replace(best, min_expand_prob=min(MAX_EXPAND_THRESHOLD, threshold))
+
+
+def choose_tree_size(
+    # draft path probabilities of the candidate nodes, best first
+    probs: list[float],
+    calibration: float,
+    draft_seconds: float,
+    verify_cost: CostCurve,
+) -> int:
+    """How many of the best candidates to verify this step: the n maximizing expected tokens per second,
+    (1 + sum of the n calibrated probabilities) / (draft_seconds + V(n + 1)), with the measured verify
+    curve (steps in it included). n = 0 is plain decoding (the draft work is already spent)."""
+    best_n, best_rate, expected = 0, 1.0 / (draft_seconds + verify_cost(1)), 1.0
+    for n, p in enumerate(probs, start=1):
+        expected += min(1.0, calibration * p)
+        rate = expected / (draft_seconds + verify_cost(n + 1))
+        if rate > best_rate:
+            best_n, best_rate = n, rate
+    return best_n
 
 
 def _top_k_for(paths: tuple[tuple[int, ...], ...]) -> int:

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from spruce.config import EngineConfig, SamplingParams, SpeculationConfig, default_speculation
-from spruce.costmodel import AcceptanceProfile, CostCurve, TreePlan, plan_tree
-from spruce.draft.model_drafter import DraftSampling, DraftState, ModelDrafter
+from spruce.costmodel import AcceptanceProfile, CostCurve, choose_tree_size, plan_tree
+from spruce.draft.model_drafter import DraftSampling, DraftState, ModelDrafter, SizeChooser
 from spruce.draft.ngram import add_ngram_branches
-from spruce.draft.tree import Proposal, TokenTree
+from spruce.draft.tree import Proposal, TokenTree, path_logprobs
 from spruce.errors import IncompatibleModelsError, InvalidRequestError
 from spruce.modeling import forward_tokens, keep_cache_positions, new_cache
 from spruce.stats import SpecStats
@@ -258,7 +258,11 @@ class Engine:
         accepted_nodes = result.accepted_nodes.tolist()
         if req.model_nodes and self.drafter is not None and req.draft_state is not None:
             self.drafter.commit(req.draft_state, accepted_nodes)
-            self.profile.record(tree, accepted_nodes, torch.arange(tree.num_nodes) >= req.model_nodes)
+            model_part = torch.arange(tree.num_nodes) < req.model_nodes
+            self.profile.record(tree, accepted_nodes, ~model_part)
+            if tree.draft_logprobs is not None and not (req.sampling is not None and spec is not None and spec.sampled_children):
+                predicted = float(path_logprobs(tree)[1 : req.model_nodes].exp().sum())
+                self.profile.record_confidence(predicted, sum(1 for n in accepted_nodes[1:] if n < req.model_nodes))
             self.draft_costs.observe(req.model_levels, req.model_draft_s)
         self.verify_costs.observe(tree.num_nodes, t2 - t1)
         emitted = result.emitted_tokens()
@@ -269,25 +273,37 @@ class Engine:
         req.stats.verify_time_s += time.perf_counter() - t1
 
     def _planned(self, req: _Request, spec: SpeculationConfig) -> SpeculationConfig | None:
-        """This step's tree from the cost model; ``spec``'s depth and budget are the upper bounds."""
+        """This step's tree from the cost model; ``spec``'s depth and budget are the upper bounds.
+
+        The plan (positional acceptance profile x measured costs) decides whether to draft and how wide;
+        dynamic trees then expand while the draft's confidence pays for a level and keep the number of
+        nodes that maximizes expected tokens per second under the measured verify curve
+        (``choose_tree_size``). Sampled-children trees cannot be cut by confidence (it would bias the
+        sampling), so they take the plan's budget and depth as they are.
+        """
         fixed = dataclasses.replace(spec, adaptive=False)
+        req.choose_size = None
         if not (spec.uses_model and self.drafter is not None):
             return fixed  # the n-gram drafter costs no draft passes; its budget stays as configured
         if not self.draft_costs.known:
             self._calibrate(fixed)
-        plan = plan_tree(self.profile.rates(), self.verify_costs, self.draft_costs, spec.budget, spec.depth)
+        calibration = self.profile.calibration
+        rates = self.profile.rates()
+        plan = plan_tree(rates, self.verify_costs, self.draft_costs, spec.budget, spec.depth, calibration=calibration)
         if plan.budget == 0:
             req.steps_without_draft += 1
             if req.steps_without_draft < _EXPLORE_EVERY:
                 req.stats.record_plan(plan.budget)
                 return dataclasses.replace(fixed, drafter="ngram") if spec.uses_ngram else None
             # now and then draft anyway, so that the profile keeps learning
-            plan = plan_tree(self.profile.rates(), self.verify_costs, self.draft_costs, spec.budget, spec.depth, min_budget=1)
+            plan = plan_tree(rates, self.verify_costs, self.draft_costs, spec.budget, spec.depth, 1, calibration)
         req.steps_without_draft = 0
         req.stats.record_plan(plan.budget)
-        return dataclasses.replace(
-            fixed, depth=plan.depth, top_k=plan.top_k, budget=plan.budget, min_expand_prob=plan.min_expand_prob
-        )
+        if req.sampling is not None and spec.sampled_children:
+            return dataclasses.replace(fixed, depth=plan.depth, top_k=plan.top_k, budget=plan.budget)
+        draft_costs, verify_costs = self.draft_costs, self.verify_costs
+        req.choose_size = lambda probs, levels: choose_tree_size(probs, calibration, draft_costs(levels), verify_costs)
+        return dataclasses.replace(fixed, top_k=plan.top_k, min_expand_prob=plan.min_expand_prob)
 
     def _calibrate(self, spec: SpeculationConfig) -> None:
         """Start-up measurement of the pass costs: the target over 1 .. budget + 1 chain tokens and the draft
@@ -323,7 +339,7 @@ class Engine:
             return proposal
         if spec.uses_model and self.drafter is not None and req.draft_state is not None:
             t0 = time.perf_counter()
-            proposal = self.drafter.propose(req.draft_state, req.tokens, spec, max_depth, req.sampling)
+            proposal = self.drafter.propose(req.draft_state, req.tokens, spec, max_depth, req.sampling, req.choose_size)
             req.model_draft_s = time.perf_counter() - t0
             req.model_nodes = proposal.tree.num_nodes
             req.model_levels = req.draft_state.levels
@@ -353,6 +369,8 @@ class _Request:
     model_draft_s: float = 0.0
     # consecutive adaptive steps that chose plain decoding
     steps_without_draft: int = 0
+    # this step's rule for how many dynamic-tree candidates to verify (adaptive speculation)
+    choose_size: SizeChooser | None = None
 
 
 # ---- helpers ------------------------------------------------------------------------------------------

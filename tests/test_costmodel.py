@@ -12,7 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spruce import Engine, SamplingParams, SpeculationConfig
-from spruce.costmodel import MAX_DEPTH, MAX_RANK, AcceptanceProfile, CostCurve, best_shape, plan_tree
+from spruce.costmodel import (
+    MAX_DEPTH,
+    MAX_RANK,
+    AcceptanceProfile,
+    CostCurve,
+    best_shape,
+    choose_tree_size,
+    plan_tree,
+)
 from spruce.draft.tree import TokenTree
 from test_engine import prompts, reference_greedy
 
@@ -196,3 +204,17 @@ def test_seeded_sampling_ignores_what_the_server_learned(tiny_target, tiny_draft
 def test_adaptive_and_static_paths_are_exclusive():
     with pytest.raises(Exception, match="adaptive"):
         SpeculationConfig(tree_paths=((0,),), adaptive=True)
+
+
+def test_tree_size_stops_before_a_step_in_the_verify_curve():
+    verify = CostCurve()
+    for size, seconds in ((1, 0.40), (2, 0.41), (3, 0.60), (8, 0.72)):
+        verify.observe(size, seconds)
+    probs = [0.9, 0.3, 0.2, 0.1, 0.05]
+    # 1 node: 1.9 / 0.51 = 3.7 tok/s; 2 nodes cross the step to 0.6 s: 2.2 / 0.70 = 3.1, and later
+    # nodes add too little to climb back (5 nodes: 2.55 / 0.77 = 3.3)
+    assert choose_tree_size(probs, 1.0, 0.1, verify) == 1
+    assert choose_tree_size([0.99] * 7, 1.0, 0.1, verify) == 7
+    assert choose_tree_size([0.01], 1.0, 0.1, verify) == 0
+    # a draft that is right twice as often as it says
+    assert choose_tree_size([0.3] * 4, 2.0, 0.1, verify) > choose_tree_size([0.3] * 4, 1.0, 0.1, verify)

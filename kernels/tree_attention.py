@@ -1,0 +1,195 @@
+"""Tree attention in Triton: one pass over prefix + tree keys, the tree mask as ancestor bitmasks.
+
+Glossary: B requests, Tq packed tree queries (all requests' nodes, request after request), Tk packed keys,
+H query heads, Hkv key/value heads (GQA: G = H // Hkv query heads per key/value head), D head dim,
+W = ceil(max tree size / 64) int64 mask words per query.
+
+Layout (``cu_seqlens`` style, as flash-attn's varlen API): request b owns queries
+``cu_q[b] .. cu_q[b+1]`` (its N_b tree nodes, root first) and keys ``cu_k[b] .. cu_k[b+1]``: its prefix
+of P_b = K_b - N_b committed tokens, then its N_b tree nodes in the same order as the queries. A query
+sees its whole prefix, and tree key j iff bit j of its mask words is set (``mask[i, j // 64] >> (j % 64)``):
+the node's ancestors and itself. Any tree size works (W words per query); 64 nodes fit one word.
+
+Kernel (FlashAttention-2 style): each program takes one key/value head of one request and a block of
+rows, a row being (tree node, query head of that group), so every key block is loaded once for all G
+heads that read it. It streams the keys in blocks with an online softmax in base 2 (exp2, the scale
+folded with log2 e), first the prefix without any mask work, then the tree keys with the bit test.
+Returns the output and the natural-log log-sum-exp per (query, head), so partial results over other
+key sets can be merged exactly (see ``kernels.flash_backend.merge``).
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) ``tl.dot`` on bfloat16 multiplies raw bit patterns
+(triton-lang/triton#11584): operands are upcast to float32 there. On a GPU, float32 ``tl.dot`` runs as
+TF32: tolerances are per dtype in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# log2(e): exp(x) == exp2(x * LOG2E); the kernel works in base 2.
+LOG2E = 1.4426950408889634
+# bits per mask word (int64).
+WORD_BITS = 64
+
+
+@triton.jit
+def _tree_attn_kernel(
+    Q, K, V, O, LSE, MASK,
+    CU_Q, CU_K,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_mt, stride_lt,
+    qk_scale,  # softmax scale * log2(e)
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    kvh = tl.program_id(2)
+    q_start = tl.load(CU_Q + b)
+    n_q = tl.load(CU_Q + b + 1) - q_start
+    k_start = tl.load(CU_K + b)
+    n_k = tl.load(CU_K + b + 1) - k_start
+    prefix = n_k - n_q
+    if pid_m * BLOCK_M >= n_q * GROUP:
+        return
+    # rows: (node, head in group), node-major
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    node = rows // GROUP
+    head = kvh * GROUP + rows % GROUP
+    row_ok = rows < n_q * GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + (q_start + node)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    # the prefix: every key visible (only the bounds mask)
+    for start in range(0, prefix, BLOCK_N):
+        cols = start + offs_n
+        visible = (cols < prefix)[None, :] & row_ok[:, None]
+        m_i, l_i, acc = _attend_block(
+            q, K, V, k_start + cols, kvh, visible, m_i, l_i, acc,
+            stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, d_ok, UPCAST,
+        )
+    # the tree: key j visible iff bit j of the query node's ancestor mask is set
+    for start in range(0, n_q, BLOCK_N):
+        j = start + offs_n
+        j_ok = j < n_q
+        word_ptrs = MASK + (q_start + node)[:, None] * stride_mt + (j // 64)[None, :]
+        words = tl.load(word_ptrs, mask=row_ok[:, None] & j_ok[None, :], other=0)
+        bits = (words >> (j % 64).to(tl.int64)[None, :]) & 1
+        visible = (bits != 0) & j_ok[None, :] & row_ok[:, None]
+        m_i, l_i, acc = _attend_block(
+            q, K, V, k_start + prefix + j, kvh, visible, m_i, l_i, acc,
+            stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, d_ok, UPCAST,
+        )
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + (q_start + node)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    # base-2 log-sum-exp times ln 2: the natural-log LSE
+    lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(LSE + (q_start + node) * stride_lt + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _attend_block(
+    q, K, V, key_rows, kvh, visible, m_i, l_i, acc,
+    stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, d_ok, UPCAST: tl.constexpr,
+):
+    """One key block of the online softmax; ``visible`` [BLOCK_M, BLOCK_N] says which scores count."""
+    key_ok = tl.max(visible.to(tl.int32), 0) > 0
+    k = tl.load(
+        K + key_rows[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
+        mask=key_ok[None, :] & d_ok[:, None], other=0.0,
+    )
+    v = tl.load(
+        V + key_rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
+        mask=key_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, k) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # rows that have seen nothing yet keep m = -inf: shift by 0 there to avoid inf - inf
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_shift)
+    p = tl.exp2(s - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def tree_attention(
+    # [Tq, H, D] packed tree queries (last dim contiguous)
+    q: torch.Tensor,
+    # [Tk, Hkv, D] packed keys: each request's prefix, then its tree nodes
+    k: torch.Tensor,
+    # [Tk, Hkv, D]
+    v: torch.Tensor,
+    # [Tq, W] int64 ancestor-or-self bitmask of each query node over its request's tree
+    tree_mask: torch.Tensor,
+    # [B+1] int32 query offsets
+    cu_seqlens_q: torch.Tensor,
+    # [B+1] int32 key offsets
+    cu_seqlens_k: torch.Tensor,
+    scale: float | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ([Tq, H, D] output in q's dtype, [Tq, H] float32 natural-log log-sum-exp)."""
+    tq, h, d = q.shape
+    hkv = k.shape[1]
+    if h % hkv:
+        raise ValueError(f"{h} query heads do not group over {hkv} key/value heads")
+    if tree_mask.dtype != torch.int64 or tree_mask.shape[0] != tq:
+        raise ValueError(f"tree_mask must be int64 [{tq}, W], got {tuple(tree_mask.shape)} {tree_mask.dtype}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("q, k and v need a contiguous last (head) dimension")
+    batch = cu_seqlens_q.numel() - 1
+    max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if batch else 0
+    if max_q > tree_mask.shape[1] * WORD_BITS:
+        raise ValueError(f"a tree of {max_q} nodes needs {math.ceil(max_q / WORD_BITS)} mask words, got {tree_mask.shape[1]}")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    out = torch.empty_like(q)
+    lse = torch.empty(tq, h, dtype=torch.float32, device=q.device)
+    if tq == 0:
+        return out, lse
+    group = h // hkv
+    grid = (triton.cdiv(max_q * group, block_m), batch, hkv)
+    _tree_attn_kernel[grid](
+        q, k, v, out, lse, tree_mask,
+        cu_seqlens_q, cu_seqlens_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        tree_mask.stride(0), lse.stride(0),
+        scale * LOG2E,
+        GROUP=group,
+        HEAD_DIM=d,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        UPCAST=_interpreting() or q.dtype == torch.float32,
+    )
+    return out, lse

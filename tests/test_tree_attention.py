@@ -1,0 +1,106 @@
+"""Tree-attention backends against the float64 reference (CPU: Triton under TRITON_INTERPRET=1, set in
+conftest), and the reference against plain causal attention over each node's root path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import assert_close
+from spruce.kernels.reference import (
+    masked_attention,
+    pack_bitmask,
+    tree_attention_reference,
+    unpack_bitmask,
+)
+
+# max abs error allowed per input dtype (float32 covers TF32 dots on a GPU)
+TOLERANCE = {torch.float32: 2e-3, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def random_ancestors(n: int, gen: torch.Generator) -> torch.Tensor:
+    """[n, n] bool ancestor-or-self mask of a random tree (node 0 the root, parents before children)."""
+    visible = torch.eye(n, dtype=torch.bool)
+    for i in range(1, n):
+        parent = int(torch.randint(0, i, (1,), generator=gen))
+        visible[i] |= visible[parent]
+    return visible
+
+
+def make_batch(prefixes: list[int], trees: list[int], h: int, hkv: int, d: int, dtype, seed: int = 0):
+    """Packed q/k/v, bitmask and offsets for requests with the given prefix lengths and tree sizes."""
+    gen = torch.Generator().manual_seed(seed)
+    words = max(1, math.ceil(max(trees) / 64))
+    masks, ancestors = [], []
+    for n in trees:
+        a = random_ancestors(n, gen)
+        ancestors.append(a)
+        masks.append(pack_bitmask(a, words))
+    tq, tk = sum(trees), sum(p + n for p, n in zip(prefixes, trees))
+    q = torch.randn(tq, h, d, generator=gen).to(dtype)
+    k = torch.randn(tk, hkv, d, generator=gen).to(dtype)
+    v = torch.randn(tk, hkv, d, generator=gen).to(dtype)
+    cu_q = torch.tensor([0, *torch.tensor(trees).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor([p + n for p, n in zip(prefixes, trees)]).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, torch.cat(masks), cu_q, cu_k, ancestors
+
+
+def test_bitmask_round_trip_including_the_sign_bit():
+    gen = torch.Generator().manual_seed(1)
+    for n in (1, 63, 64, 65, 130):
+        visible = torch.rand(n, n, generator=gen) < 0.5
+        words = pack_bitmask(visible)
+        assert words.shape == (n, math.ceil(n / 64)) and words.dtype == torch.int64
+        assert torch.equal(unpack_bitmask(words, n), visible)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_reference_node_equals_causal_attention_over_its_root_path(seed):
+    """Tree attention at node i == causal attention at the end of prefix + i's root path."""
+    q, k, v, mask, cu_q, cu_k, ancestors = make_batch([7], [12], h=4, hkv=2, d=16, dtype=torch.float64, seed=seed)
+    out, lse = tree_attention_reference(q, k, v, mask, cu_q, cu_k)
+    prefix = 7
+    for i in range(12):
+        path = ancestors[0][i].nonzero().flatten()
+        keys = torch.cat([torch.arange(prefix), prefix + path])
+        visible = torch.ones(1, keys.numel(), dtype=torch.bool)
+        o, l = masked_attention(q[i : i + 1].transpose(0, 1), k[keys].transpose(0, 1), v[keys].transpose(0, 1), visible)
+        assert_close(out[i], o[:, 0], atol=1e-12, what=f"node {i} output")
+        assert_close(lse[i], l[:, 0], atol=1e-12, what=f"node {i} lse")
+
+
+triton = pytest.importorskip("triton")
+
+CASES = {
+    # name: (prefix lengths, tree sizes, H, Hkv, D)
+    "gqa": ([40], [16], 4, 2, 32),
+    "no_prefix": ([0], [9], 2, 2, 16),
+    "odd_t_and_d": ([13], [5], 3, 1, 24),
+    "t64": ([20], [64], 2, 1, 16),
+    "two_words": ([8], [70], 2, 2, 16),
+    "ragged": ([0, 33, 5], [3, 17, 1], 4, 2, 32),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_triton_matches_reference(case, dtype):
+    from spruce.kernels.tree_attention import tree_attention
+
+    prefixes, trees, h, hkv, d = CASES[case]
+    q, k, v, mask, cu_q, cu_k, _ = make_batch(prefixes, trees, h, hkv, d, dtype, seed=len(case))
+    out, lse = tree_attention(q, k, v, mask, cu_q, cu_k, block_m=16, block_n=16)
+    want, want_lse = tree_attention_reference(q.double(), k.double(), v.double(), mask, cu_q, cu_k)
+    assert out.dtype == dtype
+    assert_close(out.double(), want, atol=TOLERANCE[dtype], what=f"{case} output")
+    assert_close(lse.double(), want_lse, atol=TOLERANCE[dtype] * 4, what=f"{case} lse")
+
+
+def test_triton_rejects_a_mask_too_small_for_the_tree():
+    from spruce.kernels.tree_attention import tree_attention
+
+    q, k, v, mask, cu_q, cu_k, _ = make_batch([4], [70], 2, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="mask words"):
+        tree_attention(q, k, v, mask[:, :1], cu_q, cu_k)
