@@ -217,4 +217,5 @@ def test_tree_size_stops_before_a_step_in_the_verify_curve():
     assert choose_tree_size([0.99] * 7, 1.0, 0.1, verify) == 7
     assert choose_tree_size([0.01], 1.0, 0.1, verify) == 0
     # a draft that is right twice as often as it says
-    assert choose_tree_size([0.3] * 4, 2.0, 0.1, verify) > choose_tree_size([0.3] * 4, 1.0, 0.1, verify)
+    assert choose_tree_size([0.15] * 4, 1.0, 0.1, verify) == 0
+    assert choose_tree_size([0.15] * 4, 2.0, 0.1, verify) > 0
