@@ -217,5 +217,9 @@ def test_tree_size_stops_before_a_step_in_the_verify_curve():
     assert choose_tree_size([0.99] * 7, 1.0, 0.1, verify) == 7
     assert choose_tree_size([0.01], 1.0, 0.1, verify) == 0
     # a draft that is right twice as often as it says
-    assert choose_tree_size([0.15] * 4, 1.0, 0.1, verify) == 0
-    assert choose_tree_size([0.15] * 4, 2.0, 0.1, verify) > 0
+    steep = CostCurve()
+    steep.observe(1, 0.4)
+    steep.observe(2, 0.5)
+    # plain: 1 / 0.5 = 2.0 tok/s; one node: 1.15 / 0.6 = 1.9 at face value, 1.3 / 0.6 = 2.2 calibrated
+    assert choose_tree_size([0.15], 1.0, 0.1, steep) == 0
+    assert choose_tree_size([0.15], 2.0, 0.1, steep) == 1
