@@ -225,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-category", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=None,
+        help="per-request sampling seed (default none: sampling requests get adaptive trees, as unseeded "
+        "requests do; seeded ones use the fixed tree)",
+    )
     p.add_argument(
         "--configs", nargs="+", default=["default"],
         help="default, chain:N, tree:D:K:B, static:0/1/00, auto[:D:B], ngram:B, a model shape plus "

@@ -18,6 +18,17 @@ from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, fle
 WORD_BITS = 64
 
 
+_COMPILED = None
+
+
+def _compiled():
+    """flex_attention compiled once (on a GPU the uncompiled form materializes the full score matrix)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(flex_attention, dynamic=True)
+    return _COMPILED
+
+
 def _owner(cu: torch.Tensor, total: int) -> torch.Tensor:
     """[total] request index of each packed position."""
     return torch.bucketize(torch.arange(total, device=cu.device), cu[1:].to(torch.int64), right=True)
@@ -58,7 +69,8 @@ def flex_tree_attention(
 
     block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=tq, KV_LEN=tk, device=device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out, aux = flex_attention(
+    attend = _compiled() if q.is_cuda else flex_attention
+    out, aux = attend(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1], return_aux=AuxRequest(lse=True),
     )

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from spruce.config import DRAFTERS, DTYPES, EngineConfig, SamplingParams, SpeculationConfig, parse_tree_paths
 from spruce.errors import SpruceError
+from spruce.kernels.backend import BACKENDS
 
 _SAMPLING = SamplingParams()
 _ENGINE = EngineConfig()
@@ -41,6 +42,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="a static tree as sibling-rank paths, e.g. 0/1/00/01 (replaces the depth/top-k/budget tree)",
     )
     p.add_argument("--device", default=_ENGINE.device)
+    p.add_argument(
+        "--attention-backend", default=_ENGINE.attention_backend, choices=("auto", *BACKENDS),
+        help="tree attention: auto picks flash, then triton on a GPU, else sdpa",
+    )
     p.add_argument("--dtype", default=_ENGINE.dtype, choices=DTYPES)
     p.add_argument("--draft-dtype", default=_ENGINE.draft_dtype, choices=DTYPES, help="default: auto")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
@@ -85,6 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         draft_dtype=args.draft_dtype,
         drafter=args.drafter,
         trust_remote_code=args.trust_remote_code,
+        attention_backend=args.attention_backend,
     )
     prompt = args.prompt if args.raw else engine.apply_chat_template(args.prompt)
     out = engine.generate(prompt, params, speculation=_speculation(args, engine.default_speculation))[0]

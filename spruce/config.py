@@ -167,6 +167,20 @@ def default_speculation(device_type: str, dtype: str, drafter: str = "model") ->
     return SpeculationConfig(drafter=drafter, depth=16, top_k=2, budget=16, ngram_budget=4, adaptive=True)
 
 
+def fixed_speculation(device_type: str, dtype: str, drafter: str = "model") -> SpeculationConfig:
+    """A fixed tree per device and dtype: what seeded sampling requests use instead of adaptive trees.
+
+    Measured on the 2-core CPU (evals/results/): float32, one draft token (a pass over 3 tokens costs
+    ~1.5x a 1-token pass); bfloat16, depth 3 with 2 per level and 4 nodes (passes cost about the same up
+    to ~8 tokens). GPU: weight-bandwidth bound passes, flat up to tens of tokens.
+    """
+    if device_type == "cuda":
+        return SpeculationConfig(drafter=drafter, depth=5, top_k=4, budget=24, ngram_budget=8)
+    if dtype == "bfloat16":
+        return SpeculationConfig(drafter=drafter, depth=3, top_k=2, budget=4, ngram_budget=2)
+    return SpeculationConfig(drafter=drafter, depth=1, top_k=1, budget=1, ngram_budget=1)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """What the engine was built with (models as given, before resolution)."""
@@ -180,6 +194,8 @@ class EngineConfig:
     # which drafter the default speculation uses; "ngram" loads no draft model
     drafter: str = "model"
     trust_remote_code: bool = False
+    # tree attention: auto, sdpa, triton, flex or flash (``spruce.kernels.backend``)
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -44,8 +44,10 @@ PRIOR_WEIGHT = 4.0
 MAX_EXPAND_THRESHOLD = 0.9
 # Bounds on the confidence calibration (a draft is neither trusted blindly nor written off by a few steps).
 MIN_CALIBRATION, MAX_CALIBRATION = 0.25, 2.0
-# Weight of a new timing in the moving average of a pass cost.
+# Weight of a new timing in the moving average of a pass cost, and the most a single timing may count
+# for relative to the current average (a spike from another process must not dominate).
 COST_EMA = 0.2
+SPIKE_FACTOR = 2.0
 
 
 class AcceptanceProfile:
@@ -124,7 +126,13 @@ class AcceptanceProfile:
 
 
 class CostCurve:
-    """Seconds per pass as a function of its size: measured points, linear in between, thread-safe."""
+    """Seconds per pass as a function of its size: measured points, thread-safe.
+
+    Robust to the spikes a shared machine produces: an update moves the average by at most
+    ``COST_EMA`` of twice the current value, and a pass is never assumed to cost more than a measured
+    larger one (cost is non-decreasing in size), so one slow sample cannot make a size look expensive
+    forever when the plan then avoids re-measuring it. Between points, linear interpolation.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -133,21 +141,33 @@ class CostCurve:
     def observe(self, size: int, seconds: float) -> None:
         with self._lock:
             old = self.points.get(size)
-            self.points[size] = seconds if old is None else (1 - COST_EMA) * old + COST_EMA * seconds
+            if old is None:
+                self.points[size] = seconds
+            else:
+                self.points[size] = (1 - COST_EMA) * old + COST_EMA * min(seconds, SPIKE_FACTOR * old)
 
     @property
     def known(self) -> bool:
         return bool(self.points)
 
-    def __call__(self, size: int) -> float:
+    def _monotone(self) -> list[tuple[int, float]]:
         with self._lock:
             pts = sorted(self.points.items())
+        out: list[tuple[int, float]] = []
+        floor = float("inf")
+        for size, seconds in reversed(pts):
+            floor = min(floor, seconds)
+            out.append((size, floor))
+        return out[::-1]
+
+    def __call__(self, size: int) -> float:
+        pts = self._monotone()
         if not pts:
             raise ValueError("no cost measured yet")
-        if size in self.points:
-            return self.points[size]
-        below = [p for p in pts if p[0] < size]
+        below = [p for p in pts if p[0] <= size]
         above = [p for p in pts if p[0] > size]
+        if below and below[-1][0] == size:
+            return below[-1][1]
         if below and above:
             (x0, y0), (x1, y1) = below[-1], above[0]
             return y0 + (y1 - y0) * (size - x0) / (x1 - x0)
@@ -159,8 +179,7 @@ class CostCurve:
         return y1 + max(0.0, (y1 - y0) / (x1 - x0)) * (size - x1)
 
     def to_dict(self) -> dict[str, float]:
-        with self._lock:
-            return {str(k): v for k, v in sorted(self.points.items())}
+        return {str(k): v for k, v in self._monotone()}
 
 
 @dataclass(frozen=True)

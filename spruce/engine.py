@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
-from spruce.config import EngineConfig, SamplingParams, SpeculationConfig, default_speculation
+from spruce.config import EngineConfig, SamplingParams, SpeculationConfig, default_speculation, fixed_speculation
 from spruce.costmodel import AcceptanceProfile, CostCurve, choose_tree_size, plan_tree
 from spruce.draft.model_drafter import DraftSampling, DraftState, ModelDrafter, SizeChooser
 from spruce.draft.ngram import add_ngram_branches
@@ -82,6 +82,7 @@ class Engine:
             _check_cache_layout(draft)
         self.drafter = ModelDrafter(draft, int(target.config.vocab_size)) if draft is not None else None
         self.config = config or EngineConfig()
+        self.attention_backend = self._setup_attention(self.config.attention_backend)
         self.eos_ids = _eos_ids(target, tokenizer)
         self.max_context = int(getattr(target.config, "max_position_embeddings", 0) or 1 << 31)
         if draft is not None:
@@ -101,6 +102,7 @@ class Engine:
         draft_dtype: str | None = None,
         drafter: str = "model",
         trust_remote_code: bool = False,
+        attention_backend: str = "auto",
     ) -> Engine:
         """Load target and draft. ``target=None`` and ``draft=None``: the embedded default pair.
 
@@ -108,6 +110,8 @@ class Engine:
         given). ``draft_dtype=None`` picks bfloat16 on CPUs where it measures clearly faster, else ``dtype``
         (the draft's precision never changes the output). ``drafter`` picks what the default speculation
         uses: "model", "ngram" (prompt lookup; no draft model is loaded) or "both".
+        ``attention_backend``: how the target attends over a tree (``spruce.kernels.backend``): auto, sdpa,
+        triton, flex or flash.
         """
         from spruce.models import load_causal_lm, load_tokenizer, resolve_model_dir
 
@@ -119,6 +123,7 @@ class Engine:
             draft_dtype=draft_dtype,
             drafter=drafter,
             trust_remote_code=trust_remote_code,
+            attention_backend=attention_backend,
         )
         dev = torch.device(device)
         target_dir = resolve_model_dir(target, "target")
@@ -137,6 +142,21 @@ class Engine:
             config = dataclasses.replace(config, draft_dtype=chosen)
             _check_tokenizers(tokenizer, load_tokenizer(draft_dir, trust_remote_code))
         return cls(target_model, tokenizer, draft_model, config)
+
+    def _setup_attention(self, name: str) -> str:
+        """Resolve the tree-attention backend (one switch point: ``spruce.kernels.backend``) and route the
+        target's attention through it when it is not transformers' own sdpa path."""
+        from spruce.kernels.backend import resolve
+
+        try:
+            chosen = resolve(name, self.target.device.type)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        if chosen != "sdpa":
+            from spruce.attention import use_backend
+
+            use_backend(self.target, chosen)
+        return chosen
 
     @property
     def default_speculation(self) -> SpeculationConfig | None:
@@ -224,7 +244,7 @@ class Engine:
             generator=generator,
             draft_state=self.drafter.new_state() if (spec is not None and spec.uses_model and self.drafter) else None,
             sampling=None if params.greedy else DraftSampling(params.temperature, params.top_k, params.top_p, generator),
-            # a seed must reproduce its output: seeded sampling keeps the fixed tree limits
+            # a seed must reproduce its output: seeded sampling gets the fixed tree (``_seeded_tree``)
             adaptive=spec is not None and spec.adaptive and (params.greedy or params.seed is None),
         )
         if len(prompt_ids) > 1:
@@ -246,12 +266,12 @@ class Engine:
         """Draft a tree, verify it in one target pass, commit the accepted path plus the bonus token."""
         t0 = time.perf_counter()
         if spec is not None and spec.adaptive:
-            spec = self._planned(req, spec) if req.adaptive else dataclasses.replace(spec, adaptive=False)
+            spec = self._planned(req, spec) if req.adaptive else self._seeded_tree(spec)
         proposal = self._propose(req, spec)
         tree = proposal.tree
         t1 = time.perf_counter()
         prefix_len = len(req.tokens) - 1
-        logits = verify_tree(self.target, req.cache, tree, prefix_len)
+        logits = verify_tree(self.target, req.cache, tree, prefix_len, self.attention_backend)
         t2 = time.perf_counter()
         result = accept(tree, logits, proposal.draft_probs, params, req.generator, proposal.deterministic)
         commit_accepted(req.cache, prefix_len, result.accepted_nodes)
@@ -271,6 +291,12 @@ class Engine:
         req.stats.record_step(tree.max_depth, tree.num_draft_nodes, min(kept, result.num_accepted), kept)
         req.stats.draft_time_s += t1 - t0
         req.stats.verify_time_s += time.perf_counter() - t1
+
+    def _seeded_tree(self, spec: SpeculationConfig) -> SpeculationConfig:
+        """What a seeded sampling request drafts instead of adaptive trees: a fixed shape for this device
+        and dtype, so that what the server measured never changes the random stream's use."""
+        fixed = fixed_speculation(self.target.device.type, self.config.dtype, spec.drafter)
+        return dataclasses.replace(fixed, sampled_children=spec.sampled_children, ngram_budget=spec.ngram_budget)
 
     def _planned(self, req: _Request, spec: SpeculationConfig) -> SpeculationConfig | None:
         """This step's tree from the cost model; ``spec``'s depth and budget are the upper bounds.
@@ -316,17 +342,26 @@ class Engine:
         with torch.inference_mode():
             forward_tokens(self.target, cache, prefix, positions, None, last_only=True)
             sizes = sorted({s for s in _CALIBRATION_SIZES if s <= spec.budget + 1} | {1, spec.budget + 1})
-            for size in [1, *sizes]:  # the first pass warms up
-                tree = TokenTree.chain(int(prefix[-1]), prefix[:size - 1].tolist())
-                t0 = time.perf_counter()
-                verify_tree(self.target, cache, tree, _CALIBRATION_PREFIX)
-                self.verify_costs.observe(size, time.perf_counter() - t0)
-                keep_cache_positions(cache, _CALIBRATION_PREFIX, torch.zeros(0, dtype=torch.long))
+            verify_tree(self.target, cache, TokenTree.root_only(0), _CALIBRATION_PREFIX)  # warm-up
+            keep_cache_positions(cache, _CALIBRATION_PREFIX, torch.zeros(0, dtype=torch.long))
+            for size in sizes:
+                tree = TokenTree.chain(int(prefix[-1]), prefix[: size - 1].tolist())
+                timings = []
+                for _ in range(_CALIBRATION_REPEATS):
+                    t0 = time.perf_counter()
+                    verify_tree(self.target, cache, tree, _CALIBRATION_PREFIX, self.attention_backend)
+                    timings.append(time.perf_counter() - t0)
+                    keep_cache_positions(cache, _CALIBRATION_PREFIX, torch.zeros(0, dtype=torch.long))
+                self.verify_costs.observe(size, min(timings))
             draft_cache = new_cache(self.drafter.model)
             forward_tokens(self.drafter.model, draft_cache, prefix, positions, None, last_only=True)
-            t0 = time.perf_counter()
-            forward_tokens(self.drafter.model, draft_cache, prefix[:1], positions[-1:] + 1, None, last_only=True)
-            one = time.perf_counter() - t0
+            timings = []
+            for _ in range(_CALIBRATION_REPEATS):
+                t0 = time.perf_counter()
+                forward_tokens(self.drafter.model, draft_cache, prefix[:1], positions[-1:] + 1, None, last_only=True)
+                timings.append(time.perf_counter() - t0)
+                keep_cache_positions(draft_cache, _CALIBRATION_PREFIX, torch.zeros(0, dtype=torch.long))
+            one = min(timings)
         self.draft_costs.observe(1, one)
         self.draft_costs.observe(2, 2 * one)
 
@@ -381,6 +416,8 @@ _EXPLORE_EVERY = 16
 # Start-up cost measurement: a short synthetic prefix, and tree sizes to time (up to the budget + 1).
 _CALIBRATION_PREFIX = 32
 _CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# timings per size at start-up; the fastest counts (the others met interference)
+_CALIBRATION_REPEATS = 2
 
 # A bfloat16 draft must be at least this much faster per row than float32 to be chosen automatically.
 _BF16_DRAFT_MIN_SPEEDUP = 1.3

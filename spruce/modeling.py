@@ -55,12 +55,14 @@ def forward_tokens(
     # [1, 1, T, L+T] additive float mask, or None for plain causal attention
     mask: torch.Tensor | None,
     last_only: bool = False,
+    attention_kwargs: dict | None = None,
 ) -> torch.Tensor:
     """Run ``model`` on T new tokens after the L cached ones; returns [T, V] float32 logits.
 
     ``last_only`` computes logits for the last token only ([1, V]): prefill needs no more, and the
     vocabulary projection over every prompt token would cost more than the rest of the pass.
-    The cache grows by T positions.
+    The cache grows by T positions. ``attention_kwargs`` reach every attention layer (tree metadata for
+    ``spruce.attention``).
     """
     device = model.device
     out = model(
@@ -70,6 +72,7 @@ def forward_tokens(
         use_cache=True,
         logits_to_keep=1 if last_only else 0,
         **{_cache_kwarg(type(model)): cache},
+        **(attention_kwargs or {}),
     )
     return out.logits[0].float()
 

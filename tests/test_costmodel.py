@@ -223,3 +223,14 @@ def test_tree_size_stops_before_a_step_in_the_verify_curve():
     # plain: 1 / 0.5 = 2.0 tok/s; one node: 1.15 / 0.6 = 1.9 at face value, 1.3 / 0.6 = 2.2 calibrated
     assert choose_tree_size([0.15], 1.0, 0.1, steep) == 0
     assert choose_tree_size([0.15], 2.0, 0.1, steep) == 1
+
+
+def test_cost_curve_resists_spikes_and_stays_monotone():
+    c = CostCurve()
+    c.observe(2, 1.0)
+    c.observe(2, 100.0)  # another process stole the CPU for one pass
+    assert c(2) <= 1.2 + 1e-12
+    c.observe(3, 5.0)  # a spike at the first (and only) sample of a size ...
+    c.observe(7, 1.5)
+    assert c(3) == pytest.approx(1.5)  # ... is capped by the larger pass measured since
+    assert c(5) == pytest.approx(1.5)

@@ -38,13 +38,23 @@ def verify_tree(
     cache,
     tree: TokenTree,
     prefix_len: int,
+    attention_backend: str = "sdpa",
 ) -> torch.Tensor:
     """Run the target over all tree nodes in one pass; returns [N, V] float32 logits.
 
     For a single-node tree (plain decoding) no mask is built: the model's own causal path is used.
+    ``attention_backend`` other than sdpa: the model was switched with ``spruce.attention.use_backend``
+    and the tree goes to the kernel as bitmask metadata instead of a [N, P+N] mask.
     """
-    mask = None if tree.num_nodes == 1 else tree_mask(tree, prefix_len, model.dtype)
-    return forward_tokens(model, cache, tree.tokens, tree_positions(tree, prefix_len), mask)
+    positions = tree_positions(tree, prefix_len)
+    if tree.num_nodes == 1:
+        return forward_tokens(model, cache, tree.tokens, positions, None)
+    if attention_backend == "sdpa":
+        return forward_tokens(model, cache, tree.tokens, positions, tree_mask(tree, prefix_len, model.dtype))
+    from spruce.attention import tree_metadata
+
+    meta = tree_metadata(tree.ancestor_mask, prefix_len, attention_backend, model.device)
+    return forward_tokens(model, cache, tree.tokens, positions, None, attention_kwargs={"spruce_tree": meta})
 
 
 def commit_accepted(
