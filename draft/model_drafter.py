@@ -22,9 +22,8 @@ The drafter runs one forward over the pending committed tokens, then one per exp
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -44,8 +43,18 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-# (path probabilities of the best candidates, descending; draft forwards run) -> nodes to keep
-SizeChooser = Callable[[list[float], int], int]
+class TreePolicy(Protocol):
+    """Per-step decisions for a dynamic tree, from costs the drafter does not know (the engine's cost
+    model implements it). Probabilities are the draft's path probabilities, best first."""
+
+    def expand(self, best_probs: list[float], frontier_prob: float, levels: int) -> bool:
+        """After ``levels`` draft forwards: is another level worth its cost, given the best candidates so
+        far and the best frontier node's probability (an upper bound on anything the level adds)?"""
+        ...
+
+    def size(self, best_probs: list[float], levels: int) -> int:
+        """How many of the best candidates to verify (0: a plain step)."""
+        ...
 
 
 @dataclass
@@ -92,12 +101,13 @@ class ModelDrafter:
         config: SpeculationConfig,
         max_depth: int,
         sampling: DraftSampling | None = None,
-        choose_size: SizeChooser | None = None,
+        policy: TreePolicy | None = None,
     ) -> Proposal:
         """Build a tree rooted at ``tokens[-1]`` of at most ``min(config.depth, max_depth)`` levels.
 
-        ``choose_size`` (dynamic trees): given the candidates' path probabilities under the draft, best
-        first (at most ``config.budget``), and the draft forwards run, returns how many to keep.
+        ``policy`` (dynamic trees): decides per step whether to expand another level and how many of the
+        best candidates (at most ``config.budget``) to keep; without it, ``min_expand_prob`` and the
+        full budget.
 
         ``sampling=None``: greedy (the most likely children). Otherwise the tree is built on the processed
         draft distribution: drawn children (``config.sampled_children``) or its top-k, as deterministic
@@ -124,7 +134,7 @@ class ModelDrafter:
                 picks = select_expand(logq, config.top_k)
             new_nodes = tree.add(picks, logq)
             tree.advance(new_nodes, config.top_k, static)
-            if level < depth and tree.frontier and (static is not None or tree.worth_expanding(config, sampled)):
+            if level < depth and tree.frontier and (static is not None or tree.worth_expanding(config, sampled, policy, state.levels)):
                 so_far = TokenTree.from_parents(tree.tokens, tree.parents)
                 logits = self._logits(self._forward_level(state, so_far, tree.frontier, committed + level - 1))
                 state.levels += 1
@@ -132,9 +142,8 @@ class ModelDrafter:
                 break
         if static is None and not sampled:
             budget = config.budget
-            if choose_size is not None:
-                best = sorted(tree.cums[1:], reverse=True)[:budget]
-                budget = choose_size([math.exp(c) for c in best], state.levels)
+            if policy is not None:
+                budget = min(budget, policy.size(tree.best_probs(budget), state.levels))
             kept = tree.rerank(budget)
             state.node_slots = {kept[old]: slot for old, slot in state.node_slots.items() if old in kept}
         out = TokenTree.from_parents(tree.tokens, tree.parents, torch.tensor(tree.logprobs, dtype=torch.float32))
@@ -253,17 +262,23 @@ class _TreeBuilder:
         self.cum = self._new_cum[order]
 
 
-    def worth_expanding(self, config: SpeculationConfig, sampled: bool) -> bool:
+    def best_probs(self, budget: int) -> list[float]:
+        """Path probabilities of the ``budget`` best candidates, descending."""
+        return [math.exp(c) for c in sorted(self.cums[1:], reverse=True)[:budget]]
+
+    def worth_expanding(self, config: SpeculationConfig, sampled: bool, policy: TreePolicy | None, levels: int) -> bool:
         """Whether another level can change the tree: room is left (sampled trees), the best frontier path
-        is likely enough (``config.min_expand_prob``), and (dynamic trees) fewer than ``budget`` nodes
-        already outscore it: no descendant of the frontier scores above its best, so the rerank would
-        keep exactly those nodes and the level would be wasted work."""
+        is likely enough (``config.min_expand_prob``, or the policy's cost judgement), and (dynamic trees)
+        fewer than ``budget`` nodes already outscore it: no descendant of the frontier scores above its
+        best, so the rerank would keep exactly those nodes and the level would be wasted work."""
         best = float(self.cum.max())
         if math.exp(best) < config.min_expand_prob:
             return False
         if sampled:
             return self.num_draft_nodes < config.budget
-        return sum(1 for c in self.cums[1:] if c > best) < config.budget
+        if sum(1 for c in self.cums[1:] if c > best) >= config.budget:
+            return False
+        return policy is None or policy.expand(self.best_probs(config.budget), math.exp(best), levels)
 
     def rerank(self, budget: int) -> dict[int, int]:
         """Keep the root and the ``budget`` nodes with the highest cumulative log-probability (ties: the

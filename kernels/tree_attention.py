@@ -12,7 +12,8 @@ the node's ancestors and itself. Any tree size works (W words per query); 64 nod
 
 Kernel (FlashAttention-2 style): each program takes one key/value head of one request and a block of
 rows, a row being (tree node, query head of that group), so every key block is loaded once for all G
-heads that read it. It streams the keys in blocks with an online softmax in base 2 (exp2, the scale
+heads that read it. With few such programs (small batches, the usual decode case) the keys are split
+into ranges run by separate programs and the partial results merged by log-sum-exp (flash-decoding). It streams the keys in blocks with an online softmax in base 2 (exp2, the scale
 folded with log2 e), first the prefix without any mask work, then the tree keys with the bit test.
 Returns the output and the natural-log log-sum-exp per (query, head), so partial results over other
 key sets can be merged exactly (see ``kernels.flash_backend.merge``).
@@ -41,9 +42,12 @@ WORD_BITS = 64
 def _tree_attn_kernel(
     Q, K, V, O, LSE, MASK,
     CU_Q, CU_K,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    stride_mt, stride_lt,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
+    stride_mt,
     qk_scale,  # softmax scale * log2(e)
+    num_splits,
+    split_len,  # keys per split, a multiple of BLOCK_N
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -51,18 +55,23 @@ def _tree_attn_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid = tl.program_id(0)
     b = tl.program_id(1)
     kvh = tl.program_id(2)
+    block_m = pid // num_splits
+    split = pid % num_splits
     q_start = tl.load(CU_Q + b)
     n_q = tl.load(CU_Q + b + 1) - q_start
     k_start = tl.load(CU_K + b)
     n_k = tl.load(CU_K + b + 1) - k_start
     prefix = n_k - n_q
-    if pid_m * BLOCK_M >= n_q * GROUP:
+    if block_m * BLOCK_M >= n_q * GROUP:
         return
+    # this program's keys: [lo, hi) of the request's prefix + tree
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, n_k)
     # rows: (node, head in group), node-major
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     node = rows // GROUP
     head = kvh * GROUP + rows % GROUP
     row_ok = rows < n_q * GROUP
@@ -79,17 +88,19 @@ def _tree_attn_kernel(
     offs_n = tl.arange(0, BLOCK_N)
 
     # the prefix: every key visible (only the bounds mask)
-    for start in range(0, prefix, BLOCK_N):
+    prefix_hi = tl.minimum(hi, prefix)
+    for start in range(lo, prefix_hi, BLOCK_N):
         cols = start + offs_n
-        visible = (cols < prefix)[None, :] & row_ok[:, None]
+        visible = (cols < prefix_hi)[None, :] & row_ok[:, None]
         m_i, l_i, acc = _attend_block(
             q, K, V, k_start + cols, kvh, visible, m_i, l_i, acc,
             stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, d_ok, UPCAST,
         )
     # the tree: key j visible iff bit j of the query node's ancestor mask is set
-    for start in range(0, n_q, BLOCK_N):
+    tree_hi = hi - prefix
+    for start in range(tl.maximum(lo, prefix) - prefix, tree_hi, BLOCK_N):
         j = start + offs_n
-        j_ok = j < n_q
+        j_ok = j < tree_hi
         word_ptrs = MASK + (q_start + node)[:, None] * stride_mt + (j // 64)[None, :]
         words = tl.load(word_ptrs, mask=row_ok[:, None] & j_ok[None, :], other=0)
         bits = (words >> (j % 64).to(tl.int64)[None, :]) & 1
@@ -101,11 +112,11 @@ def _tree_attn_kernel(
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_ptrs = O + (q_start + node)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    o_ptrs = O + split * stride_os + (q_start + node)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    # base-2 log-sum-exp times ln 2: the natural-log LSE
+    # base-2 log-sum-exp times ln 2: the natural-log LSE (-inf where this split saw no key)
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(LSE + (q_start + node) * stride_lt + head, lse, mask=row_ok)
+    tl.store(LSE + split * stride_ls + (q_start + node) * stride_lt + head, lse, mask=row_ok)
 
 
 @triton.jit
@@ -158,8 +169,16 @@ def tree_attention(
     scale: float | None = None,
     block_m: int = 64,
     block_n: int = 64,
+    num_splits: int | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ([Tq, H, D] output in q's dtype, [Tq, H] float32 natural-log log-sum-exp)."""
+    """Returns ([Tq, H, D] output in q's dtype, [Tq, H] float32 natural-log log-sum-exp).
+
+    ``num_splits`` > 1 splits every request's keys into that many ranges handled by separate programs
+    (flash-decoding), merged exactly by log-sum-exp; None picks it from the GPU's size (1 on CPU).
+    ``max_seqlen_q`` / ``max_seqlen_k``: the longest request's tree and keys, when the caller knows them
+    (saves reading the offsets back from the GPU, a synchronization)."""
     tq, h, d = q.shape
     hkv = k.shape[1]
     if h % hkv:
@@ -169,22 +188,34 @@ def tree_attention(
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("q, k and v need a contiguous last (head) dimension")
     batch = cu_seqlens_q.numel() - 1
-    max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if batch else 0
+    max_q = max_seqlen_q if max_seqlen_q is not None else _longest(cu_seqlens_q)
     if max_q > tree_mask.shape[1] * WORD_BITS:
         raise ValueError(f"a tree of {max_q} nodes needs {math.ceil(max_q / WORD_BITS)} mask words, got {tree_mask.shape[1]}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    out = torch.empty_like(q)
-    lse = torch.empty(tq, h, dtype=torch.float32, device=q.device)
-    if tq == 0:
-        return out, lse
     group = h // hkv
-    grid = (triton.cdiv(max_q * group, block_m), batch, hkv)
+    max_k = max_seqlen_k if max_seqlen_k is not None else _longest(cu_seqlens_k)
+    row_blocks = triton.cdiv(max(max_q * group, 1), block_m)
+    if num_splits is None:
+        num_splits = _default_splits(q.device, batch * hkv * row_blocks, max_k, block_n)
+    split_len = triton.cdiv(triton.cdiv(max(max_k, 1), num_splits), block_n) * block_n
+    if num_splits == 1:
+        out = torch.empty_like(q)[None]
+        lse = torch.empty(1, tq, h, dtype=torch.float32, device=q.device)
+    else:  # partial results per split, merged below
+        out = torch.empty(num_splits, tq, h, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(num_splits, tq, h, dtype=torch.float32, device=q.device)
+    if tq == 0:
+        return out[0].to(q.dtype), lse[0]
+    grid = (row_blocks * num_splits, batch, hkv)
     _tree_attn_kernel[grid](
         q, k, v, out, lse, tree_mask,
         cu_seqlens_q, cu_seqlens_k,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        tree_mask.stride(0), lse.stride(0),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        tree_mask.stride(0),
         scale * LOG2E,
+        num_splits,
+        split_len,
         GROUP=group,
         HEAD_DIM=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)),
@@ -192,4 +223,38 @@ def tree_attention(
         BLOCK_N=block_n,
         UPCAST=_interpreting() or q.dtype == torch.float32,
     )
-    return out, lse
+    if num_splits == 1:
+        return out[0], lse[0]
+    return _merge_splits(out, lse, q.dtype)
+
+
+def _longest(cu_seqlens: torch.Tensor) -> int:
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+
+
+def _merge_splits(
+    # [S, Tq, H, D] float32 partial outputs
+    out: torch.Tensor,
+    # [S, Tq, H] float32 partial log-sum-exps (-inf: the split saw no key)
+    lse: torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax over all splits: each split's output weighted by its share exp(lse_s - lse)."""
+    total = torch.logsumexp(lse, dim=0)
+    weights = torch.exp(lse - total[None]).nan_to_num(0.0)
+    return (out * weights[..., None]).sum(0).to(dtype), total
+
+
+# Aim for this many programs per SM before splitting the keys (flash-decoding): a decode-sized batch
+# has too few (request, head, row block) programs to keep a GPU busy over long prefixes.
+_PROGRAMS_PER_SM = 2
+# never split a request's keys into pieces shorter than this many blocks
+_MIN_BLOCKS_PER_SPLIT = 4
+
+
+def _default_splits(device: torch.device, programs: int, max_k: int, block_n: int) -> int:
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, max(programs, 1))
+    return max(1, min(wanted, triton.cdiv(max_k, block_n * _MIN_BLOCKS_PER_SPLIT)))

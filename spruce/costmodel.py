@@ -21,7 +21,6 @@ costs at start-up (a few timed passes) and then online (exponential moving avera
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import threading
 from dataclasses import dataclass, field
@@ -39,11 +38,8 @@ MAX_RANK = 8
 PRIOR_RATE = 0.6
 PRIOR_DECAY = 0.4
 PRIOR_WEIGHT = 4.0
-# The confidence threshold for expanding a level never exceeds this (a very slow draft should be turned
-# off by the plan, not by a threshold no path can meet).
-MAX_EXPAND_THRESHOLD = 0.9
-# Bounds on the confidence calibration (a draft is neither trusted blindly nor written off by a few steps).
-MIN_CALIBRATION, MAX_CALIBRATION = 0.25, 2.0
+# Buckets of draft path probability for the confidence calibration (0-0.1, ..., 0.9-1).
+CONFIDENCE_BUCKETS = 10
 # Weight of a new timing in the moving average of a pass cost, and the most a single timing may count
 # for relative to the current average (a spike from another process must not dominate).
 COST_EMA = 0.2
@@ -58,23 +54,33 @@ class AcceptanceProfile:
         # [MAX_DEPTH, MAX_RANK] nodes whose parent was accepted, and those accepted
         self.tried = torch.zeros(MAX_DEPTH, MAX_RANK, dtype=torch.float64)
         self.accepted = torch.zeros(MAX_DEPTH, MAX_RANK, dtype=torch.float64)
-        # sum over verified trees of the draft's path probabilities, and of the draft tokens accepted
-        self.predicted_total = 0.0
-        self.accepted_total = 0.0
+        # calibration of the draft's confidence: model nodes by the bucket of their draft path
+        # probability, and how many of them ended on the accepted path
+        self.conf_tried = torch.zeros(CONFIDENCE_BUCKETS, dtype=torch.float64)
+        self.conf_accepted = torch.zeros(CONFIDENCE_BUCKETS, dtype=torch.float64)
 
-    def record_confidence(self, predicted: float, accepted: int) -> None:
-        """One verified tree: the sum of its nodes' draft path probabilities and how many were accepted."""
+    def record_confidence(
+        self,
+        # [M] draft path probability of each model node (root excluded)
+        probs: torch.Tensor,
+        # [M] bool: the node is on the accepted path
+        accepted: torch.Tensor,
+    ) -> None:
+        buckets = (probs.double() * CONFIDENCE_BUCKETS).long().clamp_(0, CONFIDENCE_BUCKETS - 1)
         with self._lock:
-            self.predicted_total += predicted
-            self.accepted_total += accepted
+            self.conf_tried += torch.bincount(buckets, minlength=CONFIDENCE_BUCKETS).double()
+            self.conf_accepted += torch.bincount(buckets, weights=accepted.double(), minlength=CONFIDENCE_BUCKETS)
 
-    @property
-    def calibration(self) -> float:
-        """Accepted draft tokens per unit of draft path probability: the factor that turns the draft's
-        confidence into an acceptance estimate (1 before any evidence)."""
+    def calibration(self) -> torch.Tensor:
+        """[CONFIDENCE_BUCKETS] P(a node is accepted | its draft path probability falls in bucket b),
+        non-decreasing in b, each bucket shrunk toward its centre (a calibrated draft) until measured.
+        A reliability table: drafts are over-confident on some text and under-confident on other."""
         with self._lock:
-            ratio = (self.accepted_total + PRIOR_WEIGHT) / (self.predicted_total + PRIOR_WEIGHT)
-        return min(max(ratio, MIN_CALIBRATION), MAX_CALIBRATION)
+            tried, accepted = self.conf_tried.clone(), self.conf_accepted.clone()
+        centres = (torch.arange(CONFIDENCE_BUCKETS, dtype=torch.float64) + 0.5) / CONFIDENCE_BUCKETS
+        weights = tried + PRIOR_WEIGHT
+        est = (accepted + PRIOR_WEIGHT * centres) / weights
+        return torch.tensor(_isotonic(est.tolist(), weights.tolist()), dtype=torch.float64)
 
     def record(
         self,
@@ -118,11 +124,23 @@ class AcceptanceProfile:
             tried, accepted = self.tried.clone(), self.accepted.clone()
         used = int((tried.sum(1) > 0).sum())
         return {
-            "confidence_calibration": self.calibration,
+            "acceptance_by_confidence_bucket": self.calibration().tolist(),
             "tried_by_depth_rank": tried[:used].long().tolist(),
             "accepted_by_depth_rank": accepted[:used].long().tolist(),
             "rates_by_depth_rank": self.rates()[: max(used, 1)].tolist(),
         }
+
+
+def _isotonic(values: list[float], weights: list[float]) -> list[float]:
+    """Weighted least-squares non-decreasing fit (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for v, w in zip(values, weights):
+        blocks.append([v, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v2, w2, c2 = blocks.pop()
+            v1, w1, c1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+    return [mean for mean, _, count in blocks for _ in range(int(count))]
 
 
 class CostCurve:
@@ -194,9 +212,6 @@ class TreePlan:
     expected_step_s: float
     # the shape the expectation was computed for, as sibling-rank paths
     paths: tuple[tuple[int, ...], ...] = field(default=())
-    # expand another draft level only if its best path's draft probability (the draft's confidence, a
-    # proxy for the chance it is accepted) is worth a level's cost at the plan's tokens per second
-    min_expand_prob: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -238,7 +253,6 @@ def plan_tree(
     max_budget: int,
     max_depth: int,
     min_budget: int = 0,
-    calibration: float = 1.0,
 ) -> TreePlan:
     """The (budget, depth) that maximizes expected tokens per second, or budget 0 when nothing pays
     (``min_budget=1``: the best tree with at least one node)."""
@@ -254,30 +268,57 @@ def plan_tree(
             if best is None or expected / seconds > best.tokens_per_s:
                 paths = tuple(path for path, _ in shape[:n])
                 best = TreePlan(n, depth, _top_k_for(paths), expected, seconds, paths)
-    if best is None or best.budget == 0:
-        return plain
-    level_cost = max(0.0, draft_cost(2) - draft_cost(1))
-    threshold = level_cost * best.tokens_per_s / calibration
-    return dataclasses.replace(best, min_expand_prob=min(MAX_EXPAND_THRESHOLD, threshold))
+    return best or plain
 
 
 def choose_tree_size(
-    # draft path probabilities of the candidate nodes, best first
-    probs: list[float],
-    calibration: float,
+    # estimated acceptance probabilities of the candidate nodes, best first
+    accept_probs: list[float],
     draft_seconds: float,
     verify_cost: CostCurve,
 ) -> int:
     """How many of the best candidates to verify this step: the n maximizing expected tokens per second,
-    (1 + sum of the n calibrated probabilities) / (draft_seconds + V(n + 1)), with the measured verify
+    (1 + sum of the n acceptance probabilities) / (draft_seconds + V(n + 1)), with the measured verify
     curve (steps in it included). n = 0 is plain decoding (the draft work is already spent)."""
     best_n, best_rate, expected = 0, 1.0 / (draft_seconds + verify_cost(1)), 1.0
-    for n, p in enumerate(probs, start=1):
-        expected += min(1.0, calibration * p)
+    for n, p in enumerate(accept_probs, start=1):
+        expected += p
         rate = expected / (draft_seconds + verify_cost(n + 1))
         if rate > best_rate:
             best_n, best_rate = n, rate
     return best_n
+
+
+class StepPolicy:
+    """The engine's ``spruce.draft.model_drafter.TreePolicy`` for one step: draft confidences turned into
+    acceptance estimates by the measured calibration table, costs from the measured curves.
+
+    Expand another level iff what it can add pays at the step's current rate: its gain is at most the
+    best frontier node's acceptance estimate times the rank-0 acceptance rate at the next depth, its cost
+    one draft forward plus one more verified token; it pays iff gain / cost exceeds the current expected
+    tokens per second of the step (greedy, one level at a time)."""
+
+    def __init__(self, calibration: torch.Tensor, rates: torch.Tensor, verify_cost: CostCurve, draft_cost: CostCurve) -> None:
+        self._calibration = calibration.tolist()
+        self._next_rate = rates[:, 0].tolist()
+        self.verify_cost = verify_cost
+        self.draft_cost = draft_cost
+
+    def accept_prob(self, draft_prob: float) -> float:
+        bucket = min(int(draft_prob * CONFIDENCE_BUCKETS), CONFIDENCE_BUCKETS - 1)
+        return self._calibration[bucket]
+
+    def size(self, best_probs: list[float], levels: int) -> int:
+        return choose_tree_size([self.accept_prob(p) for p in best_probs], self.draft_cost(levels), self.verify_cost)
+
+    def expand(self, best_probs: list[float], frontier_prob: float, levels: int) -> bool:
+        accept = [self.accept_prob(p) for p in best_probs]
+        n = choose_tree_size(accept, self.draft_cost(levels), self.verify_cost)
+        expected = 1.0 + sum(accept[:n])
+        seconds = self.draft_cost(levels) + self.verify_cost(n + 1)
+        gain = self.accept_prob(frontier_prob) * self._next_rate[min(levels, MAX_DEPTH - 1)]
+        cost = (self.draft_cost(levels + 1) - self.draft_cost(levels)) + (self.verify_cost(n + 2) - self.verify_cost(n + 1))
+        return gain * seconds > expected * max(cost, 1e-9)
 
 
 def _top_k_for(paths: tuple[tuple[int, ...], ...]) -> int:

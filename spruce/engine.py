@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from spruce.config import EngineConfig, SamplingParams, SpeculationConfig, default_speculation, fixed_speculation
-from spruce.costmodel import AcceptanceProfile, CostCurve, choose_tree_size, plan_tree
-from spruce.draft.model_drafter import DraftSampling, DraftState, ModelDrafter, SizeChooser
+from spruce.costmodel import AcceptanceProfile, CostCurve, StepPolicy, plan_tree
+from spruce.draft.model_drafter import DraftSampling, DraftState, ModelDrafter
 from spruce.draft.ngram import add_ngram_branches
 from spruce.draft.tree import Proposal, TokenTree, path_logprobs
 from spruce.errors import IncompatibleModelsError, InvalidRequestError
 from spruce.modeling import forward_tokens, keep_cache_positions, new_cache
 from spruce.stats import SpecStats
-from spruce.stopping import StopChecker
+from spruce.stopping import FINISH_ABORT, StopChecker
 from spruce.verify.accept import accept
 from spruce.verify.tree_verify import commit_accepted, verify_tree
 
@@ -182,15 +182,36 @@ class Engine:
         Each prompt is validated before any is run, so a bad one fails the call before work is spent.
         """
         params = params or SamplingParams()
+        spec = self._resolve_speculation(speculation)
+        batch = _as_prompt_list(prompts)
+        encoded = [self.encode(p) for p in batch]
+        return [_final_output(self._run(ids, params, spec)) for ids in encoded]
+
+    def stream(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        speculation: SpeculationConfig | None | _Default = DEFAULT,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Generate for one prompt, yielding after every target pass: the new token ids and the new text.
+
+        The last event carries the ``GenerationOutput``. ``should_stop`` is asked before each pass (a
+        cancelled client, an Abort, a deadline): when it returns True the request ends with finish
+        reason "abort" and everything it held is released.
+        """
+        params = params or SamplingParams()
+        spec = self._resolve_speculation(speculation)
+        yield from self._run(self.encode(prompt), params, spec, should_stop)
+
+    def _resolve_speculation(self, speculation: SpeculationConfig | None | _Default) -> SpeculationConfig | None:
         spec = self.default_speculation if isinstance(speculation, _Default) else speculation
         if spec is not None and spec.uses_model and self.drafter is None:
             raise InvalidRequestError(
                 f"drafter {spec.drafter!r} needs a draft model; load one, use drafter='ngram', "
                 "or pass speculation=None"
             )
-        batch = _as_prompt_list(prompts)
-        encoded = [self.encode(p) for p in batch]
-        return [self._generate_one(ids, params, spec) for ids in encoded]
+        return spec
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt, validated against the vocabulary and the context length."""
@@ -231,9 +252,13 @@ class Engine:
 
     # ---- the loop -----------------------------------------------------------------------------------
 
-    def _generate_one(
-        self, prompt_ids: list[int], params: SamplingParams, spec: SpeculationConfig | None
-    ) -> GenerationOutput:
+    def _run(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        spec: SpeculationConfig | None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[StreamEvent]:
         start = time.perf_counter()
         limit = min(params.max_tokens, self.max_context - len(prompt_ids))
         generator = _generator(params.seed)
@@ -251,16 +276,25 @@ class Engine:
             prefix = torch.tensor(prompt_ids[:-1])
             forward_tokens(self.target, req.cache, prefix, torch.arange(len(prefix)), None, last_only=True)
         req.stats.prefill_time_s = time.perf_counter() - start
+        sent_tokens, sent_text = 0, ""
         while req.stopper.finish_reason is None:
+            if should_stop is not None and should_stop():
+                req.stopper.abort()
+                break
             self._step(req, params, spec)
+            if req.stopper.finish_reason is None:
+                text = req.stopper.stable_text()
+                yield StreamEvent(req.stopper.generated[sent_tokens:], text[len(sent_text) :])
+                sent_tokens, sent_text = len(req.stopper.generated), text
         req.stats.wall_time_s = time.perf_counter() - start
-        return GenerationOutput(
+        output = GenerationOutput(
             text=req.stopper.text(),
             token_ids=req.stopper.generated,
-            finish_reason=req.stopper.finish_reason,
+            finish_reason=req.stopper.finish_reason or FINISH_ABORT,
             stats=req.stats,
             prompt_token_ids=prompt_ids,
         )
+        yield StreamEvent(req.stopper.generated[sent_tokens:], output.text[len(sent_text) :], output)
 
     def _step(self, req: _Request, params: SamplingParams, spec: SpeculationConfig | None) -> None:
         """Draft a tree, verify it in one target pass, commit the accepted path plus the bonus token."""
@@ -281,8 +315,9 @@ class Engine:
             model_part = torch.arange(tree.num_nodes) < req.model_nodes
             self.profile.record(tree, accepted_nodes, ~model_part)
             if tree.draft_logprobs is not None and not (req.sampling is not None and spec is not None and spec.sampled_children):
-                predicted = float(path_logprobs(tree)[1 : req.model_nodes].exp().sum())
-                self.profile.record_confidence(predicted, sum(1 for n in accepted_nodes[1:] if n < req.model_nodes))
+                on_path = torch.zeros(req.model_nodes, dtype=torch.bool)
+                on_path[[n for n in accepted_nodes if n < req.model_nodes]] = True
+                self.profile.record_confidence(path_logprobs(tree)[1 : req.model_nodes].exp(), on_path[1:])
             self.draft_costs.observe(req.model_levels, req.model_draft_s)
         self.verify_costs.observe(tree.num_nodes, t2 - t1)
         emitted = result.emitted_tokens()
@@ -308,28 +343,26 @@ class Engine:
         sampling), so they take the plan's budget and depth as they are.
         """
         fixed = dataclasses.replace(spec, adaptive=False)
-        req.choose_size = None
+        req.policy = None
         if not (spec.uses_model and self.drafter is not None):
             return fixed  # the n-gram drafter costs no draft passes; its budget stays as configured
         if not self.draft_costs.known:
             self._calibrate(fixed)
-        calibration = self.profile.calibration
         rates = self.profile.rates()
-        plan = plan_tree(rates, self.verify_costs, self.draft_costs, spec.budget, spec.depth, calibration=calibration)
+        plan = plan_tree(rates, self.verify_costs, self.draft_costs, spec.budget, spec.depth)
         if plan.budget == 0:
             req.steps_without_draft += 1
             if req.steps_without_draft < _EXPLORE_EVERY:
                 req.stats.record_plan(plan.budget)
                 return dataclasses.replace(fixed, drafter="ngram") if spec.uses_ngram else None
             # now and then draft anyway, so that the profile keeps learning
-            plan = plan_tree(rates, self.verify_costs, self.draft_costs, spec.budget, spec.depth, 1, calibration)
+            plan = plan_tree(rates, self.verify_costs, self.draft_costs, spec.budget, spec.depth, min_budget=1)
         req.steps_without_draft = 0
         req.stats.record_plan(plan.budget)
         if req.sampling is not None and spec.sampled_children:
             return dataclasses.replace(fixed, depth=plan.depth, top_k=plan.top_k, budget=plan.budget)
-        draft_costs, verify_costs = self.draft_costs, self.verify_costs
-        req.choose_size = lambda probs, levels: choose_tree_size(probs, calibration, draft_costs(levels), verify_costs)
-        return dataclasses.replace(fixed, top_k=plan.top_k, min_expand_prob=plan.min_expand_prob)
+        req.policy = StepPolicy(self.profile.calibration(), rates, self.verify_costs, self.draft_costs)
+        return dataclasses.replace(fixed, top_k=plan.top_k)
 
     def _calibrate(self, spec: SpeculationConfig) -> None:
         """Start-up measurement of the pass costs: the target over 1 .. budget + 1 chain tokens and the draft
@@ -374,7 +407,7 @@ class Engine:
             return proposal
         if spec.uses_model and self.drafter is not None and req.draft_state is not None:
             t0 = time.perf_counter()
-            proposal = self.drafter.propose(req.draft_state, req.tokens, spec, max_depth, req.sampling, req.choose_size)
+            proposal = self.drafter.propose(req.draft_state, req.tokens, spec, max_depth, req.sampling, req.policy)
             req.model_draft_s = time.perf_counter() - t0
             req.model_nodes = proposal.tree.num_nodes
             req.model_levels = req.draft_state.levels
@@ -382,6 +415,18 @@ class Engine:
             budget = min(spec.ngram_budget, max_depth)
             proposal = add_ngram_branches(proposal, req.tokens, spec.ngram_max, spec.ngram_min, spec.ngram_branches, budget)
         return proposal
+
+
+@dataclass
+class StreamEvent:
+    """One step of a streamed generation."""
+
+    # tokens emitted by this pass
+    token_ids: list[int]
+    # text that became final with this pass (held back: a partial character, a possible stop string)
+    text: str
+    # set on the last event only
+    output: GenerationOutput | None = None
 
 
 @dataclass
@@ -404,8 +449,8 @@ class _Request:
     model_draft_s: float = 0.0
     # consecutive adaptive steps that chose plain decoding
     steps_without_draft: int = 0
-    # this step's rule for how many dynamic-tree candidates to verify (adaptive speculation)
-    choose_size: SizeChooser | None = None
+    # this step's decisions for a dynamic tree (adaptive speculation)
+    policy: StepPolicy | None = None
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
@@ -470,6 +515,14 @@ def _generator(seed: int | None) -> torch.Generator:
     else:
         gen.manual_seed(seed)
     return gen
+
+
+def _final_output(events: Iterator[StreamEvent]) -> GenerationOutput:
+    event = None
+    for event in events:
+        pass
+    assert event is not None and event.output is not None
+    return event.output
 
 
 def _as_prompt_list(prompts: Any) -> list[Any]:

@@ -17,3 +17,11 @@ class ModelLoadError(SpruceError, RuntimeError):
 
 class IncompatibleModelsError(ModelLoadError):
     """Target and draft cannot be paired (different vocabularies or tokenizers)."""
+
+
+class OverloadedError(SpruceError):
+    """The request queue is full (or the server is draining): retry later. Distinct from bad input."""
+
+
+class NotFoundError(SpruceError, LookupError):
+    """A named thing (model, request id) does not exist."""

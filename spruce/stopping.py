@@ -13,6 +13,8 @@ from spruce.config import SamplingParams
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
+# stopped from outside: client cancellation, Abort, a passed deadline, server shutdown
+FINISH_ABORT = "abort"
 
 
 class StopChecker:
@@ -60,3 +62,23 @@ class StopChecker:
     def text(self) -> str:
         text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
         return text if self._stop_at is None else text[: self._stop_at]
+
+    def abort(self) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = FINISH_ABORT
+
+    def stable_text(self) -> str:
+        """The text so far minus what may still change: a trailing incomplete UTF-8 character (decoded
+        as U+FFFD) and, while running, a trailing piece that could be the start of a stop string (it
+        would be cut if the stop string completes). Streaming sends only this, so text already sent is
+        always a prefix of the final text."""
+        text = self.text()
+        if self.finish_reason is not None:
+            return text
+        text = text.rstrip("\ufffd")
+        for stop in self.params.stop:
+            for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:k]):
+                    text = text[:-k]
+                    break
+        return text

@@ -18,6 +18,7 @@ from spruce.costmodel import (
     AcceptanceProfile,
     CostCurve,
     best_shape,
+    StepPolicy,
     choose_tree_size,
     plan_tree,
 )
@@ -213,16 +214,42 @@ def test_tree_size_stops_before_a_step_in_the_verify_curve():
     probs = [0.9, 0.3, 0.2, 0.1, 0.05]
     # 1 node: 1.9 / 0.51 = 3.7 tok/s; 2 nodes cross the step to 0.6 s: 2.2 / 0.70 = 3.1, and later
     # nodes add too little to climb back (5 nodes: 2.55 / 0.77 = 3.3)
-    assert choose_tree_size(probs, 1.0, 0.1, verify) == 1
-    assert choose_tree_size([0.99] * 7, 1.0, 0.1, verify) == 7
-    assert choose_tree_size([0.01], 1.0, 0.1, verify) == 0
+    assert choose_tree_size(probs, 0.1, verify) == 1
+    assert choose_tree_size([0.99] * 7, 0.1, verify) == 7
+    assert choose_tree_size([0.01], 0.1, verify) == 0
     # a draft that is right twice as often as it says
     steep = CostCurve()
     steep.observe(1, 0.4)
     steep.observe(2, 0.5)
-    # plain: 1 / 0.5 = 2.0 tok/s; one node: 1.15 / 0.6 = 1.9 at face value, 1.3 / 0.6 = 2.2 calibrated
-    assert choose_tree_size([0.15], 1.0, 0.1, steep) == 0
-    assert choose_tree_size([0.15], 2.0, 0.1, steep) == 1
+    # plain: 1 / 0.5 = 2.0 tok/s; one node: 1.15 / 0.6 = 1.9; if it is accepted 30% of the time, 2.2
+    assert choose_tree_size([0.15], 0.1, steep) == 0
+    assert choose_tree_size([0.3], 0.1, steep) == 1
+
+
+def test_confidence_calibration_learns_an_overconfident_draft():
+    prof = AcceptanceProfile()
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.full((2000,), 0.85)
+    accepted = torch.rand(2000, generator=gen) < 0.3  # says 85%, right 30% of the time
+    prof.record_confidence(probs, accepted)
+    table = prof.calibration()
+    assert table[8] == pytest.approx(0.3, abs=0.03)
+    assert bool((table[1:] >= table[:-1]).all())  # isotonic: buckets 3-7 are pooled down with bucket 8
+    assert table[0] == pytest.approx(0.05, abs=1e-9)  # unmeasured and below: its centre
+
+
+def test_step_policy_expands_only_when_a_level_pays():
+    rates = torch.full((MAX_DEPTH, MAX_RANK), 0.8, dtype=torch.float64)
+    calibration = AcceptanceProfile().calibration()
+    verify, cheap, dear = CostCurve(), CostCurve(), CostCurve()
+    verify.observe(1, 0.4)
+    verify.observe(17, 0.45)
+    for curve, level in ((cheap, 0.01), (dear, 1.0)):
+        curve.observe(1, level)
+        curve.observe(2, 2 * level)
+    assert StepPolicy(calibration, rates, verify, cheap).expand([0.9, 0.8], 0.8, 2)
+    assert not StepPolicy(calibration, rates, verify, dear).expand([0.9, 0.8], 0.8, 2)
+    assert not StepPolicy(calibration, rates, verify, cheap).expand([0.9, 0.8], 0.01, 2)
 
 
 def test_cost_curve_resists_spikes_and_stays_monotone():

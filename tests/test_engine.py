@@ -262,3 +262,35 @@ def test_static_tree_generation(tiny_engine, temperature):
 def test_bad_static_paths(paths, match):
     with pytest.raises(InvalidRequestError, match=match):
         SpeculationConfig(tree_paths=paths)
+
+
+def test_stream_adds_up_to_generate(tiny_engine):
+    params = SamplingParams(max_tokens=14, ignore_eos=True)
+    want = tiny_engine.generate([[9, 8, 7]], params)[0]
+    events = list(tiny_engine.stream([9, 8, 7], params))
+    assert events[-1].output is not None and all(e.output is None for e in events[:-1])
+    assert [t for e in events for t in e.token_ids] == want.token_ids
+    assert "".join(e.text for e in events) == want.text == events[-1].output.text
+
+
+def test_stream_holds_back_a_possible_stop_string(tiny_engine, tokenizer):
+    full = tiny_engine.generate([[9, 8, 7]], SamplingParams(max_tokens=14, ignore_eos=True))[0].text
+    stop = full[5:8]  # a stop string the text will meet
+    events = list(tiny_engine.stream([9, 8, 7], SamplingParams(max_tokens=14, ignore_eos=True, stop=(stop,))))
+    sent = ""
+    for e in events:
+        sent += e.text
+        assert stop not in sent
+    assert sent == events[-1].output.text == full[: full.find(stop)]
+
+
+def test_stream_stops_when_asked(tiny_engine):
+    calls = []
+
+    def should_stop() -> bool:
+        calls.append(1)
+        return len(calls) > 2
+
+    events = list(tiny_engine.stream([1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True), None, should_stop))
+    out = events[-1].output
+    assert out.finish_reason == "abort" and out.stats.steps == 2 and len(out.token_ids) == 2
