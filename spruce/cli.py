@@ -13,7 +13,15 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from spruce.config import DRAFTERS, DTYPES, EngineConfig, SamplingParams, SpeculationConfig, parse_tree_paths
+from spruce.config import (
+    DRAFTERS,
+    DTYPES,
+    EngineConfig,
+    SamplingParams,
+    ServeConfig,
+    SpeculationConfig,
+    parse_tree_paths,
+)
 from spruce.errors import SpruceError
 from spruce.kernels.backend import BACKENDS
 
@@ -24,8 +32,6 @@ _ENGINE = EngineConfig()
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a completion for one prompt")
     p.add_argument("--prompt", required=True, help="the user message (wrapped in the chat template)")
-    p.add_argument("--target", default=_ENGINE.target, help="HF model dir or .gguf file (default: embedded)")
-    p.add_argument("--draft", default=_ENGINE.draft, help="HF model dir or .gguf file (default: embedded)")
     p.add_argument("--max-tokens", type=int, default=_SAMPLING.max_tokens)
     p.add_argument("--temperature", type=float, default=_SAMPLING.temperature)
     p.add_argument("--top-p", type=float, default=_SAMPLING.top_p)
@@ -33,7 +39,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=_SAMPLING.seed)
     p.add_argument("--stop", action="append", default=list(_SAMPLING.stop), help="stop string (repeatable)")
     p.add_argument("--no-speculation", action="store_true", help="plain target decoding (the baseline)")
-    p.add_argument("--drafter", default=_ENGINE.drafter, choices=DRAFTERS, help="ngram loads no draft model")
     p.add_argument("--tree-depth", type=int, help="draft tree depth (default: sized for device and dtype)")
     p.add_argument("--tree-top-k", type=int, help="children per expanded draft node")
     p.add_argument("--tree-budget", type=int, help="most draft nodes per step")
@@ -41,16 +46,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "--tree-paths", type=_tree_paths,
         help="a static tree as sibling-rank paths, e.g. 0/1/00/01 (replaces the depth/top-k/budget tree)",
     )
-    p.add_argument("--device", default=_ENGINE.device)
-    p.add_argument(
-        "--attention-backend", default=_ENGINE.attention_backend, choices=("auto", *BACKENDS),
-        help="tree attention: auto picks flash, then triton on a GPU, else sdpa",
-    )
-    p.add_argument("--dtype", default=_ENGINE.dtype, choices=DTYPES)
-    p.add_argument("--draft-dtype", default=_ENGINE.draft_dtype, choices=DTYPES, help="default: auto")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-    p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_model_args(p)
 
 
 def _tree_paths(text: str) -> tuple[tuple[int, ...], ...]:
@@ -107,10 +105,65 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=_ENGINE.device)
+    p.add_argument("--dtype", default=_ENGINE.dtype, choices=DTYPES)
+    p.add_argument("--draft-dtype", default=_ENGINE.draft_dtype, choices=DTYPES, help="default: auto")
+    p.add_argument(
+        "--attention-backend", default=_ENGINE.attention_backend, choices=("auto", *BACKENDS),
+        help="tree attention: auto picks flash, then triton on a GPU, else sdpa",
+    )
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    d = ServeConfig()
+    p = sub.add_parser("serve", help="serve the models over gRPC (spruce.v1 and KServe v2) with metrics")
+    _add_model_args(p)
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port, help="gRPC port")
+    p.add_argument("--http-port", type=int, default=d.http_port, help="Prometheus /metrics port (0: off)")
+    p.add_argument("--served-model-name", default=d.served_model_name)
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="requests waiting before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit, help="largest max_tokens accepted")
+    p.add_argument("--grace-s", type=float, default=d.grace_s, help="SIGTERM: seconds in-flight requests get")
+    p.add_argument("--auth-token-env", help="name of an environment variable holding a required bearer token")
+    p.add_argument("--tls-cert", default=d.tls_cert, help="PEM certificate (with --tls-key): serve TLS")
+    p.add_argument("--tls-key", default=d.tls_key)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from spruce.engine import Engine
+    from spruce.server.app import serve_forever
+
+    token = None
+    if args.auth_token_env:
+        token = os.environ.get(args.auth_token_env)
+        if not token:
+            raise SpruceError(f"--auth-token-env {args.auth_token_env}: the variable is not set")
+    config = ServeConfig(
+        host=args.host, port=args.port, http_port=args.http_port, served_model_name=args.served_model_name,
+        max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit, grace_s=args.grace_s,
+        auth_token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
+    )
+
+    def load() -> Engine:
+        return Engine.from_pretrained(
+            target=args.target, draft=args.draft, device=args.device, dtype=args.dtype,
+            draft_dtype=args.draft_dtype, drafter=args.drafter, trust_remote_code=args.trust_remote_code,
+            attention_backend=args.attention_backend,
+        )
+
+    return serve_forever(load, config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spruce", description="speculative decoding with token trees")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -118,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate}[args.command](args)
+        return {"generate": cmd_generate, "serve": cmd_serve}[args.command](args)
     except SpruceError as exc:
         print(f"spruce: error: {exc}", file=sys.stderr)
         return 2

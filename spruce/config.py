@@ -204,3 +204,23 @@ class EngineConfig:
             raise InvalidRequestError(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
         if self.draft_dtype is not None and self.draft_dtype not in DTYPES:
             raise InvalidRequestError(f"draft_dtype must be one of {DTYPES}, got {self.draft_dtype!r}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``spruce serve`` options (the CLI is built from these defaults)."""
+
+    host: str = "0.0.0.0"
+    port: int = 50051
+    # Prometheus /metrics over HTTP; 0 disables it
+    http_port: int = 8000
+    served_model_name: str = "spruce"
+    max_queue: int = 64
+    max_tokens_limit: int = 4096
+    grace_s: float = 30.0
+    # bearer token required in the `authorization` metadata; None = no check
+    auth_token: str | None = None
+    # PEM files for TLS; None = plaintext
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    threads: int = 16

@@ -38,6 +38,8 @@ MAX_RANK = 8
 PRIOR_RATE = 0.6
 PRIOR_DECAY = 0.4
 PRIOR_WEIGHT = 4.0
+# Levels the expansion decision looks ahead.
+LOOKAHEAD = 4
 # Buckets of draft path probability for the confidence calibration (0-0.1, ..., 0.9-1).
 CONFIDENCE_BUCKETS = 10
 # Weight of a new timing in the moving average of a pass cost, and the most a single timing may count
@@ -293,10 +295,9 @@ class StepPolicy:
     """The engine's ``spruce.draft.model_drafter.TreePolicy`` for one step: draft confidences turned into
     acceptance estimates by the measured calibration table, costs from the measured curves.
 
-    Expand another level iff what it can add pays at the step's current rate: its gain is at most the
-    best frontier node's acceptance estimate times the rank-0 acceptance rate at the next depth, its cost
-    one draft forward plus one more verified token; it pays iff gain / cost exceeds the current expected
-    tokens per second of the step (greedy, one level at a time)."""
+    Expand another level iff growing the best frontier path by k more levels (k <= LOOKAHEAD) raises the
+    step's expected tokens per second: the path's gain is its acceptance estimate times the rank-0
+    acceptance rates of the next depths, its cost k draft forwards plus k more verified tokens."""
 
     def __init__(self, calibration: torch.Tensor, rates: torch.Tensor, verify_cost: CostCurve, draft_cost: CostCurve) -> None:
         self._calibration = calibration.tolist()
@@ -316,9 +317,17 @@ class StepPolicy:
         n = choose_tree_size(accept, self.draft_cost(levels), self.verify_cost)
         expected = 1.0 + sum(accept[:n])
         seconds = self.draft_cost(levels) + self.verify_cost(n + 1)
-        gain = self.accept_prob(frontier_prob) * self._next_rate[min(levels, MAX_DEPTH - 1)]
-        cost = (self.draft_cost(levels + 1) - self.draft_cost(levels)) + (self.verify_cost(n + 2) - self.verify_cost(n + 1))
-        return gain * seconds > expected * max(cost, 1e-9)
+        # look ahead up to LOOKAHEAD levels: verify costs are not convex (on a CPU a 3-token pass can
+        # cost 1.4x a 2-token one, and 5 tokens barely more than 3), so one level may not pay where two do
+        path = self.accept_prob(frontier_prob)
+        gain = 0.0
+        for k in range(1, LOOKAHEAD + 1):
+            path *= self._next_rate[min(levels + k - 1, MAX_DEPTH - 1)]
+            gain += path
+            cost = (self.draft_cost(levels + k) - self.draft_cost(levels)) + (self.verify_cost(n + 1 + k) - self.verify_cost(n + 1))
+            if (expected + gain) * seconds > expected * (seconds + max(cost, 1e-9)):
+                return True
+        return False
 
 
 def _top_k_for(paths: tuple[tuple[int, ...], ...]) -> int:

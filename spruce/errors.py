@@ -25,3 +25,7 @@ class OverloadedError(SpruceError):
 
 class NotFoundError(SpruceError, LookupError):
     """A named thing (model, request id) does not exist."""
+
+
+class UnavailableError(SpruceError):
+    """The server cannot take requests right now (models loading, shutting down)."""

@@ -261,3 +261,21 @@ def test_cost_curve_resists_spikes_and_stays_monotone():
     c.observe(7, 1.5)
     assert c(3) == pytest.approx(1.5)  # ... is capped by the larger pass measured since
     assert c(5) == pytest.approx(1.5)
+
+
+def test_step_policy_looks_past_a_step_in_the_verify_curve():
+    """One more level crosses the 2 -> 3 token step and does not pay alone; three more levels do."""
+    rates = torch.full((MAX_DEPTH, MAX_RANK), 0.9, dtype=torch.float64)
+    calibration = AcceptanceProfile().calibration()
+    verify, draft = CostCurve(), CostCurve()
+    for size, seconds in ((1, 0.40), (2, 0.43), (3, 0.65), (4, 0.66), (5, 0.67), (6, 0.68)):
+        verify.observe(size, seconds)
+    draft.observe(1, 0.02)
+    draft.observe(2, 0.04)
+    policy = StepPolicy(calibration, rates, verify, draft)
+    now = 1.95 / (0.02 + 0.43)  # one node verified: 4.33 tok/s
+    one_more = (1.95 + 0.95 * 0.9) / (0.04 + 0.65)  # 4.07: worse
+    two_more = (1.95 + 0.95 * 0.9 + 0.95 * 0.81) / (0.06 + 0.66)  # 5.0: better
+    assert one_more < now < two_more
+    assert policy.expand([0.95], 0.95, 1)
+    assert not StepPolicy(calibration, rates * 0.3, verify, draft).expand([0.95], 0.95, 1)

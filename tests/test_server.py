@@ -1,0 +1,340 @@
+"""The gRPC server in process on 127.0.0.1 with tiny models: spruce.v1 with its own stubs, KServe v2 with
+the real tritonclient, health, reflection, metrics, and the safe-failure list."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from spruce.config import ServeConfig
+from spruce.engine import Engine
+from spruce.server.app import start
+from spruce.server._gen.spruce.v1 import spruce_pb2 as pb
+from spruce.server._gen.spruce.v1 import spruce_pb2_grpc as pb_grpc
+
+MODEL = "tiny"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_target, tiny_draft, tokenizer):
+    config = ServeConfig(host="127.0.0.1", port=0, http_port=_free_port(), served_model_name=MODEL, max_queue=2, max_tokens_limit=64, grace_s=2)
+    srv = start(lambda: Engine(tiny_target, tokenizer, tiny_draft), config)
+    assert srv.load_error is None
+    yield srv
+    srv.stop(grace_s=1)
+
+
+@pytest.fixture(scope="module")
+def slow_server(tiny_target, tiny_draft, tokenizer):
+    """Every target pass takes >= 30 ms: long requests stay in flight long enough to abort, expire or
+    fill the queue, whatever the machine's speed."""
+    import copy
+
+    target = copy.deepcopy(tiny_target)
+    target.register_forward_pre_hook(lambda module, args: time.sleep(0.03))
+    config = ServeConfig(host="127.0.0.1", port=0, http_port=0, served_model_name=MODEL, max_queue=2, max_tokens_limit=64, grace_s=2)
+    srv = start(lambda: Engine(target, tokenizer, tiny_draft), config)
+    yield srv
+    srv.stop(grace_s=1)
+
+
+@pytest.fixture(scope="module")
+def slow_stub(slow_server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{slow_server.port}")
+    yield pb_grpc.SpruceServiceStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    yield pb_grpc.SpruceServiceStub(channel)
+    channel.close()
+
+
+def _req(text: str = "hello", max_tokens: int = 6, **kw) -> pb.GenerateRequest:
+    return pb.GenerateRequest(text=text, sampling=pb.SamplingOptions(max_tokens=max_tokens, ignore_eos=True, **kw))
+
+
+def test_generate_matches_the_engine(server, stub):
+    want = server.worker.engine.generate("hello", __import__("spruce").SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    got = stub.Generate(_req())
+    assert list(got.token_ids) == want.token_ids and got.text == want.text
+    assert got.finish_reason == pb.FINISH_REASON_LENGTH and got.completion_tokens == 6
+    assert got.stats.steps >= 1 and got.stats.mean_accepted_length >= 1.0
+    assert got.request_id
+
+
+def test_stream_in_order_adds_up(stub):
+    whole = stub.Generate(_req(max_tokens=10))
+    parts = list(stub.GenerateStream(_req(max_tokens=10)))
+    assert [m.finished for m in parts] == [False] * (len(parts) - 1) + [True]
+    assert [t for m in parts for t in m.token_ids] == list(whole.token_ids)
+    assert "".join(m.text for m in parts) == whole.text
+    assert parts[-1].stats.steps == len(parts)
+
+
+def test_token_ids_prompt_and_speculation_off(stub):
+    on = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6, 7]), sampling=pb.SamplingOptions(max_tokens=8, ignore_eos=True)))
+    off = stub.Generate(pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=[5, 6, 7]), sampling=pb.SamplingOptions(max_tokens=8, ignore_eos=True),
+        speculation=pb.SpeculationOptions(mode=pb.SPECULATION_MODE_OFF),
+    ))
+    assert list(on.token_ids) == list(off.token_ids)
+    assert off.stats.draft_tokens == 0
+
+
+@pytest.mark.parametrize(
+    "request_, field",
+    [
+        (pb.GenerateRequest(sampling=pb.SamplingOptions(max_tokens=4)), "prompt"),
+        (pb.GenerateRequest(text="", sampling=pb.SamplingOptions(max_tokens=4)), "empty"),
+        (_req(max_tokens=-1), "max_tokens"),
+        (_req(max_tokens=65), "max_tokens"),
+        (_req(temperature=-1.0), "temperature"),
+        (_req(top_p=1.5), "top_p"),
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[999999]), sampling=pb.SamplingOptions(max_tokens=4)), "vocabulary"),
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(200)) * 3), sampling=pb.SamplingOptions(max_tokens=4)), "context"),
+    ],
+    ids=["no_prompt", "empty", "negative_max_tokens", "max_tokens_over_limit", "temperature", "top_p", "bad_token", "too_long"],
+)
+def test_bad_input_is_invalid_argument(stub, request_, field):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(request_)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in err.value.details()
+
+
+def test_model_info_and_stats(stub):
+    info = stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert info.served_model_name == MODEL and info.vocab_size > 0
+    stub.Generate(_req())
+    stats = stub.GetStats(pb.GetStatsRequest())
+    assert stats.requests_finished >= 1 and stats.steps >= 1 and stats.output_tokens >= 6
+    assert stats.speculation_telemetry_json.startswith("{")
+
+
+def test_abort_stops_a_running_stream(slow_server, slow_stub):
+    server, stub = slow_server, slow_stub
+    stream = stub.GenerateStream(pb.GenerateRequest(request_id="abort-me", token_ids=pb.TokenIds(ids=[1, 2]), sampling=pb.SamplingOptions(max_tokens=60, ignore_eos=True)))
+    first = next(stream)
+    assert not first.finished
+    assert stub.Abort(pb.AbortRequest(request_id="abort-me")).found
+    rest = list(stream)
+    assert rest[-1].finished and rest[-1].finish_reason == pb.FINISH_REASON_ABORT
+    assert rest[-1].completion_tokens < 60
+    assert not stub.Abort(pb.AbortRequest(request_id="abort-me")).found
+    assert server.worker.running is None or server.worker.running.request_id != "abort-me"
+
+
+def test_deadline_stops_generation(slow_server, slow_stub):
+    server, stub = slow_server, slow_stub
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[3, 4]), sampling=pb.SamplingOptions(max_tokens=64, ignore_eos=True)), timeout=0.3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    end = time.monotonic() + 10
+    while server.worker.running is not None and time.monotonic() < end:
+        time.sleep(0.05)
+    assert server.worker.running is None  # the worker stopped instead of finishing 64 tokens
+
+
+def test_overload_is_resource_exhausted(slow_server, slow_stub):
+    server, stub = slow_server, slow_stub
+    long = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), sampling=pb.SamplingOptions(max_tokens=64, ignore_eos=True))
+    streams = [stub.GenerateStream(long) for _ in range(3)]  # one runs, two wait: the queue (2) is full
+    end = time.monotonic() + 10
+    while (server.worker.waiting < 2 or server.worker.running is None) and time.monotonic() < end:
+        time.sleep(0.01)
+    codes = []
+    try:
+        stub.Generate(long)
+    except grpc.RpcError as exc:
+        codes.append(exc.code())
+    for s in streams:
+        s.cancel()
+    assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED]
+    end = time.monotonic() + 20
+    while (server.worker.running is not None or server.worker.waiting) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert server.worker.waiting == 0 and server.worker.running is None
+
+
+def test_health_and_metrics(server, stub):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+    stub.Generate(_req())
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.config.http_port}/metrics").read().decode()
+    for name in (
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_count",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:spec_decode_num_drafts_total",
+        "vllm:spec_decode_num_draft_tokens_total",
+        "vllm:spec_decode_num_accepted_tokens_total",
+        'vllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="tiny",position="0"}',
+    ):
+        assert name in body, name
+    channel.close()
+
+
+def test_health_while_loading_and_draining(tiny_target, tokenizer):
+    gate = threading.Event()
+
+    def slow_load() -> Engine:
+        gate.wait(10)
+        return Engine(tiny_target, tokenizer)
+
+    srv = start(slow_load, ServeConfig(host="127.0.0.1", port=0, http_port=0, served_model_name=MODEL), block_until_ready=False)
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        pb_grpc.SpruceServiceStub(channel).Generate(_req())
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    gate.set()
+    srv.ready.wait(10)
+    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+    srv.set_serving(False)  # what stop() does first
+    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    channel.close()
+    srv.stop(grace_s=0.5)
+
+
+def test_reflection_lists_the_services(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"spruce.v1.SpruceService", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+    channel.close()
+
+
+# ---- KServe v2 with the real Triton client -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def triton(server):
+    import tritonclient.grpc as tc
+
+    client = tc.InferenceServerClient(f"127.0.0.1:{server.port}")
+    yield client
+    client.close()
+
+
+def _inputs(text: str, max_tokens: int, stream: bool | None = None):
+    """tritonclient's gRPC inputs (it always sends raw_input_contents)."""
+    import tritonclient.grpc as tc
+
+    t = tc.InferInput("text_input", [1], "BYTES")
+    t.set_data_from_numpy(np.array([text.encode()], dtype=object))
+    m = tc.InferInput("max_tokens", [1, 1], "INT32")
+    m.set_data_from_numpy(np.array([[max_tokens]], dtype=np.int32))
+    out = [t, m]
+    if stream is not None:
+        s = tc.InferInput("stream", [1], "BOOL")
+        s.set_data_from_numpy(np.array([stream]))
+        out.append(s)
+    return out
+
+
+def test_kserve_metadata_and_readiness(triton):
+    assert triton.is_server_live() and triton.is_server_ready() and triton.is_model_ready(MODEL)
+    assert not triton.is_model_ready("other")
+    meta = triton.get_model_metadata(MODEL)
+    assert {i.name for i in meta.inputs} >= {"text_input", "max_tokens"}
+    config = triton.get_model_config(MODEL).config
+    assert config.model_transaction_policy.decoupled
+    assert triton.get_server_metadata().name == "spruce"
+
+
+def test_kserve_infer(triton, stub):
+    result = triton.infer(MODEL, _inputs("hello", 6))
+    text = result.as_numpy("text_output")[0].decode()
+    want = stub.Generate(pb.GenerateRequest(text="hello", sampling=pb.SamplingOptions(max_tokens=6)))
+    assert text == "hello" + want.text  # exclude_input_in_output defaults to False, as in Triton's vLLM model
+    assert result.as_numpy("completion_tokens")[0] == want.completion_tokens
+    assert result.as_numpy("finish_reason")[0].decode() in ("stop", "length")
+
+
+def test_kserve_infer_with_typed_contents(server, triton):
+    """Clients that send typed contents (bytes_contents, int_contents) instead of raw bytes."""
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    request = service_pb2.ModelInferRequest(model_name=MODEL)
+    text = request.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+    text.contents.bytes_contents.append(b"hello")
+    tokens = request.inputs.add(name="max_tokens", datatype="INT32", shape=[1])
+    tokens.contents.int_contents.append(6)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    reply = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    channel.close()
+    raw = triton.infer(MODEL, _inputs("hello", 6))
+    assert reply.raw_output_contents[0] == raw.get_response().raw_output_contents[0]
+    assert not any(o.HasField("contents") for o in reply.outputs)  # raw only, never mixed
+
+
+def test_kserve_stream_infer(triton):
+    import queue
+
+    import tritonclient.grpc as tc
+
+    results: queue.Queue = queue.Queue()
+    triton.start_stream(callback=lambda result, error: results.put((result, error)))
+    triton.async_stream_infer(MODEL, _inputs("hello", 8, stream=True), request_id="s1")
+    parts, final = [], False
+    while not final:
+        result, error = results.get(timeout=30)
+        assert error is None
+        parts.append(result.as_numpy("text_output")[0].decode())
+        final = result.get_response().parameters["triton_final_response"].bool_param
+    # an unknown model fails in-band without closing the stream
+    triton.async_stream_infer("nope", _inputs("hello", 2, stream=True))
+    _, error = results.get(timeout=30)
+    assert error is not None and "nope" in str(error)
+    triton.stop_stream()
+    whole = triton.infer(MODEL, [*_inputs("hello", 8), _exclude()]).as_numpy("text_output")[0].decode()
+    assert "".join(parts) == whole
+    del tc
+
+
+def _exclude():
+    import tritonclient.grpc as tc
+
+    e = tc.InferInput("exclude_input_in_output", [1], "BOOL")
+    e.set_data_from_numpy(np.array([True]))
+    return e
+
+
+def test_kserve_errors(triton):
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        triton.infer("nope", _inputs("hello", 2))
+    bad = tc.InferInput("max_tokens", [1], "FP32")
+    bad.set_data_from_numpy(np.array([2.0], dtype=np.float32))
+    text = _inputs("hello", 2)[0]
+    with pytest.raises(InferenceServerException):
+        triton.infer(MODEL, [text, bad, tc.InferInput("mystery", [1], "INT32").set_data_from_numpy(np.array([1], dtype=np.int32))])
+    with pytest.raises(InferenceServerException, match="text_input"):
+        triton.infer(MODEL, _inputs("hello", 2)[1:])
