@@ -229,9 +229,9 @@ def best_shape(
     """The ``budget`` nodes of largest path probability with at most ``depth`` levels, best first, as
     (sibling-rank path, probability of being accepted). Every prefix of the list is the best tree of its
     size (Sequoia's positional model)."""
-    a = rates.tolist()
+    a: list[list[float]] = rates.tolist()
     # heap of (-probability, tie-break, rank path, parent's probability)
-    heap = [(-a[0][0], 0, (0,), 1.0)]
+    heap: list[tuple[float, int, tuple[int, ...], float]] = [(-a[0][0], 0, (0,), 1.0)]
     out: list[tuple[tuple[int, ...], float]] = []
     tie = 1
     while heap and len(out) < budget:
