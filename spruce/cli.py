@@ -106,6 +106,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=_ENGINE.target, help="HF model dir or .gguf file (default: embedded)")
+    p.add_argument("--draft", default=_ENGINE.draft, help="HF model dir or .gguf file (default: embedded)")
+    p.add_argument("--drafter", default=_ENGINE.drafter, choices=DRAFTERS, help="ngram loads no draft model")
     p.add_argument("--device", default=_ENGINE.device)
     p.add_argument("--dtype", default=_ENGINE.dtype, choices=DTYPES)
     p.add_argument("--draft-dtype", default=_ENGINE.draft_dtype, choices=DTYPES, help="default: auto")

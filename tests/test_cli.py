@@ -54,3 +54,11 @@ def test_generate_static_tree_paths(tiny_dirs, capsys):
     except SystemExit as exc:
         assert exc.code == 2
     assert "tree paths" in capsys.readouterr().err
+
+
+def test_serve_defaults_are_the_contract():
+    from spruce.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.port, args.http_port, args.served_model_name) == (50051, 8000, "spruce")
+    assert args.target is None and args.draft is None  # the embedded pair
