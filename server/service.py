@@ -35,33 +35,61 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+class _Undecodable:
+    """Stands in for a request message that did not parse (invalid UTF-8 in a string field, bad wire
+    format), so the handler can answer INVALID_ARGUMENT instead of gRPC's generic INTERNAL."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _safe(deserializer: Callable | None) -> Callable | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Undecodable(exc)
+
+    return parse
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Turns exceptions raised by any handler into a status code and a message naming what was wrong;
-    unexpected ones are logged and become INTERNAL (the server itself keeps running)."""
+    unexpected ones are logged and become INTERNAL (the server itself keeps running). Requests that do
+    not parse get INVALID_ARGUMENT."""
 
     def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _guard_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _guard_stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                _guard_stream(handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+        kinds = (
+            ("unary_unary", grpc.unary_unary_rpc_method_handler, _guard_unary),
+            ("unary_stream", grpc.unary_stream_rpc_method_handler, _guard_stream),
+            ("stream_stream", grpc.stream_stream_rpc_method_handler, _guard_stream),
+        )
+        for attr, make, guard in kinds:
+            fn = getattr(handler, attr)
+            if fn is not None:
+                return make(
+                    guard(fn),
+                    request_deserializer=_safe(handler.request_deserializer),
+                    response_serializer=handler.response_serializer,
+                )
         return handler
+
+
+def _checked(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidRequestError(f"the request message does not parse (invalid UTF-8 in a string field?): {request.error}")
+    return request
+
+
+def _checked_stream(requests: Iterator[Any]) -> Iterator[Any]:
+    for request in requests:
+        yield _checked(request)
 
 
 def _fail(context: grpc.ServicerContext, exc: Exception) -> None:
@@ -74,7 +102,7 @@ def _fail(context: grpc.ServicerContext, exc: Exception) -> None:
 def _guard_unary(fn: Callable) -> Callable:
     def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return fn(request, context)
+            return fn(_checked(request), context)
         except grpc.RpcError:
             raise
         except Exception as exc:
@@ -86,7 +114,9 @@ def _guard_unary(fn: Callable) -> Callable:
 def _guard_stream(fn: Callable) -> Callable:
     def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
-            yield from fn(request, context)
+            if isinstance(request, Iterator):
+                request = _checked_stream(request)
+            yield from fn(_checked(request), context)
         except grpc.RpcError:
             raise
         except Exception as exc:

@@ -115,11 +115,13 @@ class EngineWorker:
             if request_id in self._jobs:
                 raise InvalidRequestError(f"request_id {request_id!r} is already in use")
             job = Job(request_id, prompt_ids, params, speculation, deadline)
+            # registered before it is queued: the worker may take and finish it at once
+            self._jobs[request_id] = job
             try:
                 self._queue.put_nowait(job)
             except queue.Full:
+                del self._jobs[request_id]
                 raise OverloadedError(f"the request queue is full ({self._queue.maxsize} waiting): retry later") from None
-            self._jobs[request_id] = job
         self.metrics.waiting.labels(self.metrics.model_name).set(self.waiting)
         return job
 

@@ -338,3 +338,170 @@ def test_kserve_errors(triton):
         triton.infer(MODEL, [text, bad, tc.InferInput("mystery", [1], "INT32").set_data_from_numpy(np.array([1], dtype=np.int32))])
     with pytest.raises(InferenceServerException, match="text_input"):
         triton.infer(MODEL, _inputs("hello", 2)[1:])
+
+
+def _slow_engine(tiny_target, tiny_draft, tokenizer, seconds: float = 0.03) -> Engine:
+    import copy
+
+    target = copy.deepcopy(tiny_target)
+    target.register_forward_pre_hook(lambda module, args: time.sleep(seconds))
+    return Engine(target, tokenizer, tiny_draft)
+
+
+@pytest.mark.parametrize("grace_s, finish", [(10.0, pb.FINISH_REASON_LENGTH), (0.2, pb.FINISH_REASON_ABORT)])
+def test_drain_finishes_or_aborts_in_flight_work(tiny_target, tiny_draft, tokenizer, grace_s, finish):
+    engine = _slow_engine(tiny_target, tiny_draft, tokenizer)
+    srv = start(lambda: engine, ServeConfig(host="127.0.0.1", port=0, http_port=0, served_model_name=MODEL))
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+    stub = pb_grpc.SpruceServiceStub(channel)
+    stream = stub.GenerateStream(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), sampling=pb.SamplingOptions(max_tokens=30, ignore_eos=True)))
+    next(stream)
+    stopper = threading.Thread(target=srv.stop, args=(grace_s,))
+    stopper.start()
+    end = time.monotonic() + 5
+    while srv.worker.accepting and time.monotonic() < end:
+        time.sleep(0.01)
+    with pytest.raises(grpc.RpcError) as err:  # no new work while draining
+        stub.Generate(_req())
+    assert err.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+    last = list(stream)[-1]
+    assert last.finished and last.finish_reason == finish
+    stopper.join(30)
+    channel.close()
+
+
+def test_bearer_token(tiny_target, tokenizer):
+    srv = start(lambda: Engine(tiny_target, tokenizer), ServeConfig(host="127.0.0.1", port=0, http_port=0, auth_token="s3cret"))
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+    stub = pb_grpc.SpruceServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError):
+        stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=[("authorization", "Bearer wrong")])
+    assert stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=[("authorization", "Bearer s3cret")]).served_model_name
+    health = health_pb2_grpc.HealthStub(channel)  # probes need no token
+    assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    channel.close()
+    srv.stop(grace_s=0.5)
+
+
+def test_kserve_rejects_invalid_utf8_and_bad_shapes(triton):
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+
+    bad_text = tc.InferInput("text_input", [1], "BYTES")
+    bad_text.set_data_from_numpy(np.array([b"\xff\xfe"], dtype=object))
+    with pytest.raises(InferenceServerException, match="UTF-8"):
+        triton.infer(MODEL, [bad_text, _inputs("x", 2)[1]])
+    two = tc.InferInput("max_tokens", [2], "INT32")
+    two.set_data_from_numpy(np.array([2, 3], dtype=np.int32))
+    with pytest.raises(InferenceServerException, match="shape"):
+        triton.infer(MODEL, [_inputs("x", 2)[0], two])
+
+
+def test_a_request_that_breaks_the_model_fails_alone(tiny_target, tokenizer):
+    import copy
+
+    target = copy.deepcopy(tiny_target)
+
+    def explode(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and bool((ids == 13).any()):
+            raise RuntimeError("boom")
+
+    target.register_forward_pre_hook(explode, with_kwargs=True)
+    srv = start(lambda: Engine(target, tokenizer), ServeConfig(host="127.0.0.1", port=0, http_port=0))
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+    stub = pb_grpc.SpruceServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[13, 13]), sampling=pb.SamplingOptions(max_tokens=3)))
+    assert err.value.code() == grpc.StatusCode.INTERNAL and "boom" in err.value.details()
+    ok = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5, 6]), sampling=pb.SamplingOptions(max_tokens=3, ignore_eos=True)))
+    assert len(ok.token_ids) == 3 or ok.finish_reason == pb.FINISH_REASON_STOP
+    assert stub.GetStats(pb.GetStatsRequest()).requests_failed == 1
+    channel.close()
+    srv.stop(grace_s=0.5)
+
+
+def test_undecodable_and_oversized_requests(server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.max_send_message_length", 64 << 20)])
+    raw = channel.unary_unary("/spruce.v1.SpruceService/Generate", request_serializer=None, response_deserializer=None)
+    # field 2 (text), wire type 2, 2 bytes that are not UTF-8
+    with pytest.raises(grpc.RpcError) as err:
+        raw(b"\x12\x02\xff\xfe")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "parse" in err.value.details()
+    stub = pb_grpc.SpruceServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(_req(text="x" * (17 << 20)))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stub.Generate(_req()).completion_tokens == 6  # and the server carries on
+    channel.close()
+
+
+def test_tls(tmp_path, tiny_target, tokenizer):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True,
+    )
+    srv = start(lambda: Engine(tiny_target, tokenizer), ServeConfig(host="127.0.0.1", port=0, http_port=0, tls_cert=str(cert), tls_key=str(key)))
+    creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    channel = grpc.secure_channel(f"127.0.0.1:{srv.port}", creds, options=[("grpc.ssl_target_name_override", "localhost")])
+    assert pb_grpc.SpruceServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10).served_model_name == "spruce"
+    channel.close()
+    srv.stop(grace_s=0.5)
+
+
+SERVE_SCRIPT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from conftest import build_tiny_model, _tokenizer
+from spruce.config import ServeConfig
+from spruce.engine import Engine
+from spruce.server.app import serve_forever
+target = build_tiny_model(0)
+target.register_forward_pre_hook(lambda m, a: time.sleep(0.03))
+sys.exit(serve_forever(lambda: Engine(target, _tokenizer()), ServeConfig(host="127.0.0.1", port={port}, http_port=0, grace_s=20)))
+"""
+
+
+def test_sigterm_drains_in_flight_requests(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    script = tmp_path / "serve.py"
+    script.write_text(SERVE_SCRIPT.format(tests=os.path.dirname(__file__), port=port))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        stream = pb_grpc.SpruceServiceStub(channel).GenerateStream(
+            pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), sampling=pb.SamplingOptions(max_tokens=30, ignore_eos=True))
+        )
+        next(stream)
+        proc.send_signal(signal.SIGTERM)
+        last = list(stream)[-1]
+        assert last.finished and last.finish_reason == pb.FINISH_REASON_LENGTH  # finished within the grace
+        assert proc.wait(timeout=60) == 0
+        channel.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
