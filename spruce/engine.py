@@ -24,8 +24,16 @@ from spruce.costmodel import AcceptanceProfile, CostCurve, StepPolicy, plan_tree
 from spruce.draft.model_drafter import DraftSampling, DraftState, ModelDrafter
 from spruce.draft.ngram import add_ngram_branches
 from spruce.draft.tree import Proposal, TokenTree, path_logprobs
-from spruce.errors import IncompatibleModelsError, InvalidRequestError
+from spruce.errors import InvalidRequestError
 from spruce.modeling import forward_tokens, keep_cache_positions, new_cache
+from spruce.pairing import (
+    check_cache_layout,
+    check_pair,
+    check_tokenizers,
+    eos_ids,
+    pick_draft_dtype,
+    torch_dtype,
+)
 from spruce.stats import SpecStats
 from spruce.stopping import FINISH_ABORT, StopChecker
 from spruce.verify.accept import accept
@@ -77,16 +85,16 @@ class Engine:
     ) -> None:
         self.target = target
         self.tokenizer = tokenizer
-        _check_cache_layout(target)
+        check_cache_layout(target)
         if draft is not None:
-            _check_cache_layout(draft)
+            check_cache_layout(draft)
         self.drafter = ModelDrafter(draft, int(target.config.vocab_size)) if draft is not None else None
         self.config = config or EngineConfig()
         self.attention_backend = self._setup_attention(self.config.attention_backend)
-        self.eos_ids = _eos_ids(target, tokenizer)
+        self.eos_ids = eos_ids(target, tokenizer)
         self.max_context = int(getattr(target.config, "max_position_embeddings", 0) or 1 << 31)
         if draft is not None:
-            _check_pair(target, draft)
+            check_pair(target, draft)
         # what the cost model learns, engine-wide (see ``spruce.costmodel``)
         self.profile = AcceptanceProfile()
         self.verify_costs = CostCurve()
@@ -134,13 +142,13 @@ class Engine:
             elif target is None:
                 draft_dir = resolve_model_dir(None, "draft")
         tokenizer = load_tokenizer(target_dir, trust_remote_code)
-        target_model = load_causal_lm(target_dir, _torch_dtype(dtype), dev, trust_remote_code)
+        target_model = load_causal_lm(target_dir, torch_dtype(dtype), dev, trust_remote_code)
         draft_model = None
         if draft_dir is not None:
-            chosen = draft_dtype or _pick_draft_dtype(dev, dtype, draft_dir)
-            draft_model = load_causal_lm(draft_dir, _torch_dtype(chosen), dev, trust_remote_code)
+            chosen = draft_dtype or pick_draft_dtype(dev, dtype, draft_dir)
+            draft_model = load_causal_lm(draft_dir, torch_dtype(chosen), dev, trust_remote_code)
             config = dataclasses.replace(config, draft_dtype=chosen)
-            _check_tokenizers(tokenizer, load_tokenizer(draft_dir, trust_remote_code))
+            check_tokenizers(tokenizer, load_tokenizer(draft_dir, trust_remote_code))
         return cls(target_model, tokenizer, draft_model, config)
 
     def _setup_attention(self, name: str) -> str:
@@ -464,50 +472,6 @@ _CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # timings per size at start-up; the fastest counts (the others met interference)
 _CALIBRATION_REPEATS = 2
 
-# A bfloat16 draft must be at least this much faster per row than float32 to be chosen automatically.
-_BF16_DRAFT_MIN_SPEEDUP = 1.3
-
-
-def _pick_draft_dtype(device: torch.device, dtype: str, draft_dir: Path) -> str:
-    """The draft's dtype when not given: bfloat16 on a CPU where it measures clearly faster.
-
-    The target's verification keeps the output exact whatever the draft computes in, so the draft may
-    trade precision for speed; measured on the embedded pair (evals/results/), a bfloat16 draft kept the
-    same acceptance and made float32 speculation 1.33x instead of 1.12x faster than plain decoding.
-    """
-    if device.type != "cpu" or dtype == "bfloat16":
-        return dtype
-    from transformers import AutoConfig
-
-    from spruce.kernels.cpu_linear import bf16_speedup
-
-    native = _cpu_has_native_bf16()
-    if native is not None:
-        return "bfloat16" if native else dtype
-    cfg = AutoConfig.from_pretrained(draft_dir, local_files_only=True)
-    hidden = int(getattr(cfg, "hidden_size", 1024))
-    inner = int(getattr(cfg, "intermediate_size", 4 * hidden))
-    return "bfloat16" if bf16_speedup(hidden, inner) >= _BF16_DRAFT_MIN_SPEEDUP else dtype
-
-
-def _cpu_has_native_bf16() -> bool | None:
-    """Whether the CPU advertises bfloat16 dot products (avx512_bf16 / amx_bf16); None if unknown.
-
-    A fixed answer per machine keeps seeded sampling reproducible (the draft's dtype shapes the trees,
-    and so the random stream); timing is the fallback where the flags cannot be read.
-    """
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return None
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
 def _generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator(device="cpu")
     if seed is None:
@@ -536,39 +500,3 @@ def _as_prompt_list(prompts: Any) -> list[Any]:
     if all(isinstance(p, int) for p in items):
         return [items]
     return items
-
-
-def _eos_ids(model: PreTrainedModel, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config):
-        eos = getattr(source, "eos_token_id", None)
-        if eos is not None:
-            ids.update([eos] if isinstance(eos, int) else eos)
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
-
-
-def _check_pair(target: PreTrainedModel, draft: PreTrainedModel) -> None:
-    if draft.device != target.device:
-        raise IncompatibleModelsError(f"draft on {draft.device} but target on {target.device}")
-
-
-def _check_cache_layout(model: PreTrainedModel) -> None:
-    """Tree verification moves KV slots by absolute position: every layer must keep full attention."""
-    cfg = model.config
-    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"} or getattr(cfg, "use_sliding_window", False):
-        raise IncompatibleModelsError(
-            f"{getattr(cfg, 'model_type', 'model')} uses {sorted(kinds)} layers: spruce's tree verification "
-            "needs full-attention layers throughout (sliding-window caches are not supported yet)"
-        )
-
-
-def _check_tokenizers(target_tok, draft_tok) -> None:
-    """Draft tokens are verified by id, so both models must share one vocabulary."""
-    if target_tok.get_vocab() != draft_tok.get_vocab():
-        raise IncompatibleModelsError(
-            "target and draft tokenizers differ: speculation verifies token ids, so the pair must share "
-            "one vocabulary"
-        )

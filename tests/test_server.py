@@ -29,10 +29,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _drafting_engine(tiny_target, tiny_draft, tokenizer) -> Engine:
+    """Pass costs set as on a GPU (flat verify, cheap draft) so the adaptive plan drafts from the start;
+    online timings refine them as requests run."""
+    engine = Engine(tiny_target, tokenizer, tiny_draft)
+    for size in range(1, 18):
+        engine.verify_costs.observe(size, 0.01)
+    engine.draft_costs.observe(1, 0.0005)
+    engine.draft_costs.observe(2, 0.001)
+    return engine
+
+
 @pytest.fixture(scope="module")
 def server(tiny_target, tiny_draft, tokenizer):
     config = ServeConfig(host="127.0.0.1", port=0, http_port=_free_port(), served_model_name=MODEL, max_queue=2, max_tokens_limit=64, grace_s=2)
-    srv = start(lambda: Engine(tiny_target, tokenizer, tiny_draft), config)
+    srv = start(lambda: _drafting_engine(tiny_target, tiny_draft, tokenizer), config)
     assert srv.load_error is None
     yield srv
     srv.stop(grace_s=1)
@@ -177,7 +188,12 @@ def test_health_and_metrics(server, stub):
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     health = health_pb2_grpc.HealthStub(channel)
     assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
-    stub.Generate(_req())
+    # adaptive speculation decides from measured timings whether to draft: ask until a draft was accepted
+    for prompt in ("hello", "abcabcabc", "the the the", "12121212", "xyz"):
+        stub.Generate(_req(text=prompt, max_tokens=12))
+        if stub.GetStats(pb.GetStatsRequest()).accepted_tokens > 0:
+            break
+    assert stub.GetStats(pb.GetStatsRequest()).accepted_tokens > 0
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.config.http_port}/metrics").read().decode()
     for name in (
         "vllm:time_to_first_token_seconds_bucket",
