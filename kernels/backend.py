@@ -17,42 +17,43 @@ from collections.abc import Callable
 
 import torch
 
-from spruce.kernels.reference import unpack_bitmask
+from spruce.kernels.reference import per_request
 
 BACKENDS = ("sdpa", "triton", "flex", "flash")
 TreeAttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def sdpa_tree_attention(
-    # [Tq, H, D]
+def _sdpa_masked(
+    # [H, N, D]
     q: torch.Tensor,
-    # [Tk, Hkv, D]
+    # [Hkv, S, D]
     k: torch.Tensor,
-    # [Tk, Hkv, D]
+    # [Hkv, S, D]
     v: torch.Tensor,
-    # [Tq, W] int64
+    # [N, S] bool
+    visible: torch.Tensor,
+    scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA with an explicit mask; the lse (needed for merges) from the same scores in float32."""
+    group = q.shape[0] // k.shape[0]
+    k = k.repeat_interleave(group, 0)
+    v = v.repeat_interleave(group, 0)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
+    s = (q.float() @ k.float().transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    return out, torch.logsumexp(s.masked_fill(~visible, float("-inf")), -1)
+
+
+def sdpa_tree_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     tree_mask: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per request: SDPA with the explicit [N, P+N] mask; the lse from the same scores (for merges)."""
-    outs, lses = [], []
-    group = q.shape[1] // k.shape[1]
-    for b in range(cu_seqlens_q.numel() - 1):
-        q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
-        k0, k1 = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
-        n = q1 - q0
-        visible = torch.ones(n, k1 - k0, dtype=torch.bool, device=q.device)
-        visible[:, k1 - k0 - n :] = unpack_bitmask(tree_mask[q0:q1], n)
-        qb = q[q0:q1].transpose(0, 1)
-        kb = k[k0:k1].transpose(0, 1).repeat_interleave(group, 0)
-        vb = v[k0:k1].transpose(0, 1).repeat_interleave(group, 0)
-        out = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=visible, scale=scale)
-        s = (qb.float() @ kb.float().transpose(-1, -2)) * (scale if scale is not None else qb.shape[-1] ** -0.5)
-        outs.append(out.transpose(0, 1))
-        lses.append(torch.logsumexp(s.masked_fill(~visible, float("-inf")), -1).transpose(0, 1))
-    return torch.cat(outs), torch.cat(lses)
+    """Per request (``kernels.reference.per_request``): SDPA with the explicit [N, P+N] mask."""
+    return per_request(q, k, v, tree_mask, cu_seqlens_q, cu_seqlens_k, scale, _sdpa_masked)
 
 
 def available(name: str, device_type: str) -> str | None:

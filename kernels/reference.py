@@ -7,6 +7,7 @@ Slow and obviously correct; every fast tree-attention backend is compared with i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -70,7 +71,11 @@ def unpack_bitmask(
     return ((words[:, j // WORD_BITS] >> (j % WORD_BITS)) & 1).bool()
 
 
-def tree_attention_reference(
+# (q [H, N, D], k [Hkv, S, D], v [Hkv, S, D], visible [N, S] bool, scale) -> ([H, N, D], [H, N] lse)
+MaskedAttention = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def per_request(
     # [Tq, H, D] packed tree queries
     q: torch.Tensor,
     # [Tk, Hkv, D] packed keys: each request's prefix, then its tree nodes
@@ -83,9 +88,11 @@ def tree_attention_reference(
     cu_seqlens_q: torch.Tensor,
     # [B+1] key offsets
     cu_seqlens_k: torch.Tensor,
-    scale: float | None = None,
+    scale: float | None,
+    attend: MaskedAttention,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ragged tree-attention contract spelled out per request: ([Tq, H, D] output, [Tq, H] lse)."""
+    """The ragged tree-attention contract spelled out: each request's queries attend, through
+    ``attend``, to its whole prefix and to their tree ancestors. Returns ([Tq, H, D], [Tq, H] lse)."""
     outs, lses = [], []
     for b in range(cu_seqlens_q.numel() - 1):
         q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
@@ -94,9 +101,20 @@ def tree_attention_reference(
         visible = torch.cat(
             [torch.ones(n, prefix, dtype=torch.bool, device=q.device), unpack_bitmask(tree_mask[q0:q1], n)], dim=1
         )
-        o, lse = masked_attention(
-            q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1), visible, scale
-        )
+        o, lse = attend(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1), visible, scale)
         outs.append(o.transpose(0, 1))
         lses.append(lse.transpose(0, 1))
     return torch.cat(outs), torch.cat(lses)
+
+
+def tree_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tree_mask: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle for the packed contract (shapes as ``per_request``): ``masked_attention`` per request."""
+    return per_request(q, k, v, tree_mask, cu_seqlens_q, cu_seqlens_k, scale, masked_attention)
