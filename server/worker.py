@@ -37,7 +37,8 @@ class Job:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    speculation: Any  # SpeculationConfig | None | DEFAULT
+    # resolved: the tree config, or None for plain decoding
+    speculation: SpeculationConfig | None
     # time.monotonic() after which the request stops; None = no deadline
     deadline: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -56,23 +57,6 @@ class ServerTotals:
     failed: int = 0
     aborted: int = 0
     spec: SpecStats = field(default_factory=SpecStats)
-
-    def add(self, stats: SpecStats) -> None:
-        s = self.spec
-        s.steps += stats.steps
-        s.drafted += stats.drafted
-        s.accepted += stats.accepted
-        s.output_tokens += stats.output_tokens
-        for mine, theirs in ((s.drafted_by_depth, stats.drafted_by_depth), (s.accepted_by_depth, stats.accepted_by_depth)):
-            mine.extend([0] * (len(theirs) - len(mine)))
-            for i, v in enumerate(theirs):
-                mine[i] += v
-        for mine_d, theirs_d in (
-            (s.steps_by_tree_size, stats.steps_by_tree_size),
-            (s.steps_by_planned_budget, stats.steps_by_planned_budget),
-        ):
-            for k, v in theirs_d.items():
-                mine_d[k] = mine_d.get(k, 0) + v
 
 
 class EngineWorker:
@@ -105,8 +89,7 @@ class EngineWorker:
         if params.max_tokens > self.max_tokens_limit:
             raise InvalidRequestError(f"max_tokens {params.max_tokens} is above this server's limit {self.max_tokens_limit}")
         prompt_ids = self.engine.encode(prompt)
-        if speculation is not DEFAULT:
-            self.engine._resolve_speculation(speculation)  # a drafter the server cannot run fails now
+        spec = self.engine.resolve_speculation(speculation)  # a drafter the server cannot run fails now
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._lock:
             if not self.accepting:
@@ -114,7 +97,7 @@ class EngineWorker:
             request_id = request_id or f"req-{next(self._ids)}"
             if request_id in self._jobs:
                 raise InvalidRequestError(f"request_id {request_id!r} is already in use")
-            job = Job(request_id, prompt_ids, params, speculation, deadline)
+            job = Job(request_id, prompt_ids, params, spec, deadline)
             # registered before it is queued: the worker may take and finish it at once
             self._jobs[request_id] = job
             try:
@@ -189,7 +172,7 @@ class EngineWorker:
         self.running_kv_tokens = len(job.prompt_ids)
         last = job.arrival
         try:
-            stream = self.engine._run(job.prompt_ids, job.params, self._spec(job), job.should_stop)
+            stream = self.engine.run_encoded(job.prompt_ids, job.params, job.speculation, job.should_stop)
             for event in stream:
                 now = time.monotonic()
                 if event.token_ids:
@@ -207,9 +190,6 @@ class EngineWorker:
             self.totals.failed += 1
             job.events.put((_FAILED, exc))
 
-    def _spec(self, job: Job) -> SpeculationConfig | None:
-        return self.engine._resolve_speculation(job.speculation)
-
     def _finish(self, job: Job, event: StreamEvent) -> None:
         out = event.output
         assert out is not None
@@ -217,7 +197,7 @@ class EngineWorker:
         self.metrics.request_finished(out.stats, len(job.prompt_ids), out.finish_reason)
         self.totals.finished += 1
         self.totals.aborted += out.finish_reason == FINISH_ABORT
-        self.totals.add(out.stats)
+        self.totals.spec.merge(out.stats)
         job.events.put(event)
 
 

@@ -190,10 +190,10 @@ class Engine:
         Each prompt is validated before any is run, so a bad one fails the call before work is spent.
         """
         params = params or SamplingParams()
-        spec = self._resolve_speculation(speculation)
+        spec = self.resolve_speculation(speculation)
         batch = _as_prompt_list(prompts)
         encoded = [self.encode(p) for p in batch]
-        return [_final_output(self._run(ids, params, spec)) for ids in encoded]
+        return [_final_output(self.run_encoded(ids, params, spec)) for ids in encoded]
 
     def stream(
         self,
@@ -209,10 +209,12 @@ class Engine:
         reason "abort" and everything it held is released.
         """
         params = params or SamplingParams()
-        spec = self._resolve_speculation(speculation)
-        yield from self._run(self.encode(prompt), params, spec, should_stop)
+        spec = self.resolve_speculation(speculation)
+        yield from self.run_encoded(self.encode(prompt), params, spec, should_stop)
 
-    def _resolve_speculation(self, speculation: SpeculationConfig | None | _Default) -> SpeculationConfig | None:
+    def resolve_speculation(self, speculation: SpeculationConfig | None | _Default) -> SpeculationConfig | None:
+        """The tree a request will use (``DEFAULT``: the engine's default); raises if this engine cannot
+        run it (a model drafter without a draft model)."""
         spec = self.default_speculation if isinstance(speculation, _Default) else speculation
         if spec is not None and spec.uses_model and self.drafter is None:
             raise InvalidRequestError(
@@ -260,13 +262,14 @@ class Engine:
 
     # ---- the loop -----------------------------------------------------------------------------------
 
-    def _run(
+    def run_encoded(
         self,
         prompt_ids: list[int],
         params: SamplingParams,
         spec: SpeculationConfig | None,
         should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[StreamEvent]:
+        """``stream`` for a request already encoded (``encode``) and resolved (``resolve_speculation``)."""
         start = time.perf_counter()
         limit = min(params.max_tokens, self.max_context - len(prompt_ids))
         generator = _generator(params.seed)

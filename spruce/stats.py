@@ -50,6 +50,23 @@ class SpecStats:
         for d in range(emitted_draft_tokens):
             self.accepted_by_depth[d] += 1
 
+    def merge(self, other: SpecStats) -> None:
+        """Add another request's counters to these (server-wide totals); times are not summed."""
+        self.steps += other.steps
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        self.output_tokens += other.output_tokens
+        for mine, theirs in ((self.drafted_by_depth, other.drafted_by_depth), (self.accepted_by_depth, other.accepted_by_depth)):
+            _grow(mine, len(theirs))
+            for i, count in enumerate(theirs):
+                mine[i] += count
+        for mine_d, theirs_d in (
+            (self.steps_by_tree_size, other.steps_by_tree_size),
+            (self.steps_by_planned_budget, other.steps_by_planned_budget),
+        ):
+            for key, count in theirs_d.items():
+                mine_d[key] = mine_d.get(key, 0) + count
+
     def record_plan(self, budget: int) -> None:
         self.steps_by_planned_budget[budget] = self.steps_by_planned_budget.get(budget, 0) + 1
 

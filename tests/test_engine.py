@@ -294,3 +294,18 @@ def test_stream_stops_when_asked(tiny_engine):
     events = list(tiny_engine.stream([1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True), None, should_stop))
     out = events[-1].output
     assert out.finish_reason == "abort" and out.stats.steps == 2 and len(out.token_ids) == 2
+
+
+def test_stats_merge_adds_counters():
+    from spruce.stats import SpecStats
+
+    a, b, both = SpecStats(), SpecStats(), SpecStats()
+    for stats, steps in ((a, [(2, 3, 1, 2), (1, 1, 0, 1)]), (b, [(3, 4, 3, 4)])):
+        for step in steps:
+            stats.record_step(*step)
+            both.record_step(*step)
+        stats.record_plan(4)
+        both.record_plan(4)
+    a.merge(b)
+    for key in ("steps", "drafted", "accepted", "output_tokens", "drafted_by_depth", "accepted_by_depth", "steps_by_tree_size", "steps_by_planned_budget"):
+        assert a.to_dict()[key] == both.to_dict()[key], key
