@@ -205,8 +205,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _generate(self, request: pb.ModelInferRequest, context: grpc.ServicerContext, streaming: bool) -> Iterator[pb.ModelInferResponse]:
         self._check_model(request.model_name, request.model_version)
         text, params, stream, exclude_input = _request_of(_tensors(request))
-        job = submit(self.worker, context, text, params, DEFAULT, request.id)
         stream = stream and streaming
+        job = submit(self.worker, context, text, params, DEFAULT, request.id, text_deltas=stream)
         for event in self.worker.events(job):
             out = event.output
             if stream:

@@ -125,10 +125,12 @@ def _guard_stream(fn: Callable) -> Callable:
     return wrapped
 
 
-def submit(worker: EngineWorker, context: grpc.ServicerContext, prompt: Any, params: Any, spec: Any, request_id: str) -> Job:
+def submit(
+    worker: EngineWorker, context: grpc.ServicerContext, prompt: Any, params: Any, spec: Any, request_id: str, text_deltas: bool
+) -> Job:
     """Queue a request bound to its RPC: the client's deadline stops it, and so does cancellation."""
     remaining = context.time_remaining()
-    job = worker.submit(prompt, params, spec, request_id, timeout_s=remaining)
+    job = worker.submit(prompt, params, spec, request_id, timeout_s=remaining, text_deltas=text_deltas)
     context.add_callback(job.cancel.set)  # runs when the RPC ends, also when the client goes away
     return job
 
@@ -138,22 +140,22 @@ class SpruceServicer(pb_grpc.SpruceServiceServicer):
         self.worker = worker
         self.served_model_name = served_model_name
 
-    def _job(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Job:
+    def _job(self, request: pb.GenerateRequest, context: grpc.ServicerContext, streaming: bool) -> Job:
         engine = self.worker.engine
         prompt = convert.prompt_of(request, engine)
         params = convert.sampling_params(request.sampling)
         spec = convert.speculation(request.speculation, engine)
-        return submit(self.worker, context, prompt, params, spec, request.request_id)
+        return submit(self.worker, context, prompt, params, spec, request.request_id, streaming)
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
-        job = self._job(request, context)
+        job = self._job(request, context, streaming=False)
         for event in self.worker.events(job):
             if event.output is not None:
                 return convert.response(job.request_id, event.output)
         raise AssertionError("the event stream ended without an output")
 
     def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateStreamResponse]:
-        job = self._job(request, context)
+        job = self._job(request, context, streaming=True)
         for event in self.worker.events(job):
             yield convert.stream_response(job.request_id, event.token_ids, event.text, event.output)
 

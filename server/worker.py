@@ -41,6 +41,8 @@ class Job:
     speculation: SpeculationConfig | None
     # time.monotonic() after which the request stops; None = no deadline
     deadline: float | None = None
+    # whether the caller streams text (else intermediate events carry none)
+    text_deltas: bool = True
     cancel: threading.Event = field(default_factory=threading.Event)
     events: queue.Queue = field(default_factory=queue.Queue)
     arrival: float = field(default_factory=time.monotonic)
@@ -84,8 +86,10 @@ class EngineWorker:
         speculation: SpeculationConfig | None | Any = DEFAULT,
         request_id: str = "",
         timeout_s: float | None = None,
+        text_deltas: bool = True,
     ) -> Job:
-        """Validate and queue a request; raises ``InvalidRequestError`` or ``OverloadedError`` at once."""
+        """Validate and queue a request; raises ``InvalidRequestError`` or ``OverloadedError`` at once.
+        ``text_deltas=False``: the caller reads only the final output (no per-step decode)."""
         if params.max_tokens > self.max_tokens_limit:
             raise InvalidRequestError(f"max_tokens {params.max_tokens} is above this server's limit {self.max_tokens_limit}")
         prompt_ids = self.engine.encode(prompt)
@@ -97,7 +101,7 @@ class EngineWorker:
             request_id = request_id or f"req-{next(self._ids)}"
             if request_id in self._jobs:
                 raise InvalidRequestError(f"request_id {request_id!r} is already in use")
-            job = Job(request_id, prompt_ids, params, spec, deadline)
+            job = Job(request_id, prompt_ids, params, spec, deadline, text_deltas)
             # registered before it is queued: the worker may take and finish it at once
             self._jobs[request_id] = job
             try:
@@ -172,7 +176,7 @@ class EngineWorker:
         self.running_kv_tokens = len(job.prompt_ids)
         last = job.arrival
         try:
-            stream = self.engine.run_encoded(job.prompt_ids, job.params, job.speculation, job.should_stop)
+            stream = self.engine.run_encoded(job.prompt_ids, job.params, job.speculation, job.should_stop, job.text_deltas)
             for event in stream:
                 now = time.monotonic()
                 if event.token_ids:

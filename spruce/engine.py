@@ -193,7 +193,7 @@ class Engine:
         spec = self.resolve_speculation(speculation)
         batch = _as_prompt_list(prompts)
         encoded = [self.encode(p) for p in batch]
-        return [_final_output(self.run_encoded(ids, params, spec)) for ids in encoded]
+        return [_final_output(self.run_encoded(ids, params, spec, text_deltas=False)) for ids in encoded]
 
     def stream(
         self,
@@ -268,8 +268,12 @@ class Engine:
         params: SamplingParams,
         spec: SpeculationConfig | None,
         should_stop: Callable[[], bool] | None = None,
+        text_deltas: bool = True,
     ) -> Iterator[StreamEvent]:
-        """``stream`` for a request already encoded (``encode``) and resolved (``resolve_speculation``)."""
+        """``stream`` for a request already encoded (``encode``) and resolved (``resolve_speculation``).
+
+        ``text_deltas=False``: intermediate events carry no text (no per-step decode); the last one
+        carries the whole text, as ``generate`` needs."""
         start = time.perf_counter()
         limit = min(params.max_tokens, self.max_context - len(prompt_ids))
         generator = _generator(params.seed)
@@ -294,7 +298,7 @@ class Engine:
                 break
             self._step(req, params, spec)
             if req.stopper.finish_reason is None:
-                text = req.stopper.stable_text()
+                text = req.stopper.stable_text() if text_deltas else ""
                 yield StreamEvent(req.stopper.generated[sent_tokens:], text[len(sent_text) :])
                 sent_tokens, sent_text = len(req.stopper.generated), text
         req.stats.wall_time_s = time.perf_counter() - start
