@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from spruce.config import ServeConfig
+from spruce.config import SamplingParams, ServeConfig
 from spruce.engine import Engine
 from spruce.server.app import start
 from spruce.server._gen.spruce.v1 import spruce_pb2 as pb
@@ -82,7 +82,7 @@ def _req(text: str = "hello", max_tokens: int = 6, **kw) -> pb.GenerateRequest:
 
 
 def test_generate_matches_the_engine(server, stub):
-    want = server.worker.engine.generate("hello", __import__("spruce").SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    want = server.worker.engine.generate("hello", SamplingParams(max_tokens=6, ignore_eos=True))[0]
     got = stub.Generate(_req())
     assert list(got.token_ids) == want.token_ids and got.text == want.text
     assert got.finish_reason == pb.FINISH_REASON_LENGTH and got.completion_tokens == 6
@@ -312,8 +312,6 @@ def test_kserve_infer_with_typed_contents(server, triton):
 def test_kserve_stream_infer(triton):
     import queue
 
-    import tritonclient.grpc as tc
-
     results: queue.Queue = queue.Queue()
     triton.start_stream(callback=lambda result, error: results.put((result, error)))
     triton.async_stream_infer(MODEL, _inputs("hello", 8, stream=True), request_id="s1")
@@ -330,7 +328,6 @@ def test_kserve_stream_infer(triton):
     triton.stop_stream()
     whole = triton.infer(MODEL, [*_inputs("hello", 8), _exclude()]).as_numpy("text_output")[0].decode()
     assert "".join(parts) == whole
-    del tc
 
 
 def _exclude():
@@ -479,7 +476,7 @@ SERVE_SCRIPT = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from conftest import build_tiny_model, _tokenizer
-from spruce.config import ServeConfig
+from spruce.config import SamplingParams, ServeConfig
 from spruce.engine import Engine
 from spruce.server.app import serve_forever
 target = build_tiny_model(0)
