@@ -16,7 +16,8 @@ Tree construction, three kinds (limits from ``SpeculationConfig``):
   replacement, level by level, until ``depth`` or ``budget``; no rerank, since keeping or dropping a drawn
   child by its own probability would bias lossless tree sampling (see ``spruce.verify.tree_sampling``).
 - static: the fixed rank paths of ``tree_paths``, every step the same shape.
-The drafter runs one forward over the pending committed tokens, then one per expanded level.
+The drafter runs one forward over the pending committed tokens, then one per expanded level; for a batch
+of requests, each of those forwards is one packed pass over all of them (``propose_batch``).
 """
 
 from __future__ import annotations
@@ -29,14 +30,8 @@ import torch
 
 from spruce.config import SpeculationConfig
 from spruce.draft.tree import ROOT_PARENT, Proposal, TokenTree
-from spruce.modeling import (
-    additive_mask,
-    cache_length,
-    forward_tokens,
-    keep_cache_positions,
-    new_cache,
-    prefix_tree_visibility,
-)
+from spruce.attention import use_backend
+from spruce.kvcache import TREE_RESERVE, Segment, SlotKVCache, run_packed
 from spruce.sampling import sampling_probs
 
 if TYPE_CHECKING:
@@ -59,12 +54,12 @@ class TreePolicy(Protocol):
 
 @dataclass
 class DraftState:
-    """Per-request draft cache and bookkeeping."""
+    """Per-request draft bookkeeping; the KV lives in slot ``slot`` of the drafter's pool."""
 
-    cache: object
-    # committed tokens whose KV is in the cache (always < len(tokens): the root is re-fed)
+    slot: int
+    # committed tokens whose KV is in the slot (always < len(tokens): the root is re-fed)
     cached: int = 0
-    # tree node index -> cache slot offset after the committed tokens (set by propose)
+    # tree node index -> slot offset after the committed tokens (set by propose)
     node_slots: dict[int, int] = field(default_factory=dict)
     # committed length C at the last propose
     committed: int = 0
@@ -72,14 +67,37 @@ class DraftState:
     levels: int = 0
 
 
-class ModelDrafter:
-    """Tree proposer backed by a small causal LM."""
+@dataclass
+class DraftJob:
+    """One request's part of a batched ``propose_batch``: the arguments of ``propose``."""
 
-    def __init__(self, model: PreTrainedModel, vocab_size: int | None = None) -> None:
+    state: DraftState
+    tokens: list[int]
+    config: SpeculationConfig
+    max_depth: int
+    sampling: DraftSampling | None = None
+    policy: TreePolicy | None = None
+
+
+class ModelDrafter:
+    """Tree proposer backed by a small causal LM; one KV slot per request in a pre-allocated pool.
+
+    ``propose_batch`` builds the trees of many requests level-synchronously: one packed draft forward
+    feeds every request's pending tokens, then one per level forwards every request's frontier that
+    is still expanding (``spruce.kvcache``)."""
+
+    def __init__(self, model: PreTrainedModel, vocab_size: int | None = None, num_slots: int = 4, capacity: int | None = None) -> None:
         """``vocab_size``: the target's logits width; draft logits are cut or padded to it, so a draft
-        never proposes an id the target cannot score and its distributions line up with the target's."""
+        never proposes an id the target cannot score and its distributions line up with the target's.
+        ``num_slots`` x ``capacity``: the KV pool (default capacity: the model's context, at most 4096,
+        plus room for tree nodes)."""
         self.model = model
         self.vocab_size = vocab_size
+        use_backend(model, "sdpa")
+        if capacity is None:
+            context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+            capacity = min(context, 4096) + TREE_RESERVE
+        self.pool = SlotKVCache(model, num_slots, capacity)
 
     def _logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[F, V] draft logits on the CPU (tree building is small, sequential work), fit to the target's V."""
@@ -92,7 +110,11 @@ class ModelDrafter:
         return torch.nn.functional.pad(logits, (0, v - logits.shape[-1]), value=float("-inf"))
 
     def new_state(self) -> DraftState:
-        return DraftState(cache=new_cache(self.model))
+        """A request's state with a fresh slot (``release`` gives it back)."""
+        return DraftState(slot=self.pool.allocate())
+
+    def release(self, state: DraftState) -> None:
+        self.pool.release(state.slot)
 
     def propose(
         self,
@@ -113,45 +135,27 @@ class ModelDrafter:
         draft distribution: drawn children (``config.sampled_children``) or its top-k, as deterministic
         proposals; both keep lossless sampling exact.
         """
-        committed = len(tokens)
-        logits = self._feed_pending(state, tokens)
-        static = _static_children(config.tree_paths) if config.tree_paths else None
-        sampled = sampling is not None and config.sampled_children
-        depth = self.max_levels(config, max_depth)
-        generator = sampling.generator if sampled and sampling is not None else None
-        tree = _TreeBuilder(tokens[-1])
-        for level in range(1, depth + 1):
-            room = config.budget - tree.num_draft_nodes
-            if sampled and static is None and room <= 0:
+        return self.propose_batch([DraftJob(state, tokens, config, max_depth, sampling, policy)])[0]
+
+    def propose_batch(self, jobs: list[DraftJob]) -> list[Proposal]:
+        """``propose`` for many requests at once: each tree is exactly what ``propose`` alone would build
+        from the same logits; the draft forwards are shared."""
+        runs = [_Run(job) for job in jobs]
+        for run, logits in zip(runs, self._feed_pending(runs)):
+            run.logits = logits
+        level = 1
+        active = [run for run in runs if run.depth >= 1]
+        while active:
+            expanding = [run for run in active if self._grow(run, level)]
+            if not expanding:
                 break
-            logq = tree.draft_logprobs(logits, sampling, keep_rows=sampled)
-            if static is not None:
-                counts = [static.get(tree.paths[f], 0) for f in tree.frontier]
-                picks = select_static(logq, counts, generator)
-            elif sampled and generator is not None:
-                picks = select_sampled(logq, config.top_k, room, generator)
-            else:
-                picks = select_expand(logq, config.top_k)
-            new_nodes = tree.add(picks, logq)
-            tree.advance(new_nodes, config.top_k, static)
-            if level < depth and tree.frontier and (static is not None or tree.worth_expanding(config, sampled, policy, state.levels)):
-                so_far = TokenTree.from_parents(tree.tokens, tree.parents)
-                logits = self._logits(self._forward_level(state, so_far, tree.frontier, committed + level - 1))
-                state.levels += 1
-            else:
-                break
-        if static is None and not sampled:
-            budget = config.budget
-            if policy is not None:
-                budget = min(budget, policy.size(tree.best_probs(budget), state.levels))
-            kept = tree.rerank(budget)
-            state.node_slots = {kept[old]: slot for old, slot in state.node_slots.items() if old in kept}
-        out = TokenTree.from_parents(tree.tokens, tree.parents, torch.tensor(tree.logprobs, dtype=torch.float32))
-        if sampling is None:
-            return Proposal(out)
-        if not sampled:
-            return Proposal(out, None, torch.ones(out.num_nodes, dtype=torch.bool))
-        return Proposal(out, _stack_rows(tree.expanded, out.num_nodes, logits.shape[-1]))
+            outs = run_packed(self.model, self.pool, [self._level_segment(run, level) for run in expanding])
+            for run, logits in zip(expanding, outs):
+                run.logits = self._logits(logits)
+                run.job.state.levels += 1
+            level += 1
+            active = expanding
+        return [self._finish(run) for run in runs]
 
     @staticmethod
     def max_levels(config: SpeculationConfig, max_depth: int) -> int:
@@ -161,34 +165,81 @@ class ModelDrafter:
         # a node at depth d needs d - 1 ancestors in the tree: deeper levels could never be kept
         return min(config.depth, config.budget, max_depth)
 
-    def _feed_pending(self, state: DraftState, tokens: list[int]) -> torch.Tensor:
-        """Forward the committed tokens the draft has not seen; [1, V] logits at the root."""
-        committed = len(tokens)
-        if not 0 <= state.cached < committed or cache_length(state.cache) != state.cached:
-            raise RuntimeError(f"draft cache holds {cache_length(state.cache)} positions, state says {state.cached}")
-        pending = torch.tensor(tokens[state.cached :], dtype=torch.long)
-        positions = torch.arange(state.cached, committed, dtype=torch.long)
-        logits = self._logits(forward_tokens(self.model, state.cache, pending, positions, None, last_only=True))
-        state.cached = committed
-        state.committed = committed
-        state.node_slots = {}
-        state.levels = 1
-        return logits
+    def _grow(self, run: _Run, level: int) -> bool:
+        """Add level ``level``'s children to the tree; whether the frontier is forwarded for another."""
+        job, tree = run.job, run.tree
+        config = job.config
+        if run.sampled and run.static is None and config.budget - tree.num_draft_nodes <= 0:
+            return False
+        logq = tree.draft_logprobs(run.logits, job.sampling, keep_rows=run.sampled)
+        if run.static is not None:
+            counts = [run.static.get(tree.paths[f], 0) for f in tree.frontier]
+            picks = select_static(logq, counts, run.generator)
+        elif run.sampled and run.generator is not None:
+            picks = select_sampled(logq, config.top_k, config.budget - tree.num_draft_nodes, run.generator)
+        else:
+            picks = select_expand(logq, config.top_k)
+        new_nodes = tree.add(picks, logq)
+        tree.advance(new_nodes, config.top_k, run.static)
+        return (
+            level < run.depth
+            and bool(tree.frontier)
+            and (run.static is not None or tree.worth_expanding(config, run.sampled, job.policy, job.state.levels))
+        )
 
-    def _forward_level(self, state: DraftState, tree: TokenTree, nodes: list[int], position: int) -> torch.Tensor:
-        """Forward ``nodes`` (all at one depth) after the committed tokens and earlier levels; [F, V] logits."""
+    def _feed_pending(self, runs: list[_Run]) -> list[torch.Tensor]:
+        """Forward the committed tokens each draft has not seen; [1, V] logits at each root."""
+        segments = []
+        for run in runs:
+            state, tokens = run.job.state, run.job.tokens
+            committed = len(tokens)
+            if not 0 <= state.cached < committed or self.pool.lengths[state.slot] != state.cached:
+                raise RuntimeError(
+                    f"draft slot {state.slot} holds {self.pool.lengths[state.slot]} positions, state says {state.cached}"
+                )
+            pending = torch.tensor(tokens[state.cached :], dtype=torch.long)
+            segments.append(Segment(state.slot, pending, torch.arange(state.cached, committed), logits="last"))
+            state.cached = state.committed = committed
+            state.node_slots = {}
+            state.levels = 1
+        return [self._logits(out) for out in run_packed(self.model, self.pool, segments)]
+
+    def _level_segment(self, run: _Run, level: int) -> Segment:
+        """The frontier (all at one depth), after the committed tokens and earlier levels' nodes."""
+        state, tree = run.job.state, run.tree
+        so_far = TokenTree.from_parents(tree.tokens, tree.parents)
+        nodes = tree.frontier
         slotted = sorted(state.node_slots, key=state.node_slots.__getitem__)
         # [F, S + F]: each new node sees forwarded ancestors (by slot order) and itself
         cols = torch.tensor(slotted + nodes, dtype=torch.long)
-        visible = tree.ancestor_mask[torch.tensor(nodes)][:, cols]
-        mask = additive_mask(prefix_tree_visibility(state.committed, visible), self.model.dtype)
-        ids = tree.tokens[torch.tensor(nodes)]
-        positions = torch.full((len(nodes),), position, dtype=torch.long)
-        logits = forward_tokens(self.model, state.cache, ids, positions, mask)
+        visible = so_far.ancestor_mask[torch.tensor(nodes)][:, cols]
         base = len(state.node_slots)
         for i, node in enumerate(nodes):
             state.node_slots[node] = base + i
-        return logits
+        position = state.committed + level - 1
+        return Segment(
+            state.slot,
+            so_far.tokens[torch.tensor(nodes)],
+            torch.full((len(nodes),), position, dtype=torch.long),
+            full=state.committed,
+            tail=visible,
+        )
+
+    def _finish(self, run: _Run) -> Proposal:
+        job, tree = run.job, run.tree
+        state, config = job.state, job.config
+        if run.static is None and not run.sampled:
+            budget = config.budget
+            if job.policy is not None:
+                budget = min(budget, job.policy.size(tree.best_probs(budget), state.levels))
+            kept = tree.rerank(budget)
+            state.node_slots = {kept[old]: slot for old, slot in state.node_slots.items() if old in kept}
+        out = TokenTree.from_parents(tree.tokens, tree.parents, torch.tensor(tree.logprobs, dtype=torch.float32))
+        if job.sampling is None:
+            return Proposal(out)
+        if not run.sampled:
+            return Proposal(out, None, torch.ones(out.num_nodes, dtype=torch.bool))
+        return Proposal(out, _stack_rows(tree.expanded, out.num_nodes, run.logits.shape[-1]))
 
     def commit(self, state: DraftState, accepted_nodes: list[int]) -> None:
         """Keep the committed tokens plus the forwarded prefix of the accepted path (root excluded)."""
@@ -197,9 +248,24 @@ class ModelDrafter:
             if node not in state.node_slots:
                 break
             keep.append(state.node_slots[node])
-        keep_cache_positions(state.cache, state.committed, torch.tensor(keep, dtype=torch.long))
+        self.pool.keep(state.slot, state.committed, keep)
         state.cached = state.committed + len(keep)
         state.node_slots = {}
+
+
+class _Run:
+    """One request's tree while ``propose_batch`` builds it."""
+
+    def __init__(self, job: DraftJob) -> None:
+        self.job = job
+        config = job.config
+        self.static = _static_children(config.tree_paths) if config.tree_paths else None
+        self.sampled = job.sampling is not None and config.sampled_children
+        self.depth = ModelDrafter.max_levels(config, job.max_depth)
+        self.generator = job.sampling.generator if self.sampled and job.sampling is not None else None
+        self.tree = _TreeBuilder(job.tokens[-1])
+        # [F, V] draft logits at the current frontier
+        self.logits = torch.zeros(0)
 
 
 class _TreeBuilder:

@@ -19,11 +19,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from spruce.kernels import backend as kernel_backends
+from spruce.kvcache import BatchAttention
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 ATTENTION_NAME = "spruce_tree"
+# the same function without the missing-metadata check: models on transformers' sdpa path (4D masks) that
+# also run packed passes (``spruce.kvcache``)
+PACKED_NAME = "spruce_packed"
 
 
 @dataclass(frozen=True)
@@ -49,13 +53,16 @@ def tree_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     spruce_tree: TreeAttentionMetadata | None = None,
+    spruce_batch: BatchAttention | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature; returns ([B, T, H, D] output, no weights)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if spruce_batch is not None:
+        return packed_attention(query, key, value, spruce_batch, scaling), None
     if spruce_tree is None:
-        if query.shape[2] > 1 and key.shape[2] > query.shape[2]:
+        if module.config._attn_implementation == ATTENTION_NAME and query.shape[2] > 1 and key.shape[2] > query.shape[2]:
             raise RuntimeError(
                 f"tree attention got a {query.shape[2]}-token query after {key.shape[2] - query.shape[2]} cached "
                 "keys but no tree metadata: pass spruce_tree= (see spruce.attention)"
@@ -71,15 +78,59 @@ def tree_attention_forward(
     return out[None], None
 
 
+def packed_attention(
+    # [1, H, T, D] the queries of every segment, flattened
+    query: torch.Tensor,
+    # [S, Hkv, C, D] the whole KV pool of this layer (``spruce.kvcache.SlotKVCache.update``)
+    key: torch.Tensor,
+    value: torch.Tensor,
+    meta: BatchAttention,
+    scaling: float | None,
+) -> torch.Tensor:
+    """[1, T, H, D]: each segment's queries over its own slot's keys, with its own mask (SDPA per
+    segment on views of the pool: no copy of the cache). Grouped-query heads are folded into the query
+    rows (the g query heads of one KV head become g x n rows), so keys are never repeated."""
+    if meta.kernel is not None:
+        return _kernel_attention(query, key, value, meta, scaling)
+    heads, dim = query.shape[1], query.shape[3]
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    outs = []
+    for offset, n, slot, length, mask in meta.parts:
+        q = query[0, :, offset : offset + n].reshape(kv_heads, groups * n, dim)
+        if mask is not None and groups > 1:
+            mask = mask.repeat(groups, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, key[slot, :, :length], value[slot, :, :length], attn_mask=mask, scale=scaling
+        )
+        outs.append(out.reshape(heads, n, dim).transpose(0, 1))
+    return torch.cat(outs)[None]
+
+
+def _kernel_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: BatchAttention, scaling: float | None) -> torch.Tensor:
+    """A verify pass through a tree-attention kernel: each segment's slot is gathered into the kernel's
+    packed key layout (a copy per layer; a kernel reading slots in place would avoid it)."""
+    assert meta.kernel is not None and meta.tree_mask is not None
+    assert meta.cu_seqlens_q is not None and meta.cu_seqlens_k is not None
+    k = torch.cat([key[slot, :, :length].transpose(0, 1) for _, _, slot, length, _ in meta.parts])
+    v = torch.cat([value[slot, :, :length].transpose(0, 1) for _, _, slot, length, _ in meta.parts])
+    fn = kernel_backends.get(meta.kernel)
+    out, _ = fn(query[0].transpose(0, 1), k, v, meta.tree_mask, meta.cu_seqlens_q, meta.cu_seqlens_k, scaling)
+    return out[None]
+
+
 def use_backend(model: PreTrainedModel, name: str) -> None:
-    """Route ``model``'s attention through ``tree_attention_forward`` (for any backend but sdpa, which
-    keeps transformers' own path with an explicit 4D mask)."""
+    """Route ``model``'s attention through ``tree_attention_forward``. For a kernel backend, a tree pass
+    must carry its metadata (it raises otherwise); for "sdpa", a pass without metadata keeps
+    transformers' own SDPA path with the mask it was given, and packed passes work as with any backend."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(ATTENTION_NAME, tree_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-    model.set_attn_implementation(ATTENTION_NAME)
+    chosen = PACKED_NAME if name == "sdpa" else ATTENTION_NAME
+    AttentionInterface.register(chosen, tree_attention_forward)
+    AttentionMaskInterface.register(chosen, sdpa_mask)
+    if model.config._attn_implementation != chosen:
+        model.set_attn_implementation(chosen)
 
 
 def tree_metadata(

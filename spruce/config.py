@@ -205,6 +205,10 @@ class EngineConfig:
     trust_remote_code: bool = False
     # tree attention: auto, sdpa, triton, flex or flash (``spruce.kernels.backend``)
     attention_backend: str = "auto"
+    # requests running at once (KV slots in the pool; more wait in the queue)
+    max_batch_size: int = 16
+    # a request's context (prompt + output) and each KV slot's size; 0 = the model's context, at most 4096
+    max_seq_len: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -213,6 +217,10 @@ class EngineConfig:
             raise InvalidRequestError(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
         if self.draft_dtype is not None and self.draft_dtype not in DTYPES:
             raise InvalidRequestError(f"draft_dtype must be one of {DTYPES}, got {self.draft_dtype!r}")
+        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+            raise InvalidRequestError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
+        if not isinstance(self.max_seq_len, int) or self.max_seq_len < 0 or self.max_seq_len == 1:
+            raise InvalidRequestError(f"max_seq_len must be 0 (the model's) or an integer >= 2, got {self.max_seq_len!r}")
 
 
 @dataclass(frozen=True)

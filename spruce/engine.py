@@ -1,17 +1,26 @@
-"""The speculative engine: one request at a time, token ids in, token ids (and text) out.
+"""The speculative engine: continuous batching of many requests, token ids in, token ids (and text) out.
 
-Per request: prefill the target with the prompt minus its last token; then each step the drafter proposes a
-tree rooted at the last committed token, the target verifies every node in one pass, the accepted root
-path plus the bonus token are committed, and both KV caches keep exactly that path. ``speculation=None``
-runs the same loop with a root-only tree: plain target decoding, the baseline for every speedup.
+Iteration-level scheduling (``step``): requests wait in a queue until a KV slot is free (pools allocated
+once, ``spruce.kvcache``); admitted ones are prefilled together (the prompt minus its last token, one
+packed pass); then every running request takes a speculative step: the drafter proposes a tree per
+request rooted at its last committed token (draft forwards batched across requests), ONE target pass
+verifies every node of every tree (ragged: each request its own prefix length, tree and mask), and each
+request commits its accepted root path plus the bonus token; both KV slots keep exactly that path. A
+request leaves the batch, and frees its slots, the moment it finishes, is aborted or fails.
+``speculation=None`` runs the same loop with a root-only tree: plain target decoding, the baseline.
 
-Greedy output is token-identical to plain greedy decoding of the target (see ``spruce.verify.greedy``).
+Greedy output is token-identical to plain greedy decoding of the target (see ``spruce.verify.greedy``),
+whether the request runs alone or batched (up to float rounding of batched matmuls; see tests).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +30,11 @@ import torch
 
 from spruce.config import EngineConfig, SamplingParams, SpeculationConfig, default_speculation, fixed_speculation
 from spruce.costmodel import AcceptanceProfile, CostCurve, StepPolicy, plan_tree
-from spruce.draft.model_drafter import DraftSampling, DraftState, ModelDrafter
+from spruce.draft.model_drafter import DraftJob, DraftSampling, DraftState, ModelDrafter
 from spruce.draft.ngram import add_ngram_branches
 from spruce.draft.tree import Proposal, TokenTree, path_logprobs
 from spruce.errors import InvalidRequestError
-from spruce.modeling import forward_tokens, keep_cache_positions, new_cache
+from spruce.kvcache import TREE_RESERVE, Segment, SlotKVCache, run_packed
 from spruce.pairing import (
     check_cache_layout,
     check_pair,
@@ -37,7 +46,6 @@ from spruce.pairing import (
 from spruce.stats import SpecStats
 from spruce.stopping import FINISH_ABORT, StopChecker
 from spruce.verify.accept import accept
-from spruce.verify.tree_verify import commit_accepted, verify_tree
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -88,17 +96,28 @@ class Engine:
         check_cache_layout(target)
         if draft is not None:
             check_cache_layout(draft)
-        self.drafter = ModelDrafter(draft, int(target.config.vocab_size)) if draft is not None else None
+        if draft is not None:
+            check_pair(target, draft)
         self.config = config or EngineConfig()
         self.attention_backend = self._setup_attention(self.config.attention_backend)
         self.eos_ids = eos_ids(target, tokenizer)
-        self.max_context = int(getattr(target.config, "max_position_embeddings", 0) or 1 << 31)
-        if draft is not None:
-            check_pair(target, draft)
-        # what the cost model learns, engine-wide (see ``spruce.costmodel``)
+        model_context = int(getattr(target.config, "max_position_embeddings", 0) or _DEFAULT_SEQ_LEN)
+        self.max_context = min(model_context, self.config.max_seq_len or _DEFAULT_SEQ_LEN)
+        # KV pools, allocated once: a slot per running request (+ one for the start-up cost measurement)
+        slots, capacity = self.config.max_batch_size + 1, self.max_context + TREE_RESERVE
+        self.kv = SlotKVCache(target, slots, capacity)
+        self._calib_slot = self.kv.allocate()
+        self.drafter = ModelDrafter(draft, int(target.config.vocab_size), slots, capacity) if draft is not None else None
+        self._draft_calib_slot = self.drafter.pool.allocate() if self.drafter is not None else -1
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._lock = threading.Lock()
+        # what the cost model learns, engine-wide (see ``spruce.costmodel``): acceptance by position,
+        # target pass seconds by tokens in the pass, draft seconds by levels per batch size
         self.profile = AcceptanceProfile()
         self.verify_costs = CostCurve()
-        self.draft_costs = CostCurve()
+        self.draft_costs_by_batch: dict[int, CostCurve] = {1: CostCurve()}
+        self.draft_costs = self.draft_costs_by_batch[1]
 
     @classmethod
     def from_pretrained(
@@ -111,6 +130,8 @@ class Engine:
         drafter: str = "model",
         trust_remote_code: bool = False,
         attention_backend: str = "auto",
+        max_batch_size: int = EngineConfig.max_batch_size,
+        max_seq_len: int = EngineConfig.max_seq_len,
     ) -> Engine:
         """Load target and draft. ``target=None`` and ``draft=None``: the embedded default pair.
 
@@ -119,7 +140,8 @@ class Engine:
         (the draft's precision never changes the output). ``drafter`` picks what the default speculation
         uses: "model", "ngram" (prompt lookup; no draft model is loaded) or "both".
         ``attention_backend``: how the target attends over a tree (``spruce.kernels.backend``): auto, sdpa,
-        triton, flex or flash.
+        triton, flex or flash. ``max_batch_size`` requests run at once, each with up to ``max_seq_len``
+        tokens of context (0: the model's, at most 4096); the KV pools are sized from both.
         """
         from spruce.models import load_causal_lm, load_tokenizer, resolve_model_dir
 
@@ -132,6 +154,8 @@ class Engine:
             drafter=drafter,
             trust_remote_code=trust_remote_code,
             attention_backend=attention_backend,
+            max_batch_size=max_batch_size,
+            max_seq_len=max_seq_len,
         )
         dev = torch.device(device)
         target_dir = resolve_model_dir(target, "target")
@@ -153,17 +177,15 @@ class Engine:
 
     def _setup_attention(self, name: str) -> str:
         """Resolve the tree-attention backend (one switch point: ``spruce.kernels.backend``) and route the
-        target's attention through it when it is not transformers' own sdpa path."""
+        target's attention through ``spruce.attention`` (packed passes over the KV pool)."""
+        from spruce.attention import use_backend
         from spruce.kernels.backend import resolve
 
         try:
             chosen = resolve(name, self.target.device.type)
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from None
-        if chosen != "sdpa":
-            from spruce.attention import use_backend
-
-            use_backend(self.target, chosen)
+        use_backend(self.target, chosen)
         return chosen
 
     @property
@@ -184,7 +206,8 @@ class Engine:
         params: SamplingParams | None = None,
         speculation: SpeculationConfig | None | _Default = DEFAULT,
     ) -> list[GenerationOutput]:
-        """Generate for each prompt (text, or a list of token ids). Returns one output per prompt.
+        """Generate for each prompt (text, or a list of token ids), all in one batch (up to
+        ``max_batch_size`` at once). Returns one output per prompt, in order.
 
         ``speculation`` omitted: the default tree for this device and dtype; ``None``: no speculation.
         Each prompt is validated before any is run, so a bad one fails the call before work is spent.
@@ -193,7 +216,10 @@ class Engine:
         spec = self.resolve_speculation(speculation)
         batch = _as_prompt_list(prompts)
         encoded = [self.encode(p) for p in batch]
-        return [_final_output(self.run_encoded(ids, params, spec, text_deltas=False)) for ids in encoded]
+        reqs = [self.add_request(ids, params, spec, text_deltas=False) for ids in encoded]
+        for _ in self._drive(reqs):
+            pass
+        return [_output_of(r) for r in reqs]
 
     def stream(
         self,
@@ -260,7 +286,373 @@ class Engine:
             "draft_cost_s_by_levels": self.draft_costs.to_dict(),
         }
 
-    # ---- the loop -----------------------------------------------------------------------------------
+    # ---- the scheduler ------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        spec: SpeculationConfig | None,
+        should_stop: Callable[[], bool] | None = None,
+        text_deltas: bool = True,
+    ) -> Request:
+        """Queue a request already encoded (``encode``) and resolved (``resolve_speculation``); ``step``
+        admits it when a KV slot is free. Thread-safe (the server adds while its worker steps).
+
+        ``should_stop`` is asked before each step (a cancelled client, an Abort, a deadline): when it
+        returns True the request ends with finish reason "abort" and its KV slots are freed.
+        ``text_deltas=False``: intermediate events carry no text (no per-step decode)."""
+        if len(prompt_ids) >= self.max_context:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt_ids)} tokens; this engine's context is {self.max_context} "
+                "(max_seq_len; at least one token must be left to generate)"
+            )
+        if spec is not None:
+            _check_tree_room(spec)
+        limit = min(params.max_tokens, self.max_context - len(prompt_ids))
+        generator = _generator(params.seed)
+        req = Request(
+            prompt_ids=list(prompt_ids),
+            params=params,
+            spec=spec,
+            tokens=list(prompt_ids),
+            stopper=StopChecker(self.tokenizer, params, self.eos_ids, limit),
+            generator=generator,
+            sampling=None if params.greedy else DraftSampling(params.temperature, params.top_k, params.top_p, generator),
+            # a seed must reproduce its output: seeded sampling gets the fixed tree (``_seeded_tree``)
+            adaptive=spec is not None and spec.adaptive and (params.greedy or params.seed is None),
+            should_stop=should_stop,
+            text_deltas=text_deltas,
+        )
+        with self._lock:
+            self._waiting.append(req)
+        return req
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def kv_usage(self) -> dict[str, int]:
+        """The target's KV pool: slots and positions in use (the calibration slot excluded)."""
+        return {
+            "slots_total": self.kv.num_slots - 1,
+            "slots_free": self.kv.free_slots,
+            "positions_used": self.kv.used_positions - self.kv.lengths[self._calib_slot],
+            "positions_per_slot": self.kv.capacity,
+        }
+
+    def step(self) -> list[tuple[Request, StreamEvent]]:
+        """One iteration: stop what should stop, admit waiting requests into free slots (one packed
+        prefill pass), then one speculative step for every running request (batched draft forwards and
+        ONE target pass over all their trees). Returns the events of this iteration, per request."""
+        events: list[tuple[Request, StreamEvent]] = []
+        for req in [*self._running, *list(self._waiting)]:
+            if req.should_stop is not None and req.should_stop():
+                req.stopper.abort()
+                events.append((req, self._finish(req)))
+        admitted = self._admit()
+        if admitted:
+            self._guarded(self._prefill, admitted, events)
+        running = [r for r in self._running if r.stopper.finish_reason is None and r.prefilled]
+        if running:
+            self._guarded(self._spec_step, running, events)
+        for req in running:
+            if req.failed is not None:
+                continue
+            if req.stopper.finish_reason is not None:
+                events.append((req, self._finish(req)))
+            elif req.stopper.generated[req.sent_tokens :]:
+                text = req.stopper.stable_text() if req.text_deltas else ""
+                events.append((req, StreamEvent(req.stopper.generated[req.sent_tokens :], text[len(req.sent_text) :])))
+                req.sent_tokens, req.sent_text = len(req.stopper.generated), text
+        return events
+
+    def abort(self, req: Request) -> None:
+        """End a request at the next ``step`` (finish reason "abort")."""
+        previous = req.should_stop
+        req.should_stop = lambda: True
+        del previous
+
+    def _admit(self) -> list[Request]:
+        admitted = []
+        with self._lock:
+            while self._waiting and self.kv.free_slots and (self.drafter is None or self.drafter.pool.free_slots):
+                req = self._waiting.popleft()
+                req.slot = self.kv.allocate()
+                if req.spec is not None and req.spec.uses_model and self.drafter is not None:
+                    req.draft_state = self.drafter.new_state()
+                req.start = time.perf_counter()
+                self._running.append(req)
+                admitted.append(req)
+        return admitted
+
+    def _guarded(self, fn: Callable[[list[Request]], None], reqs: list[Request], events: list) -> None:
+        """Run a batched phase; if it raises, undo it and run each request alone, so that a request whose
+        input makes the model fail ends alone (its error is kept) and the others go on."""
+        saved = [self._snapshot(r) for r in reqs]
+        try:
+            fn(reqs)
+            return
+        except Exception as exc:
+            if len(reqs) == 1:
+                self._restore(reqs[0], saved[0])
+                self._fail(reqs[0], exc, events)
+                return
+        for req, snap in zip(reqs, saved):
+            self._restore(req, snap)
+        for req, snap in zip(reqs, saved):
+            try:
+                fn([req])
+            except Exception as exc:
+                self._restore(req, snap)
+                self._fail(req, exc, events)
+
+    def _snapshot(self, req: Request) -> tuple:
+        draft = None
+        if req.draft_state is not None and self.drafter is not None:
+            st = req.draft_state
+            draft = (st.cached, dict(st.node_slots), st.committed, st.levels, self.drafter.pool.lengths[st.slot])
+        return (len(req.tokens), self.kv.lengths[req.slot] if req.slot is not None else 0, draft, req.generator.get_state())
+
+    def _restore(self, req: Request, snap: tuple) -> None:
+        n_tokens, length, draft, gen_state = snap
+        del req.tokens[n_tokens:]
+        if req.slot is not None:
+            self.kv.lengths[req.slot] = length
+        if draft is not None and req.draft_state is not None and self.drafter is not None:
+            st = req.draft_state
+            st.cached, st.node_slots, st.committed, st.levels, self.drafter.pool.lengths[st.slot] = draft
+        req.generator.set_state(gen_state)
+
+    def _fail(self, req: Request, exc: Exception, events: list) -> None:
+        log.warning("request failed alone: %s: %s", type(exc).__name__, exc)
+        req.failed = exc
+        self._release(req)
+        events.append((req, StreamEvent([], "", None, exc)))
+
+    def _finish(self, req: Request) -> StreamEvent:
+        """The last event of a request; frees its KV slots."""
+        self._release(req)
+        req.stats.wall_time_s = time.perf_counter() - req.start if req.start else 0.0
+        output = GenerationOutput(
+            text=req.stopper.text(),
+            token_ids=req.stopper.generated,
+            finish_reason=req.stopper.finish_reason or FINISH_ABORT,
+            stats=req.stats,
+            prompt_token_ids=req.prompt_ids,
+        )
+        event = StreamEvent(req.stopper.generated[req.sent_tokens :], output.text[len(req.sent_text) :], output)
+        req.sent_tokens = len(req.stopper.generated)
+        req.output = output
+        return event
+
+    def _release(self, req: Request) -> None:
+        with self._lock:
+            if req in self._running:
+                self._running.remove(req)
+            elif req in self._waiting:
+                self._waiting.remove(req)
+        if req.slot is not None:
+            self.kv.release(req.slot)
+            req.slot = None
+        if req.draft_state is not None and self.drafter is not None:
+            self.drafter.release(req.draft_state)
+            req.draft_state = None
+
+    # ---- one iteration's passes ---------------------------------------------------------------------
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        """One packed target pass over the new requests' prompts (all but the last token: the first
+        step's tree is rooted there). The draft catches up in its first propose."""
+        t0 = time.perf_counter()
+        segments = [
+            Segment(r.slot, torch.tensor(r.prompt_ids[:-1]), torch.arange(len(r.prompt_ids) - 1), logits="none")
+            for r in reqs
+            if len(r.prompt_ids) > 1 and r.slot is not None
+        ]
+        run_packed(self.target, self.kv, segments)
+        seconds = time.perf_counter() - t0
+        for r in reqs:
+            r.prefilled = True
+            r.stats.prefill_time_s = seconds
+
+    def _spec_step(self, reqs: list[Request]) -> None:
+        """Draft a tree per request, verify every tree in one target pass, commit each accepted path
+        plus its bonus token."""
+        t0 = time.perf_counter()
+        batch = len(reqs)
+        specs = [self._step_spec(r, batch) for r in reqs]
+        proposals = self._propose(reqs, specs)
+        t1 = time.perf_counter()
+        segments = []
+        for r, prop in zip(reqs, proposals):
+            tree, prefix_len = prop.tree, len(r.tokens) - 1
+            assert r.slot is not None and self.kv.lengths[r.slot] == prefix_len
+            tail = None if tree.num_nodes == 1 else tree.ancestor_mask
+            segments.append(Segment(r.slot, tree.tokens, tree.depth + prefix_len, tail=tail))
+        logits = run_packed(self.target, self.kv, segments, self.attention_backend)
+        t2 = time.perf_counter()
+        total = sum(p.tree.num_nodes for p in proposals)
+        self.verify_costs.observe(total, t2 - t1)
+        for r, spec, prop, out in zip(reqs, specs, proposals, logits):
+            self._commit(r, spec, prop, out)
+            r.stats.draft_time_s += t1 - t0
+            r.stats.verify_time_s += time.perf_counter() - t1
+
+    def _commit(self, req: Request, spec: SpeculationConfig | None, proposal: Proposal, logits: torch.Tensor) -> None:
+        tree = proposal.tree
+        prefix_len = len(req.tokens) - 1
+        result = accept(tree, logits, proposal.draft_probs, req.params, req.generator, proposal.deterministic)
+        accepted_nodes = result.accepted_nodes.tolist()
+        assert req.slot is not None
+        self.kv.keep(req.slot, prefix_len, accepted_nodes)
+        if req.model_nodes and self.drafter is not None and req.draft_state is not None:
+            self.drafter.commit(req.draft_state, accepted_nodes)
+            model_part = torch.arange(tree.num_nodes) < req.model_nodes
+            self.profile.record(tree, accepted_nodes, ~model_part)
+            if tree.draft_logprobs is not None and not (req.sampling is not None and spec is not None and spec.sampled_children):
+                on_path = torch.zeros(req.model_nodes, dtype=torch.bool)
+                on_path[[n for n in accepted_nodes if n < req.model_nodes]] = True
+                self.profile.record_confidence(path_logprobs(tree)[1 : req.model_nodes].exp(), on_path[1:])
+        emitted = result.emitted_tokens()
+        kept = req.stopper.extend(emitted)
+        req.tokens.extend(emitted[:kept])
+        req.stats.record_step(tree.max_depth, tree.num_draft_nodes, min(kept, result.num_accepted), kept)
+
+    def _step_spec(self, req: Request, batch: int) -> SpeculationConfig | None:
+        spec = req.spec
+        req.policy = None
+        if spec is not None and spec.adaptive:
+            spec = self._planned(req, spec, batch) if req.adaptive else self._seeded_tree(spec)
+        return spec
+
+    def _seeded_tree(self, spec: SpeculationConfig) -> SpeculationConfig:
+        """What a seeded sampling request drafts instead of adaptive trees: a fixed shape for this device
+        and dtype, so that what the server measured never changes the random stream's use."""
+        fixed = fixed_speculation(self.target.device.type, self.config.dtype, spec.drafter)
+        return dataclasses.replace(fixed, sampled_children=spec.sampled_children, ngram_budget=spec.ngram_budget)
+
+    def _planned(self, req: Request, spec: SpeculationConfig, batch: int) -> SpeculationConfig | None:
+        """This step's tree from the cost model; ``spec``'s depth and budget are the upper bounds.
+
+        The plan (positional acceptance profile x measured costs) decides whether to draft and how wide;
+        dynamic trees then expand while the draft's confidence pays for a level and keep the number of
+        nodes that maximizes expected tokens per second under the measured verify curve
+        (``choose_tree_size``). Sampled-children trees cannot be cut by confidence (it would bias the
+        sampling), so they take the plan's budget and depth as they are.
+
+        Under load (``batch`` requests in the step) every request's nodes share one target pass: the
+        costs are those of the batch as if each request chose like this one (verify cost at ``batch``
+        times the tree's tokens, draft cost per level measured at this batch size), so the plan shrinks
+        trees, down to plain decoding, as the pass grows.
+        """
+        fixed = dataclasses.replace(spec, adaptive=False)
+        if not (spec.uses_model and self.drafter is not None):
+            return fixed  # the n-gram drafter costs no draft passes; its budget stays as configured
+        if not self.draft_costs.known:
+            self._calibrate(fixed)
+        rates = self.profile.rates()
+        verify, draft = _BatchCurve(self.verify_costs, batch), self._draft_curve(batch)
+        plan = plan_tree(rates, verify, draft, spec.budget, spec.depth)
+        if plan.budget == 0:
+            req.steps_without_draft += 1
+            if req.steps_without_draft < _EXPLORE_EVERY:
+                req.stats.record_plan(plan.budget)
+                return dataclasses.replace(fixed, drafter="ngram") if spec.uses_ngram else None
+            # now and then draft anyway, so that the profile keeps learning
+            plan = plan_tree(rates, verify, draft, spec.budget, spec.depth, min_budget=1)
+        req.steps_without_draft = 0
+        req.stats.record_plan(plan.budget)
+        if req.sampling is not None and spec.sampled_children:
+            return dataclasses.replace(fixed, depth=plan.depth, top_k=plan.top_k, budget=plan.budget)
+        req.policy = StepPolicy(self.profile.calibration(), rates, verify, draft)
+        return dataclasses.replace(fixed, top_k=plan.top_k)
+
+    def _draft_curve(self, batch: int) -> CostCurve:
+        """The draft's seconds by levels at this batch size (the nearest measured size until this one is)."""
+        known = [b for b, c in self.draft_costs_by_batch.items() if c.known]
+        if batch in known or not known:
+            return self.draft_costs_by_batch.setdefault(batch, CostCurve())
+        return self.draft_costs_by_batch[min(known, key=lambda b: abs(math.log(b / batch)))]
+
+    def _calibrate(self, spec: SpeculationConfig) -> None:
+        """Start-up measurement of the pass costs, in the engine's own calibration slot: the target over
+        1 .. budget + 1 chain tokens and the draft over one token, after a short synthetic prefix (online
+        timings refine both afterwards)."""
+        assert self.drafter is not None
+        vocab = int(self.target.config.vocab_size)
+        prefix = torch.arange(_CALIBRATION_PREFIX) % vocab
+        positions = torch.arange(_CALIBRATION_PREFIX)
+        slot = self._calib_slot
+        self.kv.lengths[slot] = 0
+        run_packed(self.target, self.kv, [Segment(slot, prefix, positions, logits="none")])
+        sizes = sorted({s for s in _CALIBRATION_SIZES if s <= spec.budget + 1} | {1, spec.budget + 1})
+        for size in [1, *sizes]:  # the first pass warms up
+            tree = TokenTree.chain(int(prefix[-1]), prefix[: size - 1].tolist())
+            timings = []
+            for _ in range(_CALIBRATION_REPEATS):
+                t0 = time.perf_counter()
+                tail = None if size == 1 else tree.ancestor_mask
+                segment = Segment(slot, tree.tokens, tree.depth + _CALIBRATION_PREFIX, tail=tail)
+                run_packed(self.target, self.kv, [segment], self.attention_backend)
+                timings.append(time.perf_counter() - t0)
+                self.kv.keep(slot, _CALIBRATION_PREFIX, [])
+            self.verify_costs.observe(size, min(timings))
+        dslot = self._draft_calib_slot
+        pool = self.drafter.pool
+        pool.lengths[dslot] = 0
+        run_packed(self.drafter.model, pool, [Segment(dslot, prefix, positions, logits="last")])
+        timings = []
+        for _ in range(_CALIBRATION_REPEATS):
+            t0 = time.perf_counter()
+            run_packed(self.drafter.model, pool, [Segment(dslot, prefix[:1], positions[-1:] + 1, logits="last")])
+            timings.append(time.perf_counter() - t0)
+            pool.keep(dslot, _CALIBRATION_PREFIX, [])
+        one = min(timings)
+        self.draft_costs.observe(1, one)
+        self.draft_costs.observe(2, 2 * one)
+
+    def _propose(self, reqs: list[Request], specs: list[SpeculationConfig | None]) -> list[Proposal]:
+        """Each request's tree: model trees of all requests in one batched propose, n-gram branches
+        merged per request."""
+        proposals = [Proposal(TokenTree.root_only(r.tokens[-1])) for r in reqs]
+        jobs, owners = [], []
+        for i, (r, spec) in enumerate(zip(reqs, specs)):
+            r.model_nodes = 0
+            # the bonus token always follows, so a tree deeper than remaining - 1 is wasted work
+            max_depth = r.stopper.remaining - 1
+            if spec is None or max_depth <= 0:
+                specs[i] = None
+                continue
+            if spec.uses_model and self.drafter is not None and r.draft_state is not None:
+                jobs.append(DraftJob(r.draft_state, r.tokens, spec, max_depth, r.sampling, r.policy))
+                owners.append(i)
+        if jobs and self.drafter is not None:
+            t0 = time.perf_counter()
+            drafted = self.drafter.propose_batch(jobs)
+            seconds = time.perf_counter() - t0
+            levels = max(job.state.levels for job in jobs)
+            self._draft_curve_exact(len(reqs)).observe(levels, seconds)
+            for i, job, prop in zip(owners, jobs, drafted):
+                proposals[i] = prop
+                reqs[i].model_nodes = prop.tree.num_nodes
+        for i, (r, spec) in enumerate(zip(reqs, specs)):
+            if spec is not None and spec.uses_ngram:
+                budget = min(spec.ngram_budget, r.stopper.remaining - 1)
+                proposals[i] = add_ngram_branches(proposals[i], r.tokens, spec.ngram_max, spec.ngram_min, spec.ngram_branches, budget)
+        return proposals
+
+    def _draft_curve_exact(self, batch: int) -> CostCurve:
+        return self.draft_costs_by_batch.setdefault(batch, CostCurve())
+
+    # ---- single-request views -----------------------------------------------------------------------
 
     def run_encoded(
         self,
@@ -270,166 +662,29 @@ class Engine:
         should_stop: Callable[[], bool] | None = None,
         text_deltas: bool = True,
     ) -> Iterator[StreamEvent]:
-        """``stream`` for a request already encoded (``encode``) and resolved (``resolve_speculation``).
+        """``stream`` for a request already encoded (``encode``) and resolved (``resolve_speculation``):
+        queues it and drives ``step`` until it ends (other queued requests run alongside). Not for use
+        while another thread drives ``step`` (the server's worker does; it uses ``add_request``)."""
+        req = self.add_request(prompt_ids, params, spec, should_stop, text_deltas)
+        yield from self._drive([req])
 
-        ``text_deltas=False``: intermediate events carry no text (no per-step decode); the last one
-        carries the whole text, as ``generate`` needs."""
-        start = time.perf_counter()
-        limit = min(params.max_tokens, self.max_context - len(prompt_ids))
-        generator = _generator(params.seed)
-        req = _Request(
-            tokens=list(prompt_ids),
-            cache=new_cache(self.target),
-            stopper=StopChecker(self.tokenizer, params, self.eos_ids, limit),
-            generator=generator,
-            draft_state=self.drafter.new_state() if (spec is not None and spec.uses_model and self.drafter) else None,
-            sampling=None if params.greedy else DraftSampling(params.temperature, params.top_k, params.top_p, generator),
-            # a seed must reproduce its output: seeded sampling gets the fixed tree (``_seeded_tree``)
-            adaptive=spec is not None and spec.adaptive and (params.greedy or params.seed is None),
-        )
-        if len(prompt_ids) > 1:
-            prefix = torch.tensor(prompt_ids[:-1])
-            forward_tokens(self.target, req.cache, prefix, torch.arange(len(prefix)), None, last_only=True)
-        req.stats.prefill_time_s = time.perf_counter() - start
-        sent_tokens, sent_text = 0, ""
-        while req.stopper.finish_reason is None:
-            if should_stop is not None and should_stop():
-                req.stopper.abort()
-                break
-            self._step(req, params, spec)
-            if req.stopper.finish_reason is None:
-                text = req.stopper.stable_text() if text_deltas else ""
-                yield StreamEvent(req.stopper.generated[sent_tokens:], text[len(sent_text) :])
-                sent_tokens, sent_text = len(req.stopper.generated), text
-        req.stats.wall_time_s = time.perf_counter() - start
-        output = GenerationOutput(
-            text=req.stopper.text(),
-            token_ids=req.stopper.generated,
-            finish_reason=req.stopper.finish_reason or FINISH_ABORT,
-            stats=req.stats,
-            prompt_token_ids=prompt_ids,
-        )
-        yield StreamEvent(req.stopper.generated[sent_tokens:], output.text[len(sent_text) :], output)
-
-    def _step(self, req: _Request, params: SamplingParams, spec: SpeculationConfig | None) -> None:
-        """Draft a tree, verify it in one target pass, commit the accepted path plus the bonus token."""
-        t0 = time.perf_counter()
-        if spec is not None and spec.adaptive:
-            spec = self._planned(req, spec) if req.adaptive else self._seeded_tree(spec)
-        proposal = self._propose(req, spec)
-        tree = proposal.tree
-        t1 = time.perf_counter()
-        prefix_len = len(req.tokens) - 1
-        logits = verify_tree(self.target, req.cache, tree, prefix_len, self.attention_backend)
-        t2 = time.perf_counter()
-        result = accept(tree, logits, proposal.draft_probs, params, req.generator, proposal.deterministic)
-        commit_accepted(req.cache, prefix_len, result.accepted_nodes)
-        accepted_nodes = result.accepted_nodes.tolist()
-        if req.model_nodes and self.drafter is not None and req.draft_state is not None:
-            self.drafter.commit(req.draft_state, accepted_nodes)
-            model_part = torch.arange(tree.num_nodes) < req.model_nodes
-            self.profile.record(tree, accepted_nodes, ~model_part)
-            if tree.draft_logprobs is not None and not (req.sampling is not None and spec is not None and spec.sampled_children):
-                on_path = torch.zeros(req.model_nodes, dtype=torch.bool)
-                on_path[[n for n in accepted_nodes if n < req.model_nodes]] = True
-                self.profile.record_confidence(path_logprobs(tree)[1 : req.model_nodes].exp(), on_path[1:])
-            self.draft_costs.observe(req.model_levels, req.model_draft_s)
-        self.verify_costs.observe(tree.num_nodes, t2 - t1)
-        emitted = result.emitted_tokens()
-        kept = req.stopper.extend(emitted)
-        req.tokens.extend(emitted[:kept])
-        req.stats.record_step(tree.max_depth, tree.num_draft_nodes, min(kept, result.num_accepted), kept)
-        req.stats.draft_time_s += t1 - t0
-        req.stats.verify_time_s += time.perf_counter() - t1
-
-    def _seeded_tree(self, spec: SpeculationConfig) -> SpeculationConfig:
-        """What a seeded sampling request drafts instead of adaptive trees: a fixed shape for this device
-        and dtype, so that what the server measured never changes the random stream's use."""
-        fixed = fixed_speculation(self.target.device.type, self.config.dtype, spec.drafter)
-        return dataclasses.replace(fixed, sampled_children=spec.sampled_children, ngram_budget=spec.ngram_budget)
-
-    def _planned(self, req: _Request, spec: SpeculationConfig) -> SpeculationConfig | None:
-        """This step's tree from the cost model; ``spec``'s depth and budget are the upper bounds.
-
-        The plan (positional acceptance profile x measured costs) decides whether to draft and how wide;
-        dynamic trees then expand while the draft's confidence pays for a level and keep the number of
-        nodes that maximizes expected tokens per second under the measured verify curve
-        (``choose_tree_size``). Sampled-children trees cannot be cut by confidence (it would bias the
-        sampling), so they take the plan's budget and depth as they are.
-        """
-        fixed = dataclasses.replace(spec, adaptive=False)
-        req.policy = None
-        if not (spec.uses_model and self.drafter is not None):
-            return fixed  # the n-gram drafter costs no draft passes; its budget stays as configured
-        if not self.draft_costs.known:
-            self._calibrate(fixed)
-        rates = self.profile.rates()
-        plan = plan_tree(rates, self.verify_costs, self.draft_costs, spec.budget, spec.depth)
-        if plan.budget == 0:
-            req.steps_without_draft += 1
-            if req.steps_without_draft < _EXPLORE_EVERY:
-                req.stats.record_plan(plan.budget)
-                return dataclasses.replace(fixed, drafter="ngram") if spec.uses_ngram else None
-            # now and then draft anyway, so that the profile keeps learning
-            plan = plan_tree(rates, self.verify_costs, self.draft_costs, spec.budget, spec.depth, min_budget=1)
-        req.steps_without_draft = 0
-        req.stats.record_plan(plan.budget)
-        if req.sampling is not None and spec.sampled_children:
-            return dataclasses.replace(fixed, depth=plan.depth, top_k=plan.top_k, budget=plan.budget)
-        req.policy = StepPolicy(self.profile.calibration(), rates, self.verify_costs, self.draft_costs)
-        return dataclasses.replace(fixed, top_k=plan.top_k)
-
-    def _calibrate(self, spec: SpeculationConfig) -> None:
-        """Start-up measurement of the pass costs: the target over 1 .. budget + 1 chain tokens and the draft
-        over one token, after a short synthetic prefix (online timings refine both afterwards)."""
-        assert self.drafter is not None
-        vocab = int(self.target.config.vocab_size)
-        prefix = torch.arange(_CALIBRATION_PREFIX) % vocab
-        positions = torch.arange(_CALIBRATION_PREFIX)
-        cache = new_cache(self.target)
-        with torch.inference_mode():
-            forward_tokens(self.target, cache, prefix, positions, None, last_only=True)
-            sizes = sorted({s for s in _CALIBRATION_SIZES if s <= spec.budget + 1} | {1, spec.budget + 1})
-            verify_tree(self.target, cache, TokenTree.root_only(0), _CALIBRATION_PREFIX)  # warm-up
-            keep_cache_positions(cache, _CALIBRATION_PREFIX, torch.zeros(0, dtype=torch.long))
-            for size in sizes:
-                tree = TokenTree.chain(int(prefix[-1]), prefix[: size - 1].tolist())
-                timings = []
-                for _ in range(_CALIBRATION_REPEATS):
-                    t0 = time.perf_counter()
-                    verify_tree(self.target, cache, tree, _CALIBRATION_PREFIX, self.attention_backend)
-                    timings.append(time.perf_counter() - t0)
-                    keep_cache_positions(cache, _CALIBRATION_PREFIX, torch.zeros(0, dtype=torch.long))
-                self.verify_costs.observe(size, min(timings))
-            draft_cache = new_cache(self.drafter.model)
-            forward_tokens(self.drafter.model, draft_cache, prefix, positions, None, last_only=True)
-            timings = []
-            for _ in range(_CALIBRATION_REPEATS):
-                t0 = time.perf_counter()
-                forward_tokens(self.drafter.model, draft_cache, prefix[:1], positions[-1:] + 1, None, last_only=True)
-                timings.append(time.perf_counter() - t0)
-                keep_cache_positions(draft_cache, _CALIBRATION_PREFIX, torch.zeros(0, dtype=torch.long))
-            one = min(timings)
-        self.draft_costs.observe(1, one)
-        self.draft_costs.observe(2, 2 * one)
-
-    def _propose(self, req: _Request, spec: SpeculationConfig | None) -> Proposal:
-        # the bonus token always follows, so a tree deeper than remaining - 1 is wasted work
-        max_depth = req.stopper.remaining - 1
-        proposal = Proposal(TokenTree.root_only(req.tokens[-1]))
-        req.model_nodes = 0
-        if spec is None or max_depth <= 0:
-            return proposal
-        if spec.uses_model and self.drafter is not None and req.draft_state is not None:
-            t0 = time.perf_counter()
-            proposal = self.drafter.propose(req.draft_state, req.tokens, spec, max_depth, req.sampling, req.policy)
-            req.model_draft_s = time.perf_counter() - t0
-            req.model_nodes = proposal.tree.num_nodes
-            req.model_levels = req.draft_state.levels
-        if spec.uses_ngram:
-            budget = min(spec.ngram_budget, max_depth)
-            proposal = add_ngram_branches(proposal, req.tokens, spec.ngram_max, spec.ngram_min, spec.ngram_branches, budget)
-        return proposal
+    def _drive(self, reqs: list[Request]) -> Iterator[StreamEvent]:
+        """Step until every request in ``reqs`` has ended; yields their events (errors re-raised)."""
+        pending = set(map(id, reqs))
+        try:
+            while pending:
+                for req, event in self.step():
+                    if id(req) not in pending:
+                        continue
+                    if event.error is not None:
+                        raise event.error
+                    if event.output is not None:
+                        pending.discard(id(req))
+                    yield event
+        finally:
+            for req in reqs:  # a consumer that stopped early: nothing stays allocated
+                if id(req) in pending:
+                    self._release(req)
 
 
 @dataclass
@@ -442,35 +697,85 @@ class StreamEvent:
     text: str
     # set on the last event only
     output: GenerationOutput | None = None
+    # set (on the last event, instead of an output) when the request failed
+    error: Exception | None = None
 
 
-@dataclass
-class _Request:
-    """State of one running request."""
+@dataclass(eq=False)
+class Request:
+    """One request inside the engine (``add_request`` returns it; pass it to ``abort``)."""
 
-    # prompt + generated tokens; the target cache holds all but the last
+    prompt_ids: list[int]
+    params: SamplingParams
+    spec: SpeculationConfig | None
+    # prompt + generated tokens; the target's slot holds all but the last
     tokens: list[int]
-    cache: object
     stopper: StopChecker
     generator: torch.Generator
-    draft_state: DraftState | None
     sampling: DraftSampling | None
     # whether the cost model picks this request's trees
     adaptive: bool = False
+    should_stop: Callable[[], bool] | None = None
+    text_deltas: bool = True
     stats: SpecStats = field(default_factory=SpecStats)
-    # this step's model tree: its node count (0: none, the draft cache needs no commit), levels, seconds
+    # KV: the target's slot and the draft's state (its own slot), while admitted
+    slot: int | None = None
+    draft_state: DraftState | None = None
+    prefilled: bool = False
+    # perf_counter() at admission
+    start: float = 0.0
+    # what the caller has been sent so far
+    sent_tokens: int = 0
+    sent_text: str = ""
+    failed: Exception | None = None
+    # set when the request ends
+    output: GenerationOutput | None = None
+    # this step's model tree: its node count (0: none, the draft slot needs no commit)
     model_nodes: int = 0
-    model_levels: int = 0
-    model_draft_s: float = 0.0
     # consecutive adaptive steps that chose plain decoding
     steps_without_draft: int = 0
     # this step's decisions for a dynamic tree (adaptive speculation)
     policy: StepPolicy | None = None
 
+    @property
+    def output_tokens(self) -> list[int]:
+        return self.stopper.generated
+
+
+class _BatchCurve:
+    """The verify curve seen by one request of a batch whose requests all choose like it: n tokens
+    per request cost what a pass over ``batch * n`` tokens costs."""
+
+    def __init__(self, curve: CostCurve, batch: int) -> None:
+        self.curve, self.batch = curve, batch
+
+    @property
+    def known(self) -> bool:
+        return self.curve.known
+
+    def __call__(self, size: int) -> float:
+        return self.curve(self.batch * size)
+
+
+def _check_tree_room(spec: SpeculationConfig) -> None:
+    """A step writes its tree after the committed tokens: the most it can write must fit the slot's
+    reserve (``spruce.kvcache.TREE_RESERVE``)."""
+    verify = (sum(1 for _ in spec.tree_paths) if spec.tree_paths else spec.budget) + (spec.ngram_budget if spec.uses_ngram else 0) + 1
+    draft = (len(spec.tree_paths) if spec.tree_paths else spec.top_k * spec.depth) + 1
+    if max(verify, draft) > TREE_RESERVE:
+        raise InvalidRequestError(
+            f"this tree writes up to {max(verify, draft)} KV positions per step; at most {TREE_RESERVE} fit "
+            "(lower budget, depth x top_k or ngram_budget)"
+        )
+
 
 # ---- helpers ------------------------------------------------------------------------------------------
 
 
+log = logging.getLogger(__name__)
+
+# a request's context when neither the model nor the configuration says less
+_DEFAULT_SEQ_LEN = 4096
 # Every this many plain steps in a row, an adaptive request drafts anyway so the profile keeps learning.
 _EXPLORE_EVERY = 16
 # Start-up cost measurement: a short synthetic prefix, and tree sizes to time (up to the budget + 1).
@@ -488,12 +793,9 @@ def _generator(seed: int | None) -> torch.Generator:
     return gen
 
 
-def _final_output(events: Iterator[StreamEvent]) -> GenerationOutput:
-    event = None
-    for event in events:
-        pass
-    assert event is not None and event.output is not None
-    return event.output
+def _output_of(req: Request) -> GenerationOutput:
+    assert req.output is not None
+    return req.output
 
 
 def _as_prompt_list(prompts: Any) -> list[Any]:

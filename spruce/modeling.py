@@ -71,21 +71,21 @@ def forward_tokens(
         attention_mask=None if mask is None else mask.to(device),
         use_cache=True,
         logits_to_keep=1 if last_only else 0,
-        **{_cache_kwarg(type(model)): cache},
+        **{cache_kwarg(type(model)): cache},
         **(attention_kwargs or {}),
     )
     return out.logits[0].float()
 
 
-_CACHE_KWARG: dict[type, str] = {}
+CACHE_KWARGS: dict[type, str] = {}
 
 
-def _cache_kwarg(model_class: type) -> str:
+def cache_kwarg(model_class: type) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` (5.2x); use whichever this version takes."""
-    if model_class not in _CACHE_KWARG:
+    if model_class not in CACHE_KWARGS:
         params = inspect.signature(getattr(model_class, "forward")).parameters
-        _CACHE_KWARG[model_class] = "cache" if "cache" in params else "past_key_values"
-    return _CACHE_KWARG[model_class]
+        CACHE_KWARGS[model_class] = "cache" if "cache" in params else "past_key_values"
+    return CACHE_KWARGS[model_class]
 
 
 def cache_length(cache) -> int:

@@ -74,12 +74,14 @@ def test_engine_with_backend_generates_the_same_tokens(tiny_target, tiny_draft, 
 
     spec = SpeculationConfig(depth=3, top_k=2, budget=5)
     params = SamplingParams(max_tokens=10, ignore_eos=True)
-    want = Engine(tiny_target, tokenizer, tiny_draft).generate([[4, 5, 6, 7]], params, spec)[0]
+    # a ragged batch: the kernel gets every request's prefix and tree in one packed call
+    prompts = [[4, 5, 6, 7], [9] * 11, [30, 31]]
+    want = Engine(tiny_target, tokenizer, tiny_draft).generate(prompts, params, spec)
     engine = Engine(copy.deepcopy(tiny_target), tokenizer, tiny_draft, EngineConfig(attention_backend=backend))
     assert engine.attention_backend == backend
-    got = engine.generate([[4, 5, 6, 7]], params, spec)[0]
-    assert got.token_ids == want.token_ids
-    assert got.stats.drafted > 0
+    got = engine.generate(prompts, params, spec)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert all(g.stats.drafted > 0 for g in got)
 
 
 def test_backend_resolution():

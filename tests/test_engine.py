@@ -99,8 +99,11 @@ def test_draft_cache_matches_fresh_forward_after_commits(tiny_target, tiny_draft
         tokens += result.emitted_tokens()
         fresh = new_cache(tiny_draft)
         forward_tokens(tiny_draft, fresh, torch.tensor(tokens[: state.cached]), torch.arange(state.cached), None)
-        for got, want in zip(state.cache.layers, fresh.layers):
-            assert_close(got.keys, want.keys, atol=1e-5, what="draft keys")
+        pool = drafter.pool
+        assert pool.lengths[state.slot] == state.cached
+        for layer, want in enumerate(fresh.layers):
+            got = pool.keys[layer][state.slot, :, : state.cached][None]
+            assert_close(got, want.keys, atol=1e-5, what="draft keys")
         assert state.cached < len(tokens)
 
 
