@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
-
-from spruce.config import SpeculationConfig
 from spruce.draft.tree import ROOT_PARENT, Proposal, TokenTree
+
 from spruce.attention import use_backend
+from spruce.config import SpeculationConfig
 from spruce.kvcache import TREE_RESERVE, Segment, SlotKVCache, run_packed
 from spruce.sampling import sampling_probs
 

@@ -136,7 +136,7 @@ def server_stats(worker: Any) -> pb.ServerStats:
         requests_finished=t.finished,
         requests_failed=t.failed,
         requests_aborted=t.aborted,
-        requests_running=1 if worker.running is not None else 0,
+        requests_running=worker.running,
         requests_waiting=worker.waiting,
         steps=s.steps,
         draft_tokens=s.drafted,
@@ -149,6 +149,6 @@ def server_stats(worker: Any) -> pb.ServerStats:
         accepted_by_depth=s.accepted_by_depth,
         steps_by_tree_size=s.steps_by_tree_size,
         steps_by_planned_budget=s.steps_by_planned_budget,
-        kv_cache_tokens=worker.running_kv_tokens,
+        kv_cache_tokens=worker.engine.kv_usage()["positions_used"],
         speculation_telemetry_json=json.dumps(worker.engine.speculation_telemetry()),
     )

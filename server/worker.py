@@ -1,11 +1,11 @@
-"""The engine behind the service: one worker thread runs requests from a bounded queue, one at a time
-(the single-request engine; the batched engine replaces this loop), and streams their steps back.
+"""The engine behind the service: one worker thread drives the continuous-batching engine
+(``Engine.step``) and streams each request's steps back to its caller.
 
 A request is a ``Job``: validated before it is queued (bad input never waits), refused with
-``OverloadedError`` when the queue is full or the server is draining, stopped between two target passes
-when it is aborted, cancelled by its client or past its deadline. A failing request fails alone: the
-exception goes to its caller and the worker moves on. KV caches belong to the running request and are
-released when it ends, however it ends.
+``OverloadedError`` when too many wait for a KV slot or the server is draining, stopped between two
+target passes when it is aborted, cancelled by its client or past its deadline. A failing request fails
+alone: the exception goes to its caller and the batch goes on. KV slots belong to the running request
+and are freed when it ends, however it ends.
 """
 
 from __future__ import annotations
@@ -19,18 +19,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from spruce.config import SamplingParams, SpeculationConfig
-from spruce.engine import DEFAULT, Engine, GenerationOutput, StreamEvent
-from spruce.errors import InvalidRequestError, OverloadedError
 from spruce.server.metrics import Metrics
+
+from spruce.config import SamplingParams, SpeculationConfig
+from spruce.engine import DEFAULT, Engine, StreamEvent
+from spruce.errors import InvalidRequestError, OverloadedError
 from spruce.stats import SpecStats
 from spruce.stopping import FINISH_ABORT
 
 log = logging.getLogger(__name__)
-
-# what a job's event queue carries at the end when the request failed
-_FAILED = object()
-
 
 @dataclass
 class Job:
@@ -46,6 +43,12 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     events: queue.Queue = field(default_factory=queue.Queue)
     arrival: float = field(default_factory=time.monotonic)
+    # the engine's handle, and when the last token was sent (TTFT, then inter-token latency)
+    request: Any = None
+    last_token: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.last_token = self.arrival
 
     def should_stop(self) -> bool:
         return self.cancel.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
@@ -66,12 +69,12 @@ class EngineWorker:
         self.engine = engine
         self.metrics = metrics
         self.max_tokens_limit = max_tokens_limit
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
         self._ids = itertools.count(1)
-        self.running: Job | None = None
-        self.running_kv_tokens = 0
+        self._stopping = False
         self.totals = ServerTotals()
         self.accepting = True
         self._thread = threading.Thread(target=self._loop, name="spruce-engine", daemon=True)
@@ -101,14 +104,14 @@ class EngineWorker:
             request_id = request_id or f"req-{next(self._ids)}"
             if request_id in self._jobs:
                 raise InvalidRequestError(f"request_id {request_id!r} is already in use")
+            if self.engine.num_waiting >= self.max_queue:
+                raise OverloadedError(
+                    f"the request queue is full ({self.max_queue} waiting for a KV slot): retry later"
+                )
             job = Job(request_id, prompt_ids, params, spec, deadline, text_deltas)
-            # registered before it is queued: the worker may take and finish it at once
+            job.request = self.engine.add_request(prompt_ids, params, spec, job.should_stop, text_deltas)
             self._jobs[request_id] = job
-            try:
-                self._queue.put_nowait(job)
-            except queue.Full:
-                del self._jobs[request_id]
-                raise OverloadedError(f"the request queue is full ({self._queue.maxsize} waiting): retry later") from None
+            self._wake.notify()
         self.metrics.waiting.labels(self.metrics.model_name).set(self.waiting)
         return job
 
@@ -116,8 +119,8 @@ class EngineWorker:
         """The job's steps as they happen; the last carries the output. Re-raises the request's error."""
         while True:
             item = job.events.get()
-            if isinstance(item, tuple) and item and item[0] is _FAILED:
-                raise item[1]
+            if item.error is not None:
+                raise item.error
             yield item
             if item.output is not None:
                 return
@@ -132,67 +135,73 @@ class EngineWorker:
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize()
+        return self.engine.num_waiting
+
+    @property
+    def running(self) -> int:
+        return self.engine.num_running
 
     def drain(self, grace_s: float) -> None:
         """Refuse new requests, let queued and running ones finish for up to ``grace_s``, abort the rest."""
         with self._lock:
             self.accepting = False
         end = time.monotonic() + grace_s
-        while time.monotonic() < end and (self._jobs or self.running is not None):
+        while time.monotonic() < end and self._jobs:
             time.sleep(0.02)
         with self._lock:
             for job in self._jobs.values():
                 job.cancel.set()
-        self._queue.put(None)
+        end = time.monotonic() + 30
+        while time.monotonic() < end and self._jobs:  # aborted jobs end at the next step
+            time.sleep(0.02)
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
         self._thread.join(timeout=30)
 
     # ---- the loop -----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            self.metrics.waiting.labels(self.metrics.model_name).set(self.waiting)
-            self.running = job
-            self.metrics.running.labels(self.metrics.model_name).set(1)
-            try:
-                self._run(job)
-            finally:
-                self.running = None
-                self.running_kv_tokens = 0
-                self.metrics.running.labels(self.metrics.model_name).set(0)
-                self.metrics.kv_usage.labels(self.metrics.model_name).set(0)
-                with self._lock:
-                    self._jobs.pop(job.request_id, None)
-
-    def _run(self, job: Job) -> None:
         m = self.metrics
         name = m.model_name
-        if job.should_stop():  # aborted or expired while queued: nothing was computed
-            self._finish(job, StreamEvent([], "", _aborted(job)))
-            return
-        self.running_kv_tokens = len(job.prompt_ids)
-        last = job.arrival
-        try:
-            stream = self.engine.run_encoded(job.prompt_ids, job.params, job.speculation, job.should_stop, job.text_deltas)
-            for event in stream:
-                now = time.monotonic()
-                if event.token_ids:
-                    (m.ttft if last == job.arrival else m.itl).labels(name).observe(now - last)
-                    last = now
-                # the target cache holds the prompt and the output so far (one slot per token)
-                self.running_kv_tokens += len(event.token_ids)
-                m.kv_usage.labels(name).set(min(1.0, self.running_kv_tokens / self.engine.max_context))
-                if event.output is not None:
-                    self._finish(job, event)
+        while True:
+            with self._lock:
+                while not self.engine.has_work() and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
                     return
-                job.events.put(event)
-        except Exception as exc:  # the request fails alone; the worker goes on
-            log.exception("request %s failed", job.request_id)
-            self.totals.failed += 1
-            job.events.put((_FAILED, exc))
+            try:
+                events = self.engine.step()
+            except Exception:  # the engine isolates request failures; this is a bug, keep serving
+                log.exception("engine step failed")
+                time.sleep(0.1)
+                continue
+            now = time.monotonic()
+            for req, event in events:
+                job = self._job_of(req)
+                if job is None:
+                    continue
+                if event.token_ids:
+                    (m.ttft if job.last_token == job.arrival else m.itl).labels(name).observe(now - job.last_token)
+                    job.last_token = now
+                if event.error is not None:
+                    self.totals.failed += 1
+                    self._end(job, event)
+                elif event.output is not None:
+                    self._finish(job, event)
+                else:
+                    job.events.put(event)
+            usage = self.engine.kv_usage()
+            m.running.labels(name).set(self.engine.num_running)
+            m.waiting.labels(name).set(self.engine.num_waiting)
+            m.kv_usage.labels(name).set(usage["positions_used"] / max(1, usage["slots_total"] * usage["positions_per_slot"]))
+
+    def _job_of(self, req: Any) -> Job | None:
+        with self._lock:
+            for job in self._jobs.values():
+                if job.request is req:
+                    return job
+        return None
 
     def _finish(self, job: Job, event: StreamEvent) -> None:
         out = event.output
@@ -202,8 +211,9 @@ class EngineWorker:
         self.totals.finished += 1
         self.totals.aborted += out.finish_reason == FINISH_ABORT
         self.totals.spec.merge(out.stats)
+        self._end(job, event)
+
+    def _end(self, job: Job, event: StreamEvent) -> None:
+        with self._lock:
+            self._jobs.pop(job.request_id, None)
         job.events.put(event)
-
-
-def _aborted(job: Job) -> GenerationOutput:
-    return GenerationOutput(text="", token_ids=[], finish_reason=FINISH_ABORT, stats=SpecStats(), prompt_token_ids=job.prompt_ids)

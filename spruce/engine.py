@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
-from spruce.config import EngineConfig, SamplingParams, SpeculationConfig, default_speculation, fixed_speculation
+from spruce.config import (
+    EngineConfig,
+    SamplingParams,
+    SpeculationConfig,
+    default_speculation,
+    fixed_speculation,
+)
 from spruce.costmodel import AcceptanceProfile, CostCurve, StepPolicy, plan_tree
 from spruce.draft.model_drafter import DraftJob, DraftSampling, DraftState, ModelDrafter
 from spruce.draft.ngram import add_ngram_branches
@@ -400,7 +406,7 @@ class Engine:
         try:
             fn(reqs)
             return
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any model error: find the request that caused it
             if len(reqs) == 1:
                 self._restore(reqs[0], saved[0])
                 self._fail(reqs[0], exc, events)
@@ -410,7 +416,7 @@ class Engine:
         for req, snap in zip(reqs, saved):
             try:
                 fn([req])
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - it fails alone, with its error
                 self._restore(req, snap)
                 self._fail(req, exc, events)
 

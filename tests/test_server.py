@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from spruce.config import SamplingParams, ServeConfig
+from spruce.config import EngineConfig, SamplingParams, ServeConfig
 from spruce.engine import Engine
 from spruce.server.app import start
 from spruce.server._gen.spruce.v1 import spruce_pb2 as pb
@@ -58,7 +58,8 @@ def slow_server(tiny_target, tiny_draft, tokenizer):
     target = copy.deepcopy(tiny_target)
     target.register_forward_pre_hook(lambda module, args: time.sleep(0.03))
     config = ServeConfig(host="127.0.0.1", port=0, http_port=0, served_model_name=MODEL, max_queue=2, max_tokens_limit=64, grace_s=2)
-    srv = start(lambda: Engine(target, tokenizer, tiny_draft), config)
+    # one KV slot: one request runs, the others wait in the queue
+    srv = start(lambda: Engine(target, tokenizer, tiny_draft, EngineConfig(max_batch_size=1)), config)
     yield srv
     srv.stop(grace_s=1)
 
@@ -149,7 +150,7 @@ def test_abort_stops_a_running_stream(slow_server, slow_stub):
     assert rest[-1].finished and rest[-1].finish_reason == pb.FINISH_REASON_ABORT
     assert rest[-1].completion_tokens < 60
     assert not stub.Abort(pb.AbortRequest(request_id="abort-me")).found
-    assert server.worker.running is None or server.worker.running.request_id != "abort-me"
+    assert server.worker.running == 0 and server.worker.engine.kv_usage()["slots_free"] == 1
 
 
 def test_deadline_stops_generation(slow_server, slow_stub):
@@ -158,9 +159,9 @@ def test_deadline_stops_generation(slow_server, slow_stub):
         stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[3, 4]), sampling=pb.SamplingOptions(max_tokens=64, ignore_eos=True)), timeout=0.3)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     end = time.monotonic() + 10
-    while server.worker.running is not None and time.monotonic() < end:
+    while server.worker.running and time.monotonic() < end:
         time.sleep(0.05)
-    assert server.worker.running is None  # the worker stopped instead of finishing 64 tokens
+    assert server.worker.running == 0  # the worker stopped instead of finishing 64 tokens
 
 
 def test_overload_is_resource_exhausted(slow_server, slow_stub):
@@ -168,7 +169,7 @@ def test_overload_is_resource_exhausted(slow_server, slow_stub):
     long = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), sampling=pb.SamplingOptions(max_tokens=64, ignore_eos=True))
     streams = [stub.GenerateStream(long) for _ in range(3)]  # one runs, two wait: the queue (2) is full
     end = time.monotonic() + 10
-    while (server.worker.waiting < 2 or server.worker.running is None) and time.monotonic() < end:
+    while (server.worker.waiting < 2 or not server.worker.running) and time.monotonic() < end:
         time.sleep(0.01)
     codes = []
     try:
@@ -179,9 +180,9 @@ def test_overload_is_resource_exhausted(slow_server, slow_stub):
         s.cancel()
     assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED]
     end = time.monotonic() + 20
-    while (server.worker.running is not None or server.worker.waiting) and time.monotonic() < end:
+    while (server.worker.running or server.worker.waiting) and time.monotonic() < end:
         time.sleep(0.05)
-    assert server.worker.waiting == 0 and server.worker.running is None
+    assert server.worker.waiting == 0 and server.worker.running == 0
 
 
 def test_health_and_metrics(server, stub):
@@ -518,3 +519,30 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_concurrent_streams_run_batched_and_match_alone(tiny_target, tiny_draft, tokenizer):
+    """Requests in flight together share target passes (the server's engine batches them; 3 slots for
+    5 requests: two wait, then join as others finish) and each gets exactly what it gets alone."""
+    prompts = [[5, 6, 7], [40, 41, 42, 43, 44, 45], [9], [100, 101], [7, 7, 7, 7]]
+    alone = [
+        Engine(tiny_target, tokenizer, tiny_draft).generate([p], SamplingParams(max_tokens=4 + 3 * i, ignore_eos=True))[0]
+        for i, p in enumerate(prompts)
+    ]
+    engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=3))
+    srv = start(lambda: engine, ServeConfig(host="127.0.0.1", port=0, http_port=0, max_queue=8))
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+    stub = pb_grpc.SpruceServiceStub(channel)
+    reqs = [
+        pb.GenerateRequest(token_ids=pb.TokenIds(ids=p), sampling=pb.SamplingOptions(max_tokens=4 + 3 * i, ignore_eos=True))
+        for i, p in enumerate(prompts)
+    ]
+    streams = [stub.GenerateStream(r) for r in reqs]
+    results = [list(s) for s in streams]
+    for got, want in zip(results, alone):
+        assert [t for m in got for t in m.token_ids] == want.token_ids
+        assert got[-1].finished
+    usage = engine.kv_usage()
+    assert usage["slots_free"] == usage["slots_total"] == 3 and usage["positions_used"] == 0
+    channel.close()
+    srv.stop(grace_s=0.5)

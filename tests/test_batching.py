@@ -1,0 +1,265 @@
+"""The continuous-batching engine: ragged packed passes equal per-request reference passes, a request's
+output and stats are the same alone or batched, KV slots are freed however a request ends, and a request
+that breaks the model fails alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import TINY_VOCAB, assert_close, build_tiny_model, perturbed_copy
+from spruce import Engine, SamplingParams, SpeculationConfig
+from spruce.attention import use_backend
+from spruce.config import EngineConfig
+from spruce.draft.tree import ROOT_PARENT, TokenTree
+from spruce.errors import InvalidRequestError
+from spruce.kvcache import PoolExhaustedError, Segment, SlotKVCache, run_packed
+from spruce.modeling import forward_tokens, new_cache
+from spruce.verify.tree_verify import verify_tree
+
+SPECS = {
+    "plain": None,
+    "chain3": SpeculationConfig.chain(3),
+    "tree": SpeculationConfig(depth=3, top_k=2, budget=6),
+    "static": SpeculationConfig(tree_paths=((0,), (1,), (0, 0), (0, 0, 0))),
+    "ngram": SpeculationConfig(drafter="ngram", ngram_budget=4),
+    "both": SpeculationConfig(drafter="both", depth=2, top_k=2, budget=3),
+    "adaptive": SpeculationConfig(depth=4, top_k=2, budget=6, adaptive=True),
+}
+
+
+def _prompts(n: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(1, 24, (1,), generator=gen))
+        # repeats in some prompts, so that n-gram lookup finds matches
+        base = torch.randint(0, 256, (max(1, length // 2),), generator=gen).tolist()
+        out.append((base * 3)[:length])
+    return out
+
+
+# ---- the packed pass against per-request reference passes ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def packed_model():
+    model = build_tiny_model(seed=5, num_attention_heads=4, num_key_value_heads=2)
+    reference = copy.deepcopy(model)
+    use_backend(model, "sdpa")
+    return model, reference
+
+
+def _random_tree(n: int, gen: torch.Generator) -> TokenTree:
+    parents = [ROOT_PARENT] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)]
+    tokens = torch.randint(0, TINY_VOCAB, (n,), generator=gen).tolist()
+    return TokenTree.from_parents(tokens, parents)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    requests=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 9)), min_size=1, max_size=5),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_packed_tree_pass_matches_each_request_alone(packed_model, requests, seed):
+    """Ragged packing: prompts of any lengths prefilled in one pass, then a tree per request verified in
+    one pass, give each request the logits of its own DynamicCache passes (offsets, masks, positions)."""
+    model, reference = packed_model
+    gen = torch.Generator().manual_seed(seed)
+    pool = SlotKVCache(model, 6, 48)
+    slots = [pool.allocate() for _ in requests]
+    prefixes = [torch.randint(0, TINY_VOCAB, (p,), generator=gen) for p, _ in requests]
+    trees = [_random_tree(n, gen) for _, n in requests]
+    last = run_packed(model, pool, [Segment(s, p, torch.arange(len(p)), logits="last") for s, p in zip(slots, prefixes)])
+    got = run_packed(
+        model,
+        pool,
+        [Segment(s, t.tokens, t.depth + len(p), tail=t.ancestor_mask) for s, p, t in zip(slots, prefixes, trees)],
+    )
+    for prefix, tree, got_last, got_tree in zip(prefixes, trees, last, got):
+        cache = new_cache(reference)
+        want_last = forward_tokens(reference, cache, prefix, torch.arange(len(prefix)), None, last_only=True)
+        assert_close(got_last, want_last, atol=1e-4, what="prefill logits")
+        assert_close(got_tree, verify_tree(reference, cache, tree, len(prefix)), atol=1e-4, what="tree logits")
+    assert pool.lengths[: len(requests)] == [len(p) + t.num_nodes for p, t in zip(prefixes, trees)]
+
+
+def test_keep_moves_the_accepted_path_and_frees_the_rest(packed_model):
+    model, reference = packed_model
+    pool = SlotKVCache(model, 2, 32)
+    slot = pool.allocate()
+    prefix = torch.arange(7) + 10
+    tree = TokenTree.from_parents([3, 4, 5, 6, 7], [ROOT_PARENT, 0, 0, 2, 3])
+    run_packed(model, pool, [Segment(slot, prefix, torch.arange(7), logits="none")])
+    run_packed(model, pool, [Segment(slot, tree.tokens, tree.depth + 7, tail=tree.ancestor_mask)])
+    pool.keep(slot, 7, [0, 2, 3])
+    cache = new_cache(reference)
+    forward_tokens(reference, cache, torch.cat([prefix, torch.tensor([3, 5, 6])]), torch.arange(10), None)
+    assert pool.lengths[slot] == 10
+    for layer, want in enumerate(cache.layers):
+        assert_close(pool.keys[layer][slot, :, :10][None], want.keys, atol=1e-5, what="kept keys")
+        assert_close(pool.values[layer][slot, :, :10][None], want.values, atol=1e-5, what="kept values")
+
+
+def test_pool_limits_are_errors(packed_model):
+    model, _ = packed_model
+    pool = SlotKVCache(model, 1, 8)
+    slot = pool.allocate()
+    with pytest.raises(PoolExhaustedError, match="slots"):
+        pool.allocate()
+    with pytest.raises(PoolExhaustedError, match="exceed"):
+        run_packed(model, pool, [Segment(slot, torch.arange(9), torch.arange(9))])
+    assert pool.lengths[slot] == 0
+    with pytest.raises(ValueError, match="tail visibility"):
+        run_packed(model, pool, [Segment(slot, torch.arange(3), torch.arange(3), tail=torch.ones(2, 2, dtype=torch.bool))])
+    pool.release(slot)
+    with pytest.raises(ValueError, match="not allocated"):
+        pool.release(slot)
+
+
+# ---- the engine: alone or batched ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_target, tiny_draft, tokenizer):
+    """(batched engine with 4 slots, a separate engine that runs each request alone)."""
+    return (
+        Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=4)),
+        Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=1)),
+    )
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_greedy_batch_equals_alone(engines, name):
+    """Seven requests on four slots (three wait and join as others finish), ragged prompts and lengths:
+    every request's tokens and per-request stats equal its run alone."""
+    batched, alone = engines
+    spec = SPECS[name]
+    prompts = _prompts(7, seed=len(name))
+    params = [SamplingParams(max_tokens=6 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
+    reqs = [batched.add_request(p, sp, spec, text_deltas=False) for p, sp in zip(prompts, params)]
+    for _ in batched._drive(reqs):
+        pass
+    for req, prompt, sp in zip(reqs, prompts, params):
+        want = alone.generate([prompt], sp, spec)[0]
+        assert req.output is not None and req.output.token_ids == want.token_ids
+        if spec is not None and not spec.adaptive:  # adaptive trees follow what the engine measured
+            got_stats, want_stats = req.output.stats.to_dict(), want.stats.to_dict()
+            for key in ("steps", "drafted", "accepted", "drafted_by_depth", "accepted_by_depth", "steps_by_tree_size"):
+                assert got_stats[key] == want_stats[key], key
+    assert batched.kv_usage()["slots_free"] == 4 and batched.kv_usage()["positions_used"] == 0
+
+
+def test_greedy_batch_matches_plain_reference(engines):
+    """Batched speculation against plain decoding (the oracle) on the same prompts."""
+    batched, alone = engines
+    prompts = _prompts(5, seed=11)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    got = batched.generate(prompts, params, SPECS["tree"])
+    want = [alone.generate([p], params, speculation=None)[0] for p in prompts]
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert sum(g.stats.accepted for g in got) > 0
+
+
+def test_seeded_sampling_batch_equals_alone(engines):
+    batched, alone = engines
+    prompts = _prompts(4, seed=3)
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=1234, ignore_eos=True)
+    spec = SpeculationConfig(depth=2, top_k=2, budget=4)
+    got = batched.generate(prompts, params, spec)
+    want = [alone.generate([p], params, spec)[0] for p in prompts]
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+
+
+def test_abort_and_finish_mid_batch_free_every_slot(tiny_target, tiny_draft, tokenizer):
+    engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=3))
+    initial = engine.kv_usage(), engine.drafter.pool.free_slots
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    spec = SPECS["tree"]
+    long_a = engine.add_request([1, 2, 3], params, spec)
+    short = engine.add_request([4, 5], SamplingParams(max_tokens=3, ignore_eos=True), spec)
+    long_b = engine.add_request([6, 7, 8, 9], params, spec)
+    queued = engine.add_request([10, 11], params, spec)  # waits: three slots
+    ended: dict[int, str] = {}
+    for _ in range(3):
+        for req, event in engine.step():
+            if event.output is not None:
+                ended[id(req)] = event.output.finish_reason
+    assert engine.num_running == 3 and engine.num_waiting == 0  # short finished, queued took its slot
+    assert ended == {id(short): "length"}
+    engine.abort(long_a)
+    stop_b = {"now": False}
+    long_b.should_stop = lambda: stop_b["now"]
+    stop_b["now"] = True
+    for req, event in engine.step():
+        if event.output is not None:
+            ended[id(req)] = event.output.finish_reason
+    assert ended[id(long_a)] == "abort" and ended[id(long_b)] == "abort"
+    assert engine.num_running == 1
+    engine.abort(queued)
+    engine.step()
+    assert not engine.has_work()
+    assert (engine.kv_usage(), engine.drafter.pool.free_slots) == initial
+
+
+def test_a_request_that_breaks_the_model_fails_alone(tiny_target, tiny_draft, tokenizer):
+    target = copy.deepcopy(tiny_target)
+
+    def explode(module, args, kwargs):
+        if bool((kwargs["input_ids"] == 13).any()):
+            raise RuntimeError("boom")
+
+    target.register_forward_pre_hook(explode, with_kwargs=True)
+    engine = Engine(target, tokenizer, tiny_draft, EngineConfig(max_batch_size=4))
+    alone = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=1))
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    spec = SPECS["chain3"]
+    prompts = [[5, 6, 7], [13, 14], [20, 21, 22, 23]]
+    reqs = [engine.add_request(p, params, spec) for p in prompts]
+    errors, outputs = {}, {}
+    while engine.has_work():
+        for req, event in engine.step():
+            if event.error is not None:
+                errors[id(req)] = event.error
+            elif event.output is not None:
+                outputs[id(req)] = event.output
+    assert list(errors) == [id(reqs[1])] and "boom" in str(errors[id(reqs[1])])
+    for i in (0, 2):
+        assert outputs[id(reqs[i])].token_ids == alone.generate([prompts[i]], params, spec)[0].token_ids
+    assert engine.kv_usage()["slots_free"] == 4
+    with pytest.raises(RuntimeError, match="boom"):  # the single-request views re-raise it
+        engine.generate([[13]], params, spec)
+    assert engine.kv_usage()["slots_free"] == 4
+
+
+def test_context_and_tree_limits_are_clear_errors(tiny_target, tiny_draft, tokenizer):
+    engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=1, max_seq_len=16))
+    assert engine.max_context == 16
+    with pytest.raises(InvalidRequestError, match="max_seq_len"):
+        engine.add_request(list(range(16)), SamplingParams(), None)
+    with pytest.raises(InvalidRequestError, match="KV positions"):
+        engine.add_request([1, 2], SamplingParams(), SpeculationConfig(depth=100, top_k=4, budget=300))
+    out = engine.generate([list(range(10))], SamplingParams(max_tokens=50, ignore_eos=True))[0]
+    assert len(out.token_ids) == 6 and out.finish_reason == "length"
+    with pytest.raises(InvalidRequestError, match="max_batch_size"):
+        EngineConfig(max_batch_size=0)
+
+
+def test_bfloat16_batch_equals_alone(tokenizer):
+    """What holds in bfloat16: the packed pass computes each request's rows with the same kernels, so
+    on this model batched greedy output still equals alone (float32 is the guarantee; bfloat16 rounding
+    of batched matmuls may differ on other hardware)."""
+    target = build_tiny_model(seed=0).to(torch.bfloat16)
+    draft = perturbed_copy(build_tiny_model(seed=0), noise=0.1, seed=1).to(torch.bfloat16)
+    batched = Engine(target, tokenizer, draft, EngineConfig(dtype="bfloat16", max_batch_size=4))
+    alone = Engine(copy.deepcopy(target), tokenizer, draft, EngineConfig(dtype="bfloat16", max_batch_size=1))
+    prompts = _prompts(4, seed=21)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    got = batched.generate(prompts, params, SPECS["tree"])
+    want = [alone.generate([p], params, SPECS["tree"])[0] for p in prompts]
+    agree = sum(g.token_ids == w.token_ids for g, w in zip(got, want))
+    assert agree == len(prompts)
