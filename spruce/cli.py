@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from spruce.config import (
     DRAFTERS,
@@ -26,6 +27,9 @@ from spruce.errors import SpruceError
 from spruce.kernels.backend import BACKENDS
 
 _SAMPLING = SamplingParams()
+if TYPE_CHECKING:
+    from spruce.engine import Engine
+
 _ENGINE = EngineConfig()
 
 
@@ -70,8 +74,6 @@ def _speculation(args: argparse.Namespace, default: SpeculationConfig | None) ->
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from spruce.engine import Engine
-
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -80,16 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
     )
-    engine = Engine.from_pretrained(
-        target=args.target,
-        draft=args.draft,
-        device=args.device,
-        dtype=args.dtype,
-        draft_dtype=args.draft_dtype,
-        drafter=args.drafter,
-        trust_remote_code=args.trust_remote_code,
-        attention_backend=args.attention_backend,
-    )
+    engine = _load_engine(args)
     prompt = args.prompt if args.raw else engine.apply_chat_template(args.prompt)
     out = engine.generate(prompt, params, speculation=_speculation(args, engine.default_speculation))[0]
     if args.json:
@@ -117,6 +110,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="tree attention: auto picks flash, then triton on a GPU, else sdpa",
     )
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--max-batch-size", type=int, default=_ENGINE.max_batch_size, help="requests running at once (KV slots)")
+    p.add_argument(
+        "--max-seq-len", type=int, default=_ENGINE.max_seq_len,
+        help="context per request (prompt + output) and KV slot size; 0: the model's, at most 4096",
+    )
+
+
+def _load_engine(args: argparse.Namespace) -> Engine:
+    from spruce.engine import Engine
+
+    return Engine.from_pretrained(
+        target=args.target, draft=args.draft, device=args.device, dtype=args.dtype,
+        draft_dtype=args.draft_dtype, drafter=args.drafter, trust_remote_code=args.trust_remote_code,
+        attention_backend=args.attention_backend, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+    )
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -152,14 +160,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         auth_token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
     )
 
-    def load() -> Engine:
-        return Engine.from_pretrained(
-            target=args.target, draft=args.draft, device=args.device, dtype=args.dtype,
-            draft_dtype=args.draft_dtype, drafter=args.drafter, trust_remote_code=args.trust_remote_code,
-            attention_backend=args.attention_backend,
-        )
-
-    return serve_forever(load, config)
+    return serve_forever(lambda: _load_engine(args), config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -291,6 +291,24 @@ def choose_tree_size(
     return best_n
 
 
+def worth_catching_up(
+    # committed tokens the draft has not seen (a prompt never drafted, or plain steps since it last ran)
+    lag: int,
+    # the draft's seconds per token when it catches up (a prefill-like pass)
+    token_s: float,
+    # tokens the request may still generate
+    remaining: int,
+    plan: TreePlan,
+    # seconds per token without drafting
+    plain_token_s: float,
+) -> bool:
+    """Whether drafting for this request pays for bringing the draft up to date first: the time the plan
+    saves over the rest of the request, ``remaining x (plain s/token - planned s/token)``, must exceed
+    the catch-up pass, ``lag x token_s``. Long prompts with short answers stay plain."""
+    saved = remaining * (plain_token_s - plan.expected_step_s / plan.expected_tokens)
+    return saved > lag * token_s
+
+
 class StepPolicy:
     """The engine's ``spruce.draft.model_drafter.TreePolicy`` for one step: draft confidences turned into
     acceptance estimates by the measured calibration table, costs from the measured curves.

@@ -35,7 +35,15 @@ from spruce.config import (
     default_speculation,
     fixed_speculation,
 )
-from spruce.costmodel import AcceptanceProfile, CostCurve, StepPolicy, plan_tree
+from spruce.costmodel import (
+    COST_EMA,
+    AcceptanceProfile,
+    CostCurve,
+    StepPolicy,
+    TreePlan,
+    plan_tree,
+    worth_catching_up,
+)
 from spruce.draft.model_drafter import DraftJob, DraftSampling, DraftState, ModelDrafter
 from spruce.draft.ngram import add_ngram_branches
 from spruce.draft.tree import Proposal, TokenTree, path_logprobs
@@ -124,6 +132,11 @@ class Engine:
         self.verify_costs = CostCurve()
         self.draft_costs_by_batch: dict[int, CostCurve] = {1: CostCurve()}
         self.draft_costs = self.draft_costs_by_batch[1]
+        # this step's plans by (budget, depth) bound, and the engine steps in a row that drafted nothing
+        self._step_plans: dict[tuple[int, int], TreePlan] = {}
+        self._steps_without_draft = 0
+        # the draft's seconds per token when it catches up on many tokens (a prompt it has not seen)
+        self.draft_token_s = 0.0
 
     @classmethod
     def from_pretrained(
@@ -494,7 +507,11 @@ class Engine:
         plus its bonus token."""
         t0 = time.perf_counter()
         batch = len(reqs)
+        self._step_plans.clear()
         specs = [self._step_spec(r, batch) for r in reqs]
+        if self._step_plans:  # adaptive requests: count the steps in a row on which none drafted
+            drafted = any(plan.budget > 0 for plan in self._step_plans.values())
+            self._steps_without_draft = 0 if drafted else self._steps_without_draft + 1
         proposals = self._propose(reqs, specs)
         t1 = time.perf_counter()
         segments = []
@@ -566,16 +583,21 @@ class Engine:
             self._calibrate(fixed)
         rates = self.profile.rates()
         verify, draft = _BatchCurve(self.verify_costs, batch), self._draft_curve(batch)
-        plan = plan_tree(rates, verify, draft, spec.budget, spec.depth)
-        if plan.budget == 0:
-            req.steps_without_draft += 1
-            if req.steps_without_draft < _EXPLORE_EVERY:
-                req.stats.record_plan(plan.budget)
-                return dataclasses.replace(fixed, drafter="ngram") if spec.uses_ngram else None
-            # now and then draft anyway, so that the profile keeps learning
-            plan = plan_tree(rates, verify, draft, spec.budget, spec.depth, min_budget=1)
-        req.steps_without_draft = 0
-        req.stats.record_plan(plan.budget)
+        key = (spec.budget, spec.depth)
+        plan = self._step_plans.get(key)
+        if plan is None:
+            plan = plan_tree(rates, verify, draft, spec.budget, spec.depth)
+            if plan.budget == 0 and self._steps_without_draft + 1 >= _EXPLORE_EVERY:
+                # now and then draft anyway (the whole batch, one step), so that the profile keeps learning
+                plan = plan_tree(rates, verify, draft, spec.budget, spec.depth, min_budget=1)
+            self._step_plans[key] = plan
+        budget = plan.budget
+        lag = len(req.tokens) - req.draft_state.cached if req.draft_state is not None else 0
+        if budget and lag > _STEADY_LAG and not worth_catching_up(lag, self.draft_token_s, req.stopper.remaining, plan, verify(1)):
+            budget = 0
+        req.stats.record_plan(budget)
+        if budget == 0:
+            return dataclasses.replace(fixed, drafter="ngram") if spec.uses_ngram else None
         if req.sampling is not None and spec.sampled_children:
             return dataclasses.replace(fixed, depth=plan.depth, top_k=plan.top_k, budget=plan.budget)
         req.policy = StepPolicy(self.profile.calibration(), rates, verify, draft)
@@ -614,7 +636,9 @@ class Engine:
         dslot = self._draft_calib_slot
         pool = self.drafter.pool
         pool.lengths[dslot] = 0
+        t0 = time.perf_counter()
         run_packed(self.drafter.model, pool, [Segment(dslot, prefix, positions, logits="last")])
+        self.draft_token_s = (time.perf_counter() - t0) / _CALIBRATION_PREFIX
         timings = []
         for _ in range(_CALIBRATION_REPEATS):
             t0 = time.perf_counter()
@@ -641,11 +665,15 @@ class Engine:
                 jobs.append(DraftJob(r.draft_state, r.tokens, spec, max_depth, r.sampling, r.policy))
                 owners.append(i)
         if jobs and self.drafter is not None:
+            lags = [len(job.tokens) - job.state.cached for job in jobs]
             t0 = time.perf_counter()
             drafted = self.drafter.propose_batch(jobs)
             seconds = time.perf_counter() - t0
             levels = max(job.state.levels for job in jobs)
-            self._draft_curve_exact(len(reqs)).observe(levels, seconds)
+            if max(lags) <= _STEADY_LAG:  # a steady step: the curve by levels
+                self._draft_curve_exact(len(reqs)).observe(levels, seconds)
+            else:  # a catch-up pass dominates: its cost per token
+                self.draft_token_s += COST_EMA * (seconds / sum(lags) - self.draft_token_s)
             for i, job, prop in zip(owners, jobs, drafted):
                 proposals[i] = prop
                 reqs[i].model_nodes = prop.tree.num_nodes
@@ -738,8 +766,6 @@ class Request:
     output: GenerationOutput | None = None
     # this step's model tree: its node count (0: none, the draft slot needs no commit)
     model_nodes: int = 0
-    # consecutive adaptive steps that chose plain decoding
-    steps_without_draft: int = 0
     # this step's decisions for a dynamic tree (adaptive speculation)
     policy: StepPolicy | None = None
 
@@ -782,7 +808,10 @@ log = logging.getLogger(__name__)
 
 # a request's context when neither the model nor the configuration says less
 _DEFAULT_SEQ_LEN = 4096
-# Every this many plain steps in a row, an adaptive request drafts anyway so the profile keeps learning.
+# A draft that lags by more tokens than this (a prompt it has not seen, plain steps since it last ran)
+# catches up with a prefill-like pass first: drafting must pay for that (``worth_catching_up``).
+_STEADY_LAG = 8
+# Every this many engine steps in a row without a draft, adaptive requests draft anyway (the profile keeps learning).
 _EXPLORE_EVERY = 16
 # Start-up cost measurement: a short synthetic prefix, and tree sizes to time (up to the budget + 1).
 _CALIBRATION_PREFIX = 32

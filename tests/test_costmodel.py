@@ -279,3 +279,16 @@ def test_step_policy_looks_past_a_step_in_the_verify_curve():
     assert one_more < now < two_more
     assert policy.expand([0.95], 0.95, 1)
     assert not StepPolicy(calibration, rates * 0.3, verify, draft).expand([0.95], 0.95, 1)
+
+
+def test_catching_up_pays_only_for_long_enough_answers():
+    from spruce.costmodel import TreePlan, worth_catching_up
+
+    # the plan makes a token cost 0.2 s instead of 0.4 s: 0.2 s saved per remaining token
+    plan = TreePlan(budget=4, depth=2, top_k=2, expected_tokens=2.0, expected_step_s=0.4)
+    # a 1000-token prompt at 10 ms a token: 10 s to catch up, paid back after 50 tokens
+    assert not worth_catching_up(1000, 0.01, 40, plan, 0.4)
+    assert worth_catching_up(1000, 0.01, 60, plan, 0.4)
+    # a plan no faster than plain decoding never pays for catching up
+    slow = TreePlan(budget=4, depth=2, top_k=2, expected_tokens=1.0, expected_step_s=0.4)
+    assert not worth_catching_up(10, 0.001, 1000, slow, 0.4)

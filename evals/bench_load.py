@@ -1,0 +1,231 @@
+"""Throughput and per-token latency under load: closed-loop clients against the batched engine.
+
+For each concurrency c, c clients each keep one request in flight (a client whose request ends sends its
+next one before the engine's next step) until ``max(min_requests, c * requests_per_client)`` requests
+have finished. Every configuration runs the same prompt sequence at each concurrency, one after the
+other in an order that rotates from one concurrency to the next, on one engine (so the adaptive cost
+model keeps what it measured, as a server would).
+
+Reported per configuration and concurrency:
+- output tokens/s: output tokens of the finished requests / wall time of the run (prefill included);
+- per-token latency p50 / p99: each engine step that gives a request k tokens after a gap of g seconds
+  (since its previous tokens) counts k tokens of g / k each; the first tokens (TTFT) are left out and
+  reported apart (p50);
+- ratio to plain decoding's tokens/s at the same concurrency, and, with greedy decoding, whether every
+  output equals plain decoding's.
+
+    python -m spruce.evals.bench_load --prompts question.jsonl --concurrency 1 2 4 8 16 \\
+        --configs plain tree:3:2:4 auto --max-tokens 32 --out evals/results/load_cpu_float32.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from spruce.config import DTYPES, SamplingParams, SpeculationConfig
+from spruce.evals.bench_spec import BASELINE, parse_spec
+from spruce.evals.prompts import load_prompts
+
+
+def closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, n_requests: int, params: SamplingParams, spec) -> dict:
+    """Run ``n_requests`` requests (prompts in order, cycling) with ``concurrency`` in flight."""
+    queue = iter(range(n_requests))
+    meta: dict[int, dict] = {}
+
+    def send() -> None:
+        i = next(queue, None)
+        if i is None:
+            return
+        req = engine.add_request(prompt_ids[i % len(prompt_ids)], params, spec, text_deltas=False)
+        meta[id(req)] = {"index": i, "sent": time.perf_counter(), "last": None, "tokens": []}
+
+    start = time.perf_counter()
+    for _ in range(concurrency):
+        send()
+    gaps: list[float] = []
+    ttfts: list[float] = []
+    outputs: dict[int, list[int]] = {}
+    planned: dict[str, int] = defaultdict(int)
+    drafted = accepted = steps = 0
+    while engine.has_work():
+        events = engine.step()
+        now = time.perf_counter()
+        for req, event in events:
+            m = meta[id(req)]
+            if event.error is not None:
+                raise event.error
+            if event.token_ids:
+                if m["last"] is None:
+                    ttfts.append(now - m["sent"])
+                    # the first event's tokens after the first one arrive with it: no extra wait
+                    gaps.extend([0.0] * (len(event.token_ids) - 1))
+                else:
+                    k = len(event.token_ids)
+                    gaps.extend([(now - m["last"]) / k] * k)
+                m["last"] = now
+                m["tokens"].extend(event.token_ids)
+            if event.output is not None:
+                outputs[m["index"]] = m["tokens"]
+                s = event.output.stats
+                drafted, accepted, steps = drafted + s.drafted, accepted + s.accepted, steps + s.steps
+                for budget, count in s.steps_by_planned_budget.items():
+                    planned[str(budget)] += count
+                send()
+    wall = time.perf_counter() - start
+    tokens = sum(len(t) for t in outputs.values())
+    return {
+        "requests": len(outputs),
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "latency_p50_s": _quantile(gaps, 0.5),
+        "latency_p99_s": _quantile(gaps, 0.99),
+        "ttft_p50_s": _quantile(ttfts, 0.5),
+        "mean_accepted_length": tokens / steps if steps else 0.0,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "steps_by_planned_budget": dict(planned),
+        "outputs": [outputs[i] for i in sorted(outputs)],
+    }
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
+
+
+def run(args: argparse.Namespace) -> dict:
+    from spruce.engine import Engine
+
+    engine = Engine.from_pretrained(
+        args.target, args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype, max_batch_size=max(args.concurrency)
+    )
+    configs: dict[str, SpeculationConfig | None] = {BASELINE: None}
+    for name in args.configs:
+        if name != BASELINE:
+            configs[name] = parse_spec(name, engine.default_speculation) if name != "default" else engine.default_speculation
+    prompts = load_prompts(args.prompts, per_category=args.per_category)
+    encoded, skipped = [], 0
+    for p in _interleave(prompts):
+        ids = engine.encode(engine.apply_chat_template(p.turns[0]))
+        if len(ids) > args.max_prompt_tokens:
+            skipped += 1
+            continue
+        encoded.append(ids)
+    if not encoded:
+        raise SystemExit(f"no prompt has at most {args.max_prompt_tokens} tokens")
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=args.ignore_eos)
+    names = list(configs)
+    for name in names:  # warm-up (and the adaptive configuration's start-up cost measurement)
+        closed_loop(engine, encoded[:1], 1, 1, SamplingParams(max_tokens=4), configs[name])
+    rows = []
+    for j, c in enumerate(args.concurrency):
+        n = max(args.min_requests, c * args.requests_per_client)
+        order = names[j % len(names) :] + names[: j % len(names)]
+        results = {}
+        for name in order:
+            results[name] = closed_loop(engine, encoded, c, n, params, configs[name])
+            r = results[name]
+            print(
+                f"c={c:<3} {name:<14} {r['tokens_per_s']:6.2f} tok/s  p50 {r['latency_p50_s'] * 1000:7.1f} ms  "
+                f"p99 {r['latency_p99_s'] * 1000:7.1f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
+        base = results[BASELINE]
+        base_outputs = base["outputs"]
+        for name in names:
+            r = results[name]
+            same = r.pop("outputs") == base_outputs if args.temperature == 0 else None
+            rows.append({"concurrency": c, "config": name, **r, "ratio_vs_plain": r["tokens_per_s"] / base["tokens_per_s"], "same_as_plain": same})
+    return {
+        "command": args.command_line,
+        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
+        "date": time.strftime("%Y-%m-%d"),
+        "dtype": args.dtype,
+        "draft_dtype": engine.config.draft_dtype,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "prompts": {"source": args.prompts or "spruce_prompts.jsonl", "used": len(encoded), "skipped_too_long": skipped},
+        "configs": {k: (v.__dict__ if v else None) for k, v in configs.items()},
+        "rows": rows,
+        "engine_telemetry": engine.speculation_telemetry(),
+    }
+
+
+def _interleave(prompts):
+    """Round-robin over categories, so that any prefix of the sequence mixes them."""
+    by_cat: dict[str, list] = defaultdict(list)
+    for p in prompts:
+        by_cat[p.category].append(p)
+    out = []
+    while any(by_cat.values()):
+        for cat in list(by_cat):
+            if by_cat[cat]:
+                out.append(by_cat[cat].pop(0))
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Load: closed loop, {report['dtype']} target, max_tokens {report['max_tokens']}, T={report['temperature']}",
+        "",
+        f"{report['date']}, {report['machine']['platform']}, {report['machine']['cpus']} threads, torch {report['machine']['torch']}",
+        f"prompts: {report['prompts']['used']} from {report['prompts']['source']} ({report['prompts']['skipped_too_long']} longer ones skipped)",
+        "",
+        f"`{report['command']}`",
+        "",
+        "| concurrency | config | tok/s | vs plain | p50 ms/token | p99 ms/token | TTFT p50 s | accepted length | same as plain |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        same = "" if r["same_as_plain"] is None else ("yes" if r["same_as_plain"] else "NO")
+        lines.append(
+            f"| {r['concurrency']} | {r['config']} | {r['tokens_per_s']:.2f} | {r['ratio_vs_plain']:.2f}x | "
+            f"{r['latency_p50_s'] * 1000:.0f} | {r['latency_p99_s'] * 1000:.0f} | {r['ttft_p50_s']:.2f} | "
+            f"{r['mean_accepted_length']:.2f} | {same} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", help="Spec-Bench-format jsonl (default: the shipped set)")
+    p.add_argument("--per-category", type=int, help="first N prompts of each category")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--configs", nargs="+", default=[BASELINE, "tree:3:2:4", "default"],
+                   help="plain, default (the engine's: adaptive), or bench_spec's forms (chain:N, tree:D:K:B, auto, ...)")
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--min-requests", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-prompt-tokens", type=int, default=512, help="skip longer prompts (bounds the run time)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--ignore-eos", action="store_true", help="every request generates max_tokens")
+    p.add_argument("--target")
+    p.add_argument("--draft")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--draft-dtype", choices=DTYPES)
+    p.add_argument("--out", help="write the JSON report here (and a .md table next to it)")
+    args = p.parse_args(argv)
+    args.command_line = "python -m spruce.evals.bench_load " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = run(args)
+    table = markdown(report)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        out.with_suffix(".md").write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,22 @@
+"""The load benchmark's closed loop on the tiny pair: it keeps c requests in flight, finishes every
+request, and (greedy) gives every configuration plain decoding's outputs. No timings are asserted."""
+
+from __future__ import annotations
+
+from spruce import Engine, SamplingParams, SpeculationConfig
+from spruce.config import EngineConfig
+from spruce.evals.bench_load import closed_loop
+
+
+def test_closed_loop_runs_every_request_and_stays_lossless(tiny_target, tiny_draft, tokenizer):
+    engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=3))
+    prompts = [[5, 6, 7], [40, 41, 42, 43], [9], [100, 101, 102, 100, 101]]
+    params = SamplingParams(max_tokens=7, ignore_eos=True)
+    plain = closed_loop(engine, prompts, 3, 7, params, None)
+    tree = closed_loop(engine, prompts, 3, 7, params, SpeculationConfig(depth=3, top_k=2, budget=4))
+    assert plain["requests"] == tree["requests"] == 7
+    assert plain["output_tokens"] == 7 * 7
+    assert tree["outputs"] == plain["outputs"]
+    assert tree["mean_accepted_length"] > plain["mean_accepted_length"] == 1.0
+    assert 0 < plain["latency_p50_s"] <= plain["latency_p99_s"]
+    assert not engine.has_work() and engine.kv_usage()["slots_free"] == 3
