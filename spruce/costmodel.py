@@ -45,6 +45,9 @@ CONFIDENCE_BUCKETS = 10
 # Weight of a new timing in the moving average of a pass cost, and the most a single timing may count
 # for relative to the current average (a spike from another process must not dominate).
 COST_EMA = 0.2
+# a planned tree must beat plain decoding's expected tokens per second by this fraction: host-side work
+# per drafted step (tree building, acceptance, KV moves) is not in the measured pass costs
+PLAN_MARGIN = 0.1
 SPIKE_FACTOR = 2.0
 
 
@@ -255,10 +258,13 @@ def plan_tree(
     max_budget: int,
     max_depth: int,
     min_budget: int = 0,
+    margin: float = 0.0,
 ) -> TreePlan:
     """The (budget, depth) that maximizes expected tokens per second, or budget 0 when nothing pays
-    (``min_budget=1``: the best tree with at least one node)."""
-    plain = TreePlan(0, 0, 1, 1.0, verify_cost(1))
+    (``min_budget=1``: the best tree with at least one node). ``margin``: a tree must beat plain
+    decoding's expected tokens per second by this fraction (what the curves do not time: building the
+    tree, acceptance, moving KV)."""
+    plain = TreePlan(0, 0, 1, 1.0 + margin, verify_cost(1))
     best: TreePlan | None = plain if min_budget == 0 else None
     for depth in range(1, min(max_depth, max_budget) + 1):
         shape = best_shape(rates, max_budget, depth)
@@ -270,6 +276,8 @@ def plan_tree(
             if best is None or expected / seconds > best.tokens_per_s:
                 paths = tuple(path for path, _ in shape[:n])
                 best = TreePlan(n, depth, _top_k_for(paths), expected, seconds, paths)
+    if best is plain:
+        return TreePlan(0, 0, 1, 1.0, verify_cost(1))
     return best or plain
 
 

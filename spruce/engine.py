@@ -37,6 +37,7 @@ from spruce.config import (
 )
 from spruce.costmodel import (
     COST_EMA,
+    PLAN_MARGIN,
     AcceptanceProfile,
     CostCurve,
     StepPolicy,
@@ -135,6 +136,9 @@ class Engine:
         # this step's plans by (budget, depth) bound, and the engine steps in a row that drafted nothing
         self._step_plans: dict[tuple[int, int], TreePlan] = {}
         self._steps_without_draft = 0
+        self._drafted_this_step = False
+        # the one request that drafts on an exploration step
+        self._explorer: Request | None = None
         # the draft's seconds per token when it catches up on many tokens (a prompt it has not seen)
         self.draft_token_s = 0.0
 
@@ -508,10 +512,14 @@ class Engine:
         t0 = time.perf_counter()
         batch = len(reqs)
         self._step_plans.clear()
+        self._drafted_this_step = False
+        self._explorer = None
+        if self._steps_without_draft + 1 >= _EXPLORE_EVERY:  # the adaptive request whose draft lags least
+            lags = {id(r): len(r.tokens) - r.draft_state.cached for r in reqs if r.adaptive and r.draft_state is not None}
+            self._explorer = min((r for r in reqs if id(r) in lags), key=lambda r: lags[id(r)], default=None)
         specs = [self._step_spec(r, batch) for r in reqs]
         if self._step_plans:  # adaptive requests: count the steps in a row on which none drafted
-            drafted = any(plan.budget > 0 for plan in self._step_plans.values())
-            self._steps_without_draft = 0 if drafted else self._steps_without_draft + 1
+            self._steps_without_draft = 0 if self._drafted_this_step else self._steps_without_draft + 1
         proposals = self._propose(reqs, specs)
         t1 = time.perf_counter()
         segments = []
@@ -586,15 +594,16 @@ class Engine:
         key = (spec.budget, spec.depth)
         plan = self._step_plans.get(key)
         if plan is None:
-            plan = plan_tree(rates, verify, draft, spec.budget, spec.depth)
-            if plan.budget == 0 and self._steps_without_draft + 1 >= _EXPLORE_EVERY:
-                # now and then draft anyway (the whole batch, one step), so that the profile keeps learning
-                plan = plan_tree(rates, verify, draft, spec.budget, spec.depth, min_budget=1)
-            self._step_plans[key] = plan
+            plan = self._step_plans[key] = plan_tree(rates, verify, draft, spec.budget, spec.depth, margin=PLAN_MARGIN)
         budget = plan.budget
         lag = len(req.tokens) - req.draft_state.cached if req.draft_state is not None else 0
         if budget and lag > _STEADY_LAG and not worth_catching_up(lag, self.draft_token_s, req.stopper.remaining, plan, verify(1)):
             budget = 0
+        if budget == 0 and req is self._explorer:
+            # now and then one request drafts anyway, so that the profile keeps learning
+            plan = plan_tree(rates, verify, draft, spec.budget, spec.depth, min_budget=1)
+            budget = plan.budget
+        self._drafted_this_step |= budget > 0
         req.stats.record_plan(budget)
         if budget == 0:
             return dataclasses.replace(fixed, drafter="ngram") if spec.uses_ngram else None
@@ -811,7 +820,8 @@ _DEFAULT_SEQ_LEN = 4096
 # A draft that lags by more tokens than this (a prompt it has not seen, plain steps since it last ran)
 # catches up with a prefill-like pass first: drafting must pay for that (``worth_catching_up``).
 _STEADY_LAG = 8
-# Every this many engine steps in a row without a draft, adaptive requests draft anyway (the profile keeps learning).
+# Every this many engine steps in a row without a draft, one adaptive request drafts anyway (the profile
+# keeps learning).
 _EXPLORE_EVERY = 16
 # Start-up cost measurement: a short synthetic prefix, and tree sizes to time (up to the budget + 1).
 _CALIBRATION_PREFIX = 32

@@ -292,3 +292,38 @@ def test_catching_up_pays_only_for_long_enough_answers():
     # a plan no faster than plain decoding never pays for catching up
     slow = TreePlan(budget=4, depth=2, top_k=2, expected_tokens=1.0, expected_step_s=0.4)
     assert not worth_catching_up(10, 0.001, 1000, slow, 0.4)
+
+
+def test_plan_margin_keeps_plain_decoding_when_a_tree_barely_pays():
+    rates = torch.full((MAX_DEPTH, MAX_RANK), 0.1)
+    verify, draft = CostCurve(), CostCurve()
+    verify.observe(1, 1.0)
+    verify.observe(2, 1.0)
+    draft.observe(1, 0.05)
+    draft.observe(2, 0.1)
+    # one node: (1 + 0.1) tokens in 1.05 s, 4.8% better than plain decoding
+    assert plan_tree(rates, verify, draft, 1, 1).budget == 1
+    assert plan_tree(rates, verify, draft, 1, 1, margin=0.1).budget == 0
+    assert plan_tree(rates, verify, draft, 1, 1, margin=0.1).expected_tokens == 1.0
+
+
+def test_under_load_adaptive_plans_shrink_to_plain_decoding(tiny_target, tiny_draft, tokenizer, monkeypatch):
+    """A verify curve flat up to 4 tokens, then linear (as on a CPU): alone, trees are nearly free and
+    the plan drafts; eight requests in one pass make every drafted token cost, and the plan decodes
+    plainly (but for the exploration step). The costs are set and frozen, not timed."""
+    from spruce.config import EngineConfig
+
+    engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=8))
+    for size in range(1, 129):
+        engine.verify_costs.observe(size, 0.01 * max(1.0, size / 4))
+    engine.draft_costs.observe(1, 0.0005)
+    engine.draft_costs.observe(2, 0.001)
+    monkeypatch.setattr(CostCurve, "observe", lambda self, size, seconds: None)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    alone = engine.generate(prompts(1, 5), params, ADAPTIVE)[0].stats.steps_by_planned_budget
+    assert sum(n for budget, n in alone.items() if budget > 0) > alone.get(0, 0)
+    batch = engine.generate(prompts(8, 6), params, ADAPTIVE)
+    engine_steps = max(out.stats.steps for out in batch)
+    drafted = sum(n for out in batch for budget, n in out.stats.steps_by_planned_budget.items() if budget > 0)
+    assert drafted <= engine_steps // 16 + 1  # one request on an exploration step
+    assert all(out.stats.steps_by_planned_budget.get(0, 0) >= out.stats.steps - 2 for out in batch)
