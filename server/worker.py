@@ -71,6 +71,8 @@ class EngineWorker:
         self.max_tokens_limit = max_tokens_limit
         self.max_queue = max_queue
         self._jobs: dict[str, Job] = {}
+        # the engine's request handle (by identity) -> its job
+        self._by_request: dict[int, Job] = {}
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._ids = itertools.count(1)
@@ -111,6 +113,7 @@ class EngineWorker:
             job = Job(request_id, prompt_ids, params, spec, deadline, text_deltas)
             job.request = self.engine.add_request(prompt_ids, params, spec, job.should_stop, text_deltas)
             self._jobs[request_id] = job
+            self._by_request[id(job.request)] = job
             self._wake.notify()
         self.metrics.waiting.labels(self.metrics.model_name).set(self.waiting)
         return job
@@ -198,10 +201,7 @@ class EngineWorker:
 
     def _job_of(self, req: Any) -> Job | None:
         with self._lock:
-            for job in self._jobs.values():
-                if job.request is req:
-                    return job
-        return None
+            return self._by_request.get(id(req))
 
     def _finish(self, job: Job, event: StreamEvent) -> None:
         out = event.output
@@ -216,4 +216,5 @@ class EngineWorker:
     def _end(self, job: Job, event: StreamEvent) -> None:
         with self._lock:
             self._jobs.pop(job.request_id, None)
+            self._by_request.pop(id(job.request), None)
         job.events.put(event)

@@ -62,7 +62,8 @@ def tree_attention_forward(
     if spruce_batch is not None:
         return packed_attention(query, key, value, spruce_batch, scaling), None
     if spruce_tree is None:
-        if module.config._attn_implementation == ATTENTION_NAME and query.shape[2] > 1 and key.shape[2] > query.shape[2]:
+        strict = getattr(getattr(module, "config", None), "_attn_implementation", None) == ATTENTION_NAME
+        if strict and query.shape[2] > 1 and key.shape[2] > query.shape[2]:
             raise RuntimeError(
                 f"tree attention got a {query.shape[2]}-token query after {key.shape[2] - query.shape[2]} cached "
                 "keys but no tree metadata: pass spruce_tree= (see spruce.attention)"

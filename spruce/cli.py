@@ -163,11 +163,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_forever(lambda: _load_engine(args), config)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="latency / throughput of speculation vs plain decoding (in process, or a server over gRPC)"
+    )
+    _add_model_args(p)
+    p.add_argument("--url", help="grpc://HOST:PORT of a running server (default: the engine in this process)")
+    p.add_argument("--protocol", default="spruce", choices=("spruce", "kserve"), help="with --url: spruce.v1 or KServe v2")
+    p.add_argument("--model", default=ServeConfig().served_model_name, help="KServe model name")
+    p.add_argument("--prompts", help="Spec-Bench-format JSONL (default: the shipped prompt set)")
+    p.add_argument("--num-prompts", type=int, default=12)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--concurrency", default="1", help="closed-loop clients, comma-separated (e.g. 1,2,4)")
+    p.add_argument("--request-rate", default="", help="open-loop Poisson arrivals, requests/s, comma-separated")
+    p.add_argument(
+        "--configs", default="plain,default",
+        help="comma-separated: plain, default, and in process bench_spec's forms (chain:N, tree:D:K:B, auto, "
+        "ngram:B, hf:assist, hf:lookup); over gRPC plain, default, on:B, ngram, both; KServe: default",
+    )
+    p.add_argument("--rounds", type=int, default=1, help="repeats per phase (configurations alternate A B / B A)")
+    p.add_argument("--requests-per-client", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="short warm-up requests per configuration")
+    p.add_argument("--seed", type=int, default=0, help="prompt order and arrival times")
+    p.add_argument("--time-limit", type=float, help="stop starting new phases after this many seconds")
+    p.add_argument("--slo-ttft", type=float, default=5.0, help="goodput: TTFT bound, seconds")
+    p.add_argument("--slo-itl", type=float, default=1.0, help="goodput: mean inter-token gap bound, seconds")
+    p.add_argument("--out", default="bench-report", help="directory for report.json, report.md and PNG plots")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from spruce.evals.bench_cli import run
+
+    return run(args, None if args.url else lambda: _load_engine(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spruce", description="speculative decoding with token trees")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_serve(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -175,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "serve": cmd_serve}[args.command](args)
+        return {"generate": cmd_generate, "serve": cmd_serve, "bench": cmd_bench}[args.command](args)
     except SpruceError as exc:
         print(f"spruce: error: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ costs at start-up (a few timed passes) and then online (exponential moving avera
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -205,6 +206,10 @@ class CostCurve:
         return {str(k): v for k, v in self._monotone()}
 
 
+# seconds of a pass by its size: a ``CostCurve``, or a view of one (the engine's batch-scaled curve)
+PassCost = Callable[[int], float]
+
+
 @dataclass(frozen=True)
 class TreePlan:
     """What the cost model chose for one step."""
@@ -253,8 +258,8 @@ def best_shape(
 
 def plan_tree(
     rates: torch.Tensor,
-    verify_cost: CostCurve,
-    draft_cost: CostCurve,
+    verify_cost: PassCost,
+    draft_cost: PassCost,
     max_budget: int,
     max_depth: int,
     min_budget: int = 0,
@@ -285,7 +290,7 @@ def choose_tree_size(
     # estimated acceptance probabilities of the candidate nodes, best first
     accept_probs: list[float],
     draft_seconds: float,
-    verify_cost: CostCurve,
+    verify_cost: PassCost,
 ) -> int:
     """How many of the best candidates to verify this step: the n maximizing expected tokens per second,
     (1 + sum of the n acceptance probabilities) / (draft_seconds + V(n + 1)), with the measured verify
@@ -325,7 +330,7 @@ class StepPolicy:
     step's expected tokens per second: the path's gain is its acceptance estimate times the rank-0
     acceptance rates of the next depths, its cost k draft forwards plus k more verified tokens."""
 
-    def __init__(self, calibration: torch.Tensor, rates: torch.Tensor, verify_cost: CostCurve, draft_cost: CostCurve) -> None:
+    def __init__(self, calibration: torch.Tensor, rates: torch.Tensor, verify_cost: PassCost, draft_cost: PassCost) -> None:
         self._calibration = calibration.tolist()
         self._next_rate = rates[:, 0].tolist()
         self.verify_cost = verify_cost

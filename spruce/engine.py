@@ -376,7 +376,9 @@ class Engine:
         prefill pass), then one speculative step for every running request (batched draft forwards and
         ONE target pass over all their trees). Returns the events of this iteration, per request."""
         events: list[tuple[Request, StreamEvent]] = []
-        for req in [*self._running, *list(self._waiting)]:
+        with self._lock:  # add_request may append from another thread
+            current = [*self._running, *self._waiting]
+        for req in current:
             if req.should_stop is not None and req.should_stop():
                 req.stopper.abort()
                 events.append((req, self._finish(req)))

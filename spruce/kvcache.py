@@ -19,10 +19,10 @@ A tree verify pass is ``full = start`` and ``tail`` = the tree's ancestor mask; 
 RoPE positions are given per token (``positions``) and are independent of slot positions: tree nodes at
 one depth share a position but occupy different slots.
 
-This drives a transformers model through two documented seams: a dict ``attention_mask`` (the model
-then builds no mask of its own) and an attention function registered with ``AttentionInterface``
-(``spruce.attention``), which receives the ``BatchAttention`` metadata of the pass. The model calls
-``update`` on the cache object once per layer, as it does with its own caches.
+This drives a transformers model through two documented seams: a prepared 4D ``attention_mask`` (the
+model's mask builders pass it through instead of building one) and an attention function registered
+with ``AttentionInterface`` (``spruce.attention``), which receives the ``BatchAttention`` metadata of
+the pass. The model calls ``update`` on the cache object once per layer, as it does with its own caches.
 """
 
 from __future__ import annotations
@@ -89,11 +89,10 @@ class SlotKVCache:
         if num_slots < 1 or capacity < 2:
             raise ValueError(f"a KV pool needs at least 1 slot and 2 positions, got {num_slots} x {capacity}")
         shape = (num_slots, heads, capacity, head_dim)
-        kw = {"dtype": model.dtype, "device": model.device}
         # never read beyond a slot's length, so left uninitialised: on a CPU the pages stay untouched (and
         # take no memory) until slots fill
-        self.keys = [torch.empty(shape, **kw) for _ in range(layers)]
-        self.values = [torch.empty(shape, **kw) for _ in range(layers)]
+        self.keys = [torch.empty(shape, dtype=model.dtype, device=model.device) for _ in range(layers)]
+        self.values = [torch.empty(shape, dtype=model.dtype, device=model.device) for _ in range(layers)]
         self.num_slots = num_slots
         self.capacity = capacity
         self.lengths = [0] * num_slots
@@ -241,17 +240,20 @@ def run_packed(
     meta = cache.begin(segments, model.dtype, None if kernel in (None, "sdpa") else kernel)
     tokens = torch.cat([s.tokens for s in segments])
     positions = torch.cat([s.positions for s in segments])
-    rows, spans = [], []
+    rows: list[int] = []
+    spans: list[tuple[int, int]] = []
     for (offset, n, *_), seg in zip(meta.parts, segments):
         wanted = {"all": range(offset, offset + n), "last": range(offset + n - 1, offset + n), "none": range(0)}[seg.logits]
         spans.append((len(rows), len(rows) + len(wanted)))
         rows.extend(wanted)
     device = model.device
-    masks = dict.fromkeys(set(getattr(model.config, "layer_types", None) or ["full_attention"]))
+    # a prepared 4D mask is passed through as is by transformers' mask builders (the attention function
+    # reads the pass's own masks from ``spruce_batch``): this placeholder only stops them building one
+    placeholder = torch.zeros(1, 1, 1, 1, dtype=model.dtype, device=device)
     out = model(
         input_ids=tokens[None].to(device),
         position_ids=positions[None].to(device),
-        attention_mask=masks,
+        attention_mask=placeholder,
         use_cache=True,
         logits_to_keep=torch.tensor(rows or [0], dtype=torch.long, device=device),
         spruce_batch=meta,

@@ -17,31 +17,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# 256 byte tokens + two merges ("ĠĠ", "Ġt"; a GGUF array of one merge reads back as a scalar in 5.17) + <|endoftext|> + <|im_start|> + <|im_end|>
-TINY_VOCAB = 261
-EOS_ID = 258
-TINY_MERGES = [("Ġ", "Ġ"), ("Ġ", "t")]
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(byte_alphabet))}
-    for a, b in TINY_MERGES:
-        vocab[a + b] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=TINY_MERGES))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    fast.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    assert len(fast) == TINY_VOCAB
-    return fast
+from spruce.evals.tiny import BYTE_EOS_ID as EOS_ID  # noqa: E402 - after TRITON_INTERPRET is set
+from spruce.evals.tiny import BYTE_MERGES as TINY_MERGES  # noqa: E402
+from spruce.evals.tiny import BYTE_VOCAB as TINY_VOCAB  # noqa: E402
+from spruce.evals.tiny import byte_tokenizer as _tokenizer  # noqa: E402
 
 
 def tiny_config(**overrides):

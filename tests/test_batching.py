@@ -263,3 +263,29 @@ def test_bfloat16_batch_equals_alone(tokenizer):
     want = [alone.generate([p], params, SPECS["tree"])[0] for p in prompts]
     agree = sum(g.token_ids == w.token_ids for g, w in zip(got, want))
     assert agree == len(prompts)
+
+
+def test_packed_pass_on_a_llama_model():
+    """Another architecture through the same seams (Llama builds its masks differently from Qwen2)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config._attn_implementation = "sdpa"
+    reference = LlamaForCausalLM(config).eval()
+    model = copy.deepcopy(reference)
+    use_backend(model, "sdpa")
+    pool = SlotKVCache(model, 2, 64)
+    a, b = pool.allocate(), pool.allocate()
+    pa, pb = torch.randint(0, 300, (9,)), torch.randint(0, 300, (4,))
+    run_packed(model, pool, [Segment(a, pa, torch.arange(9), logits="none"), Segment(b, pb, torch.arange(4), logits="none")])
+    tree = _random_tree(6, torch.Generator().manual_seed(1))
+    tree = TokenTree.from_parents(tree.tokens % 300, tree.parents)
+    got = run_packed(model, pool, [Segment(a, tree.tokens, tree.depth + 9, tail=tree.ancestor_mask), Segment(b, torch.tensor([7]), torch.tensor([4]))])
+    cache = new_cache(reference)
+    forward_tokens(reference, cache, pa, torch.arange(9), None)
+    assert_close(got[0], verify_tree(reference, cache, tree, 9), atol=1e-4, what="llama tree logits")
+    cache_b = new_cache(reference)
+    forward_tokens(reference, cache_b, pb, torch.arange(4), None)
+    assert_close(got[1], forward_tokens(reference, cache_b, torch.tensor([7]), torch.tensor([4]), None), atol=1e-4, what="llama decode")

@@ -21,6 +21,10 @@ from spruce.server._gen.spruce.v1 import spruce_pb2_grpc as pb_grpc
 MODEL = "tiny"
 
 
+# plain decoding: a request's pass count (and so its duration on the slow server) is its token count
+_OFF = pb.SpeculationOptions(mode=pb.SPECULATION_MODE_OFF)
+
+
 def _free_port() -> int:
     import socket
 
@@ -142,7 +146,7 @@ def test_model_info_and_stats(stub):
 
 def test_abort_stops_a_running_stream(slow_server, slow_stub):
     server, stub = slow_server, slow_stub
-    stream = stub.GenerateStream(pb.GenerateRequest(request_id="abort-me", token_ids=pb.TokenIds(ids=[1, 2]), sampling=pb.SamplingOptions(max_tokens=60, ignore_eos=True)))
+    stream = stub.GenerateStream(pb.GenerateRequest(request_id="abort-me", token_ids=pb.TokenIds(ids=[1, 2]), sampling=pb.SamplingOptions(max_tokens=60, ignore_eos=True), speculation=_OFF))
     first = next(stream)
     assert not first.finished
     assert stub.Abort(pb.AbortRequest(request_id="abort-me")).found
@@ -156,7 +160,8 @@ def test_abort_stops_a_running_stream(slow_server, slow_stub):
 def test_deadline_stops_generation(slow_server, slow_stub):
     server, stub = slow_server, slow_stub
     with pytest.raises(grpc.RpcError) as err:
-        stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[3, 4]), sampling=pb.SamplingOptions(max_tokens=64, ignore_eos=True)), timeout=0.3)
+        # speculation off: 64 passes of >= 30 ms each, however well the draft guesses
+        stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[3, 4]), sampling=pb.SamplingOptions(max_tokens=64, ignore_eos=True), speculation=_OFF), timeout=0.3)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     end = time.monotonic() + 10
     while server.worker.running and time.monotonic() < end:
@@ -166,7 +171,7 @@ def test_deadline_stops_generation(slow_server, slow_stub):
 
 def test_overload_is_resource_exhausted(slow_server, slow_stub):
     server, stub = slow_server, slow_stub
-    long = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), sampling=pb.SamplingOptions(max_tokens=64, ignore_eos=True))
+    long = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), sampling=pb.SamplingOptions(max_tokens=64, ignore_eos=True), speculation=_OFF)
     streams = [stub.GenerateStream(long) for _ in range(3)]  # one runs, two wait: the queue (2) is full
     end = time.monotonic() + 10
     while (server.worker.waiting < 2 or not server.worker.running) and time.monotonic() < end:
@@ -368,7 +373,7 @@ def test_drain_finishes_or_aborts_in_flight_work(tiny_target, tiny_draft, tokeni
     srv = start(lambda: engine, ServeConfig(host="127.0.0.1", port=0, http_port=0, served_model_name=MODEL))
     channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
     stub = pb_grpc.SpruceServiceStub(channel)
-    stream = stub.GenerateStream(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), sampling=pb.SamplingOptions(max_tokens=30, ignore_eos=True)))
+    stream = stub.GenerateStream(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), sampling=pb.SamplingOptions(max_tokens=30, ignore_eos=True), speculation=_OFF))
     next(stream)
     stopper = threading.Thread(target=srv.stop, args=(grace_s,))
     stopper.start()

@@ -1,0 +1,240 @@
+"""GPU profile: pass costs of random-weight models at realistic shapes, and the speedup they predict.
+
+Real weights cannot travel to the device machine, and pass costs do not depend on the weights' values,
+so this times models built from shapes: the target's verify pass against tokens per request and batch
+size (at a given context), the draft's level pass against batch size, and the engine's own per-step
+overhead (the fraction of a step's wall time the GPU is busy). Combined with an acceptance profile
+measured with the real pair (a ``spruce bench`` or ``bench_spec`` report, or the engine's prior), the
+cost model's plan gives a predicted speedup per batch size. It is a PREDICTION: acceptance on the GPU
+equals acceptance on the CPU (same models), but the shapes stand in for the real pair.
+
+    python -m spruce.evals.gpu_profile --out "$OUT/gpu_profile.json"      # on the device machine
+    python -m spruce.evals.gpu_profile --shapes tiny --device cpu          # the code path, anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spruce.config import SamplingParams, SpeculationConfig
+from spruce.costmodel import AcceptanceProfile, CostCurve, plan_tree
+
+# (target, draft) model shapes; the draft shares the target's vocabulary
+SHAPES: dict[str, tuple[dict, dict]] = {
+    # an 8B Llama-3-shaped target and a 0.5B Qwen2.5-shaped draft
+    "8b": (
+        dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+        dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=128256),
+    ),
+    # the embedded pair's shapes (Qwen2.5-Coder 1.5B / 0.5B)
+    "1.5b": (
+        dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
+        dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
+    ),
+    "tiny": (
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512),
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=512),
+    ),
+}
+
+
+def build(shape: dict, device: str, dtype: torch.dtype, context: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape, max_position_embeddings=max(context * 2, 4096), tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: an 8B model never exists in float32
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def _timed(fn, device: str, repeats: int) -> float:
+    """Median seconds of ``fn`` (after one warm-up call), synchronized on CUDA."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def pass_costs(model, batches: list[int], tokens: list[int], context: int, device: str, repeats: int) -> dict:
+    """Seconds of one packed pass: ``batch`` requests, each ``n`` tree tokens after ``context`` cached
+    ones (a chain-shaped tree; the mask's shape does not change the cost)."""
+    from spruce.attention import use_backend
+    from spruce.kvcache import TREE_RESERVE, Segment, SlotKVCache, run_packed
+
+    use_backend(model, "sdpa")
+    pool = SlotKVCache(model, max(batches), context + TREE_RESERVE)
+    for layer in (*pool.keys, *pool.values):
+        layer.normal_(0, 0.02)
+    slots = [pool.allocate() for _ in range(max(batches))]
+    out: dict[str, dict[str, float]] = {}
+    for b in batches:
+        for n in tokens:
+            chain = torch.ones(n, n, dtype=torch.bool).tril()
+            segments = [Segment(s, torch.randint(0, 256, (n,)), torch.arange(context, context + n), tail=chain if n > 1 else None) for s in slots[:b]]
+
+            def once() -> None:
+                for s in slots[:b]:
+                    pool.lengths[s] = context
+                run_packed(model, pool, segments)
+
+            out.setdefault(str(b), {})[str(n)] = _timed(once, device, repeats)
+    return out
+
+
+def step_overhead(target, draft, batch: int, max_tokens: int, context: int) -> dict:
+    """Run the engine (fixed tree) over ``batch`` requests: wall time per step against the time of its
+    passes, i.e. the share of a step the device is busy with the models."""
+    from spruce.config import EngineConfig
+    from spruce.engine import Engine
+    from spruce.evals.tiny import byte_tokenizer
+
+    engine = Engine(target, byte_tokenizer(), draft, EngineConfig(max_batch_size=batch, max_seq_len=context))
+    spec = SpeculationConfig(depth=3, top_k=2, budget=6)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True), spec)  # warm-up
+    hooks = []
+    for model in (target, draft):
+        hooks.append(model.register_forward_pre_hook(lambda m, a: _mark("start", m)))
+        hooks.append(model.register_forward_hook(lambda m, a, o: _mark("end", m)))
+    _MARKS.clear()
+    t0 = time.perf_counter()
+    outs = engine.generate([[10 + i, 11, 12, 13] for i in range(batch)], params, spec)
+    wall = time.perf_counter() - t0
+    for hook in hooks:
+        hook.remove()
+    busy = sum(end - start for start, end in _pairs())
+    steps = max(o.stats.steps for o in outs)
+    return {"batch": batch, "steps": steps, "wall_s_per_step": wall / steps, "model_s_per_step": busy / steps, "busy_fraction": busy / wall}
+
+
+_MARKS: list[tuple[str, float]] = []
+
+
+def _mark(kind: str, module) -> None:
+    if next(module.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    _MARKS.append((kind, time.perf_counter()))
+
+
+def _pairs():
+    start = None
+    for kind, t in _MARKS:
+        if kind == "start":
+            start = t
+        elif start is not None:
+            yield start, t
+            start = None
+
+
+def predict(rates: torch.Tensor, verify: dict, draft: dict, batches: list[int], budget: int, depth: int) -> dict:
+    """Per batch size: the cost model's plan on these curves, and its expected speedup over plain decoding."""
+    out = {}
+    for b in batches:
+        v, d = CostCurve(), CostCurve()
+        for n, s in verify[str(b)].items():
+            v.observe(int(n), s)
+        d1 = draft[str(b)]["1"]
+        for levels in range(1, depth + 1):
+            d.observe(levels, levels * d1)
+        plan = plan_tree(rates, v, d, budget, depth)
+        out[str(b)] = {
+            "plan_budget": plan.budget,
+            "plan_depth": plan.depth,
+            "expected_tokens_per_step": plan.expected_tokens,
+            "expected_step_s": plan.expected_step_s,
+            "predicted_speedup": plan.tokens_per_s * v(1),
+        }
+    return out
+
+
+def rates_from(path: str | None) -> tuple[torch.Tensor, str]:
+    """The acceptance rates by depth x rank in a report's telemetry, or the engine's prior."""
+    profile = AcceptanceProfile()
+    if path is None:
+        return profile.rates(), "the engine's prior (no report given)"
+    report = json.loads(Path(path).read_text())
+    tel = report.get("telemetry") or report.get("engine_telemetry") or {}
+    data = tel.get("acceptance_profile", {})
+    tried, accepted = data.get("tried_by_depth_rank"), data.get("accepted_by_depth_rank")
+    if tried is None or accepted is None:
+        raise SystemExit(f"{path}: no acceptance profile in its telemetry")
+    for mine, theirs in ((profile.tried, tried), (profile.accepted, accepted)):
+        t = torch.tensor(theirs, dtype=torch.float64).reshape(len(theirs), -1)
+        rows, cols = min(t.shape[0], mine.shape[0]), min(t.shape[1], mine.shape[1])
+        mine[:rows, :cols] += t[:rows, :cols]
+    return profile.rates(), path
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    target_shape, draft_shape = SHAPES[args.shapes]
+    torch.manual_seed(0)
+    target = build(target_shape, args.device, dtype, args.context)
+    draft = build(draft_shape, args.device, dtype, args.context)
+    verify = pass_costs(target, args.batches, args.tokens, args.context, args.device, args.repeats)
+    draft_costs = pass_costs(draft, args.batches, [1, 4], args.context, args.device, args.repeats)
+    rates, source = rates_from(args.acceptance_from)
+    report = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "shapes": args.shapes,
+        "dtype": args.dtype,
+        "context": args.context,
+        "verify_s_by_batch_and_tokens": verify,
+        "draft_level_s_by_batch_and_tokens": draft_costs,
+        "step_overhead": [step_overhead(target, draft, b, args.overhead_tokens, args.context) for b in args.overhead_batches],
+        "acceptance_source": source,
+        "prediction": predict(rates, verify, draft_costs, args.batches, args.budget, args.depth),
+        "note": "PREDICTION: random-weight models at these shapes; acceptance from the source above",
+    }
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="8b", choices=sorted(SHAPES))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--overhead-batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--overhead-tokens", type=int, default=32)
+    p.add_argument("--budget", type=int, default=64)
+    p.add_argument("--depth", type=int, default=10)
+    p.add_argument("--acceptance-from", help="a report JSON with the real pair's acceptance profile")
+    p.add_argument("--out", help="write the JSON report here")
+    args = p.parse_args(argv)
+    report = run(args)
+    text = json.dumps(report, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
