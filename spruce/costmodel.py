@@ -314,11 +314,15 @@ def worth_catching_up(
     plan: TreePlan,
     # seconds per token without drafting
     plain_token_s: float,
+    # requests sharing each pass
+    batch: int = 1,
 ) -> bool:
-    """Whether drafting for this request pays for bringing the draft up to date first: the time the plan
-    saves over the rest of the request, ``remaining x (plain s/token - planned s/token)``, must exceed
-    the catch-up pass, ``lag x token_s``. Long prompts with short answers stay plain."""
-    saved = remaining * (plain_token_s - plan.expected_step_s / plan.expected_tokens)
+    """Whether drafting for this request pays for bringing the draft up to date first. In the batch's
+    wall time: the plan saves ``remaining x (plain s/token - planned s/token)``, a saving the ``batch``
+    requests make together (each step serves them all), so this request's share is that / ``batch``;
+    its catch-up pass, ``lag x token_s``, stalls the whole batch. Long prompts with short answers, and
+    new requests joining a large batch, stay plain."""
+    saved = remaining * (plain_token_s - plan.expected_step_s / plan.expected_tokens) / batch
     return saved > lag * token_s
 
 

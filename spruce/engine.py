@@ -1,11 +1,12 @@
 """The speculative engine: continuous batching of many requests, token ids in, token ids (and text) out.
 
 Iteration-level scheduling (``step``): requests wait in a queue until a KV slot is free (pools allocated
-once, ``spruce.kvcache``); admitted ones are prefilled together (the prompt minus its last token, one
-packed pass); then every running request takes a speculative step: the drafter proposes a tree per
-request rooted at its last committed token (draft forwards batched across requests), ONE target pass
-verifies every node of every tree (ragged: each request its own prefix length, tree and mask), and each
-request commits its accepted root path plus the bonus token; both KV slots keep exactly that path. A
+once, ``spruce.kvcache``); then every running request takes a speculative step: the drafter proposes a
+tree per request rooted at its last committed token (draft forwards batched across requests), ONE target
+pass verifies every node of every tree (ragged: each request its own prefix length, tree and mask), and
+each request commits its accepted root path plus the bonus token; both KV slots keep exactly that path.
+A newly admitted request's prompt rides in that same pass (prefill and first verification share one
+read of the weights), so its first tokens come from its first pass. A
 request leaves the batch, and frees its slots, the moment it finishes, is aborted or fails.
 ``speculation=None`` runs the same loop with a root-only tree: plain target decoding, the baseline.
 
@@ -382,10 +383,8 @@ class Engine:
             if req.should_stop is not None and req.should_stop():
                 req.stopper.abort()
                 events.append((req, self._finish(req)))
-        admitted = self._admit()
-        if admitted:
-            self._guarded(self._prefill, admitted, events)
-        running = [r for r in self._running if r.stopper.finish_reason is None and r.prefilled]
+        self._admit()
+        running = [r for r in self._running if r.stopper.finish_reason is None]
         if running:
             self._guarded(self._spec_step, running, events)
         for req in running:
@@ -493,21 +492,6 @@ class Engine:
 
     # ---- one iteration's passes ---------------------------------------------------------------------
 
-    def _prefill(self, reqs: list[Request]) -> None:
-        """One packed target pass over the new requests' prompts (all but the last token: the first
-        step's tree is rooted there). The draft catches up in its first propose."""
-        t0 = time.perf_counter()
-        segments = [
-            Segment(r.slot, torch.tensor(r.prompt_ids[:-1]), torch.arange(len(r.prompt_ids) - 1), logits="none")
-            for r in reqs
-            if len(r.prompt_ids) > 1 and r.slot is not None
-        ]
-        run_packed(self.target, self.kv, segments)
-        seconds = time.perf_counter() - t0
-        for r in reqs:
-            r.prefilled = True
-            r.stats.prefill_time_s = seconds
-
     def _spec_step(self, reqs: list[Request]) -> None:
         """Draft a tree per request, verify every tree in one target pass, commit each accepted path
         plus its bonus token."""
@@ -524,24 +508,50 @@ class Engine:
             self._steps_without_draft = 0 if self._drafted_this_step else self._steps_without_draft + 1
         proposals = self._propose(reqs, specs)
         t1 = time.perf_counter()
-        segments = []
-        for r, prop in zip(reqs, proposals):
-            tree, prefix_len = prop.tree, len(r.tokens) - 1
-            assert r.slot is not None and self.kv.lengths[r.slot] == prefix_len
-            tail = None if tree.num_nodes == 1 else tree.ancestor_mask
-            segments.append(Segment(r.slot, tree.tokens, tree.depth + prefix_len, tail=tail))
-        logits = run_packed(self.target, self.kv, segments, self.attention_backend)
+        segments = [self._verify_segment(r, prop.tree) for r, prop in zip(reqs, proposals)]
+        prefilling = [r for r in reqs if not r.prefilled]
+        # a pass that prefills is no tree-attention pass (its prompt rows are causal queries)
+        logits = run_packed(self.target, self.kv, segments, None if prefilling else self.attention_backend)
         t2 = time.perf_counter()
-        total = sum(p.tree.num_nodes for p in proposals)
-        self.verify_costs.observe(total, t2 - t1)
+        if not prefilling:  # the verify curve is for tree passes alone
+            self.verify_costs.observe(sum(p.tree.num_nodes for p in proposals), t2 - t1)
         for r, spec, prop, out in zip(reqs, specs, proposals, logits):
             self._commit(r, spec, prop, out)
             r.stats.draft_time_s += t1 - t0
-            r.stats.verify_time_s += time.perf_counter() - t1
+            if r.prefilled:
+                r.stats.verify_time_s += time.perf_counter() - t1
+            else:
+                r.stats.prefill_time_s = time.perf_counter() - t1
+                r.prefilled = True
+
+    def _verify_segment(self, req: Request, tree: TokenTree) -> Segment:
+        """The request's part of the target pass: its tree after its committed tokens. A new request's
+        prompt (all but its last token, the tree's root) rides in the same pass: prefill and the first
+        verification share one read of the weights."""
+        assert req.slot is not None
+        cached, prefix_len = self.kv.lengths[req.slot], len(req.tokens) - 1
+        pending = torch.tensor(req.tokens[cached:prefix_len], dtype=torch.long)
+        n, m = pending.numel(), tree.num_nodes
+        if n == 0:
+            return Segment(req.slot, tree.tokens, tree.depth + prefix_len, tail=None if m == 1 else tree.ancestor_mask)
+        # [n + m, n + m]: the prompt rows causal, every tree row sees the whole prompt and its ancestors
+        tail = torch.zeros(n + m, n + m, dtype=torch.bool)
+        tail[:n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+        tail[n:, :n] = True
+        tail[n:, n:] = tree.ancestor_mask
+        return Segment(
+            req.slot,
+            torch.cat([pending, tree.tokens]),
+            torch.cat([torch.arange(cached, prefix_len), tree.depth + prefix_len]),
+            tail=tail,
+            logits=m,
+        )
 
     def _commit(self, req: Request, spec: SpeculationConfig | None, proposal: Proposal, logits: torch.Tensor) -> None:
         tree = proposal.tree
         prefix_len = len(req.tokens) - 1
+        if logits.shape[0] != tree.num_nodes:
+            raise RuntimeError(f"the verify pass returned {logits.shape[0]} rows for {tree.num_nodes} tree nodes")
         result = accept(tree, logits, proposal.draft_probs, req.params, req.generator, proposal.deterministic)
         accepted_nodes = result.accepted_nodes.tolist()
         assert req.slot is not None
@@ -599,7 +609,9 @@ class Engine:
             plan = self._step_plans[key] = plan_tree(rates, verify, draft, spec.budget, spec.depth, margin=PLAN_MARGIN)
         budget = plan.budget
         lag = len(req.tokens) - req.draft_state.cached if req.draft_state is not None else 0
-        if budget and lag > _STEADY_LAG and not worth_catching_up(lag, self.draft_token_s, req.stopper.remaining, plan, verify(1)):
+        if budget and lag > _STEADY_LAG and not worth_catching_up(
+            lag, self.draft_token_s, req.stopper.remaining, plan, verify(1), batch
+        ):
             budget = 0
         if budget == 0 and req is self._explorer:
             # now and then one request drafts anyway, so that the profile keeps learning

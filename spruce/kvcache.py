@@ -60,8 +60,8 @@ class Segment:
     full: int | None = None
     # [n, start + n - full] bool visibility of the tail keys; None: causal
     tail: torch.Tensor | None = None
-    # which logits rows the caller wants back: "all", "last" or "none"
-    logits: str = "all"
+    # which logits rows the caller wants back: "all", "last", "none", or an int k (the last k rows)
+    logits: str | int = "all"
 
 
 @dataclass(frozen=True, eq=False)
@@ -229,7 +229,7 @@ def run_packed(
     model: PreTrainedModel, cache: SlotKVCache, segments: list[Segment], kernel: str | None = None
 ) -> list[torch.Tensor]:
     """One forward of ``model`` over every segment; returns each segment's requested logits rows as
-    float32 [rows, V] (CPU): all rows, the last one, or none (an empty tensor).
+    float32 [rows, V] (CPU): all rows, the last one or last k, or none (an empty tensor).
 
     The model must have been switched to ``spruce.attention``'s attention function (``use_backend``).
     ``kernel``: a tree-attention backend name for a verify pass (tree segments only); None or "sdpa":
@@ -243,7 +243,8 @@ def run_packed(
     rows: list[int] = []
     spans: list[tuple[int, int]] = []
     for (offset, n, *_), seg in zip(meta.parts, segments):
-        wanted = {"all": range(offset, offset + n), "last": range(offset + n - 1, offset + n), "none": range(0)}[seg.logits]
+        last = seg.logits if isinstance(seg.logits, int) else {"all": n, "last": 1, "none": 0}[seg.logits]
+        wanted = range(offset + n - last, offset + n)
         spans.append((len(rows), len(rows) + len(wanted)))
         rows.extend(wanted)
     device = model.device

@@ -1,8 +1,9 @@
 """Per-request speculation telemetry: plain counters plus the definitions of what they mean.
 
 Definitions (one place; every sink, from JSON to gRPC to Prometheus, uses these):
-- step: one target verify pass. Every output token comes from a step (prefill only fills the cache with
-  the prompt minus its last token; the first step processes that token), so ``steps`` >= 1 per output.
+- step: one target verify pass. Every output token comes from a step; the first step's pass also
+  prefills the prompt (prompt and first tree in one pass), so ``steps`` counts every target pass.
+- prefill_time_s: that first pass (prompt + first tree); verify_time_s: the later target passes.
 - drafted: draft tokens proposed (tree nodes other than the root), summed over steps.
 - accepted: draft tokens that were accepted by verification and emitted. The bonus token is NOT counted.
 - mean accepted length: output tokens / steps, i.e. tokens emitted per target pass, COUNTING the bonus

@@ -289,6 +289,9 @@ def test_catching_up_pays_only_for_long_enough_answers():
     # a 1000-token prompt at 10 ms a token: 10 s to catch up, paid back after 50 tokens
     assert not worth_catching_up(1000, 0.01, 40, plan, 0.4)
     assert worth_catching_up(1000, 0.01, 60, plan, 0.4)
+    # in a batch of 4 the saving is shared: a quarter of it is this request's
+    assert not worth_catching_up(1000, 0.01, 60, plan, 0.4, batch=4)
+    assert worth_catching_up(1000, 0.01, 240, plan, 0.4, batch=4)
     # a plan no faster than plain decoding never pays for catching up
     slow = TreePlan(budget=4, depth=2, top_k=2, expected_tokens=1.0, expected_step_s=0.4)
     assert not worth_catching_up(10, 0.001, 1000, slow, 0.4)
