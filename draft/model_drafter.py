@@ -23,6 +23,7 @@ of requests, each of those forwards is one packed pass over all of them (``propo
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -98,6 +99,8 @@ class ModelDrafter:
             context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
             capacity = min(context, 4096) + TREE_RESERVE
         self.pool = SlotKVCache(model, num_slots, capacity)
+        # the last propose_batch's first pass (the pending committed tokens): seconds and tokens fed
+        self.last_feed: tuple[float, int] = (0.0, 0)
 
     def _logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[F, V] draft logits on the CPU (tree building is small, sequential work), fit to the target's V."""
@@ -141,8 +144,11 @@ class ModelDrafter:
         """``propose`` for many requests at once: each tree is exactly what ``propose`` alone would build
         from the same logits; the draft forwards are shared."""
         runs = [_Run(job) for job in jobs]
+        t0 = time.perf_counter()
+        fed = sum(len(job.tokens) - job.state.cached for job in jobs)
         for run, logits in zip(runs, self._feed_pending(runs)):
             run.logits = logits
+        self.last_feed = (time.perf_counter() - t0, fed)
         level = 1
         active = [run for run in runs if run.depth >= 1]
         while active:

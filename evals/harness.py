@@ -34,6 +34,8 @@ class Chunk:
     token_ids: list[int]
     # the request's speculation stats (``SpecStats.to_dict`` shape), on the last message only
     stats: dict | None = None
+    # False: the whole output at once (a non-streaming baseline): it has no inter-token gaps
+    streamed: bool = True
 
 
 @dataclass
@@ -98,7 +100,7 @@ class InProcess:
         text = self.engine.apply_chat_template(prompt.turns[0])
         if isinstance(config, HFBaseline):
             tokens, _ = hf_generate(self.engine, text, params, config)
-            yield Chunk(tokens, {})
+            yield Chunk(tokens, {}, streamed=False)
             return
         job = self.worker.submit(text, params, config, text_deltas=False)
         for event in self.worker.events(job):
@@ -241,7 +243,9 @@ def _one(target: Target, prompt: Prompt, params: SamplingParams, config: Any, re
         for chunk in target.stream(prompt, params, config):
             now = time.perf_counter()
             if chunk.token_ids:
-                if record.ttft_s is None:
+                if not chunk.streamed:  # all tokens at the end: a TTFT of the whole request, no gaps
+                    record.ttft_s = now - start
+                elif record.ttft_s is None:
                     record.ttft_s = now - start
                     record.gaps_s.extend([0.0] * (len(chunk.token_ids) - 1))
                 else:

@@ -695,8 +695,9 @@ class Engine:
             levels = max(job.state.levels for job in jobs)
             if max(lags) <= _STEADY_LAG:  # a steady step: the curve by levels
                 self._draft_curve_exact(len(reqs)).observe(levels, seconds)
-            else:  # a catch-up pass dominates: its cost per token
-                self.draft_token_s += COST_EMA * (seconds / sum(lags) - self.draft_token_s)
+            feed_s, fed = self.drafter.last_feed
+            if fed >= _CALIBRATION_PREFIX:  # a catch-up pass: its own cost per token
+                self.draft_token_s += COST_EMA * (feed_s / fed - self.draft_token_s)
             for i, job, prop in zip(owners, jobs, drafted):
                 proposals[i] = prop
                 reqs[i].model_nodes = prop.tree.num_nodes

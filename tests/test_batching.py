@@ -289,3 +289,16 @@ def test_packed_pass_on_a_llama_model():
     cache_b = new_cache(reference)
     forward_tokens(reference, cache_b, pb, torch.arange(4), None)
     assert_close(got[1], forward_tokens(reference, cache_b, torch.tensor([7]), torch.tensor([4]), None), atol=1e-4, what="llama decode")
+
+
+def test_drafter_reports_its_catch_up_pass(tiny_draft):
+    """The engine prices catching a draft up by the feed pass alone (``last_feed``), not the levels."""
+    from spruce.draft.model_drafter import DraftJob, ModelDrafter
+
+    drafter = ModelDrafter(tiny_draft, TINY_VOCAB, num_slots=2)
+    a, b = drafter.new_state(), drafter.new_state()
+    spec = SpeculationConfig(depth=3, top_k=2, budget=4)
+    drafter.propose_batch([DraftJob(a, list(range(40)), spec, 3), DraftJob(b, list(range(5)), spec, 3)])
+    seconds, fed = drafter.last_feed
+    assert fed == 45 and seconds > 0
+    assert a.levels > 1 and b.levels > 1  # the levels ran after the feed, and are not in it
