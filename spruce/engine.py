@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -37,14 +36,9 @@ from spruce.config import (
     fixed_speculation,
 )
 from spruce.costmodel import (
-    COST_EMA,
-    PLAN_MARGIN,
     AcceptanceProfile,
     CostCurve,
     StepPolicy,
-    TreePlan,
-    plan_tree,
-    worth_catching_up,
 )
 from spruce.draft.model_drafter import DraftJob, DraftSampling, DraftState, ModelDrafter
 from spruce.draft.ngram import add_ngram_branches
@@ -59,6 +53,7 @@ from spruce.pairing import (
     pick_draft_dtype,
     torch_dtype,
 )
+from spruce.planner import Planner
 from spruce.stats import SpecStats
 from spruce.stopping import FINISH_ABORT, StopChecker
 from spruce.verify.accept import accept
@@ -122,26 +117,12 @@ class Engine:
         # KV pools, allocated once: a slot per running request (+ one for the start-up cost measurement)
         slots, capacity = self.config.max_batch_size + 1, self.max_context + TREE_RESERVE
         self.kv = SlotKVCache(target, slots, capacity)
-        self._calib_slot = self.kv.allocate()
         self.drafter = ModelDrafter(draft, int(target.config.vocab_size), slots, capacity) if draft is not None else None
-        self._draft_calib_slot = self.drafter.pool.allocate() if self.drafter is not None else -1
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._lock = threading.Lock()
-        # what the cost model learns, engine-wide (see ``spruce.costmodel``): acceptance by position,
-        # target pass seconds by tokens in the pass, draft seconds by levels per batch size
-        self.profile = AcceptanceProfile()
-        self.verify_costs = CostCurve()
-        self.draft_costs_by_batch: dict[int, CostCurve] = {1: CostCurve()}
-        self.draft_costs = self.draft_costs_by_batch[1]
-        # this step's plans by (budget, depth) bound, and the engine steps in a row that drafted nothing
-        self._step_plans: dict[tuple[int, int], TreePlan] = {}
-        self._steps_without_draft = 0
-        self._drafted_this_step = False
-        # the one request that drafts on an exploration step
-        self._explorer: Request | None = None
-        # the draft's seconds per token when it catches up on many tokens (a prompt it has not seen)
-        self.draft_token_s = 0.0
+        # adaptive speculation: what the engine measures, and each step's plan (``spruce.planner``)
+        self.planner = Planner(target, self.kv, self.drafter, self.attention_backend)
 
     @classmethod
     def from_pretrained(
@@ -211,6 +192,19 @@ class Engine:
             raise InvalidRequestError(str(exc)) from None
         use_backend(self.target, chosen)
         return chosen
+
+    # what the cost model has learned (``spruce.planner``), as before the planner had its own module
+    @property
+    def profile(self) -> AcceptanceProfile:
+        return self.planner.profile
+
+    @property
+    def verify_costs(self) -> CostCurve:
+        return self.planner.verify_costs
+
+    @property
+    def draft_costs(self) -> CostCurve:
+        return self.planner.draft_costs
 
     @property
     def default_speculation(self) -> SpeculationConfig | None:
@@ -305,9 +299,7 @@ class Engine:
         """Engine-wide: the acceptance profile by depth and sibling rank, and the measured pass costs
         (seconds by tree tokens for the target, by levels for the draft)."""
         return {
-            "acceptance_profile": self.profile.to_dict(),
-            "verify_cost_s_by_tree_tokens": self.verify_costs.to_dict(),
-            "draft_cost_s_by_levels": self.draft_costs.to_dict(),
+            **self.planner.telemetry(),
         }
 
     # ---- the scheduler ------------------------------------------------------------------------------
@@ -368,7 +360,7 @@ class Engine:
         return {
             "slots_total": self.kv.num_slots - 1,
             "slots_free": self.kv.free_slots,
-            "positions_used": self.kv.used_positions - self.kv.lengths[self._calib_slot],
+            "positions_used": self.kv.used_positions - self.kv.lengths[self.planner.calib_slot],
             "positions_per_slot": self.kv.capacity,
         }
 
@@ -497,15 +489,9 @@ class Engine:
         plus its bonus token."""
         t0 = time.perf_counter()
         batch = len(reqs)
-        self._step_plans.clear()
-        self._drafted_this_step = False
-        self._explorer = None
-        if self._steps_without_draft + 1 >= _EXPLORE_EVERY:  # the adaptive request whose draft lags least
-            lags = {id(r): len(r.tokens) - r.draft_state.cached for r in reqs if r.adaptive and r.draft_state is not None}
-            self._explorer = min((r for r in reqs if id(r) in lags), key=lambda r: lags[id(r)], default=None)
+        self.planner.begin_step(reqs)
         specs = [self._step_spec(r, batch) for r in reqs]
-        if self._step_plans:  # adaptive requests: count the steps in a row on which none drafted
-            self._steps_without_draft = 0 if self._drafted_this_step else self._steps_without_draft + 1
+        self.planner.end_step()
         proposals = self._propose(reqs, specs)
         t1 = time.perf_counter()
         segments = [self._verify_segment(r, prop.tree) for r, prop in zip(reqs, proposals)]
@@ -514,7 +500,7 @@ class Engine:
         logits = run_packed(self.target, self.kv, segments, None if prefilling else self.attention_backend)
         t2 = time.perf_counter()
         if not prefilling:  # the verify curve is for tree passes alone
-            self.verify_costs.observe(sum(p.tree.num_nodes for p in proposals), t2 - t1)
+            self.planner.verify_costs.observe(sum(p.tree.num_nodes for p in proposals), t2 - t1)
         for r, spec, prop, out in zip(reqs, specs, proposals, logits):
             self._commit(r, spec, prop, out)
             r.stats.draft_time_s += t1 - t0
@@ -559,11 +545,11 @@ class Engine:
         if req.model_nodes and self.drafter is not None and req.draft_state is not None:
             self.drafter.commit(req.draft_state, accepted_nodes)
             model_part = torch.arange(tree.num_nodes) < req.model_nodes
-            self.profile.record(tree, accepted_nodes, ~model_part)
+            self.planner.profile.record(tree, accepted_nodes, ~model_part)
             if tree.draft_logprobs is not None and not (req.sampling is not None and spec is not None and spec.sampled_children):
                 on_path = torch.zeros(req.model_nodes, dtype=torch.bool)
                 on_path[[n for n in accepted_nodes if n < req.model_nodes]] = True
-                self.profile.record_confidence(path_logprobs(tree)[1 : req.model_nodes].exp(), on_path[1:])
+                self.planner.profile.record_confidence(path_logprobs(tree)[1 : req.model_nodes].exp(), on_path[1:])
         emitted = result.emitted_tokens()
         kept = req.stopper.extend(emitted)
         req.tokens.extend(emitted[:kept])
@@ -573,7 +559,7 @@ class Engine:
         spec = req.spec
         req.policy = None
         if spec is not None and spec.adaptive:
-            spec = self._planned(req, spec, batch) if req.adaptive else self._seeded_tree(spec)
+            spec = self.planner.plan(req, spec, batch) if req.adaptive else self._seeded_tree(spec)
         return spec
 
     def _seeded_tree(self, spec: SpeculationConfig) -> SpeculationConfig:
@@ -581,96 +567,6 @@ class Engine:
         and dtype, so that what the server measured never changes the random stream's use."""
         fixed = fixed_speculation(self.target.device.type, self.config.dtype, spec.drafter)
         return dataclasses.replace(fixed, sampled_children=spec.sampled_children, ngram_budget=spec.ngram_budget)
-
-    def _planned(self, req: Request, spec: SpeculationConfig, batch: int) -> SpeculationConfig | None:
-        """This step's tree from the cost model; ``spec``'s depth and budget are the upper bounds.
-
-        The plan (positional acceptance profile x measured costs) decides whether to draft and how wide;
-        dynamic trees then expand while the draft's confidence pays for a level and keep the number of
-        nodes that maximizes expected tokens per second under the measured verify curve
-        (``choose_tree_size``). Sampled-children trees cannot be cut by confidence (it would bias the
-        sampling), so they take the plan's budget and depth as they are.
-
-        Under load (``batch`` requests in the step) every request's nodes share one target pass: the
-        costs are those of the batch as if each request chose like this one (verify cost at ``batch``
-        times the tree's tokens, draft cost per level measured at this batch size), so the plan shrinks
-        trees, down to plain decoding, as the pass grows.
-        """
-        fixed = dataclasses.replace(spec, adaptive=False)
-        if not (spec.uses_model and self.drafter is not None):
-            return fixed  # the n-gram drafter costs no draft passes; its budget stays as configured
-        if not self.draft_costs.known:
-            self._calibrate(fixed)
-        rates = self.profile.rates()
-        verify, draft = _BatchCurve(self.verify_costs, batch), self._draft_curve(batch)
-        key = (spec.budget, spec.depth)
-        plan = self._step_plans.get(key)
-        if plan is None:
-            plan = self._step_plans[key] = plan_tree(rates, verify, draft, spec.budget, spec.depth, margin=PLAN_MARGIN)
-        budget = plan.budget
-        lag = len(req.tokens) - req.draft_state.cached if req.draft_state is not None else 0
-        if budget and lag > _STEADY_LAG and not worth_catching_up(
-            lag, self.draft_token_s, req.stopper.remaining, plan, verify(1), batch
-        ):
-            budget = 0
-        if budget == 0 and req is self._explorer:
-            # now and then one request drafts anyway, so that the profile keeps learning
-            plan = plan_tree(rates, verify, draft, spec.budget, spec.depth, min_budget=1)
-            budget = plan.budget
-        self._drafted_this_step |= budget > 0
-        req.stats.record_plan(budget)
-        if budget == 0:
-            return dataclasses.replace(fixed, drafter="ngram") if spec.uses_ngram else None
-        if req.sampling is not None and spec.sampled_children:
-            return dataclasses.replace(fixed, depth=plan.depth, top_k=plan.top_k, budget=plan.budget)
-        req.policy = StepPolicy(self.profile.calibration(), rates, verify, draft)
-        return dataclasses.replace(fixed, top_k=plan.top_k)
-
-    def _draft_curve(self, batch: int) -> CostCurve:
-        """The draft's seconds by levels at this batch size (the nearest measured size until this one is)."""
-        known = [b for b, c in self.draft_costs_by_batch.items() if c.known]
-        if batch in known or not known:
-            return self.draft_costs_by_batch.setdefault(batch, CostCurve())
-        return self.draft_costs_by_batch[min(known, key=lambda b: abs(math.log(b / batch)))]
-
-    def _calibrate(self, spec: SpeculationConfig) -> None:
-        """Start-up measurement of the pass costs, in the engine's own calibration slot: the target over
-        1 .. budget + 1 chain tokens and the draft over one token, after a short synthetic prefix (online
-        timings refine both afterwards)."""
-        assert self.drafter is not None
-        vocab = int(self.target.config.vocab_size)
-        prefix = torch.arange(_CALIBRATION_PREFIX) % vocab
-        positions = torch.arange(_CALIBRATION_PREFIX)
-        slot = self._calib_slot
-        self.kv.lengths[slot] = 0
-        run_packed(self.target, self.kv, [Segment(slot, prefix, positions, logits="none")])
-        sizes = sorted({s for s in _CALIBRATION_SIZES if s <= spec.budget + 1} | {1, spec.budget + 1})
-        for size in [1, *sizes]:  # the first pass warms up
-            tree = TokenTree.chain(int(prefix[-1]), prefix[: size - 1].tolist())
-            timings = []
-            for _ in range(_CALIBRATION_REPEATS):
-                t0 = time.perf_counter()
-                tail = None if size == 1 else tree.ancestor_mask
-                segment = Segment(slot, tree.tokens, tree.depth + _CALIBRATION_PREFIX, tail=tail)
-                run_packed(self.target, self.kv, [segment], self.attention_backend)
-                timings.append(time.perf_counter() - t0)
-                self.kv.keep(slot, _CALIBRATION_PREFIX, [])
-            self.verify_costs.observe(size, min(timings))
-        dslot = self._draft_calib_slot
-        pool = self.drafter.pool
-        pool.lengths[dslot] = 0
-        t0 = time.perf_counter()
-        run_packed(self.drafter.model, pool, [Segment(dslot, prefix, positions, logits="last")])
-        self.draft_token_s = (time.perf_counter() - t0) / _CALIBRATION_PREFIX
-        timings = []
-        for _ in range(_CALIBRATION_REPEATS):
-            t0 = time.perf_counter()
-            run_packed(self.drafter.model, pool, [Segment(dslot, prefix[:1], positions[-1:] + 1, logits="last")])
-            timings.append(time.perf_counter() - t0)
-            pool.keep(dslot, _CALIBRATION_PREFIX, [])
-        one = min(timings)
-        self.draft_costs.observe(1, one)
-        self.draft_costs.observe(2, 2 * one)
 
     def _propose(self, reqs: list[Request], specs: list[SpeculationConfig | None]) -> list[Proposal]:
         """Each request's tree: model trees of all requests in one batched propose, n-gram branches
@@ -692,12 +588,7 @@ class Engine:
             t0 = time.perf_counter()
             drafted = self.drafter.propose_batch(jobs)
             seconds = time.perf_counter() - t0
-            levels = max(job.state.levels for job in jobs)
-            if max(lags) <= _STEADY_LAG:  # a steady step: the curve by levels
-                self._draft_curve_exact(len(reqs)).observe(levels, seconds)
-            feed_s, fed = self.drafter.last_feed
-            if fed >= _CALIBRATION_PREFIX:  # a catch-up pass: its own cost per token
-                self.draft_token_s += COST_EMA * (feed_s / fed - self.draft_token_s)
+            self.planner.observe_draft(len(reqs), lags, max(job.state.levels for job in jobs), seconds)
             for i, job, prop in zip(owners, jobs, drafted):
                 proposals[i] = prop
                 reqs[i].model_nodes = prop.tree.num_nodes
@@ -706,9 +597,6 @@ class Engine:
                 budget = min(spec.ngram_budget, r.stopper.remaining - 1)
                 proposals[i] = add_ngram_branches(proposals[i], r.tokens, spec.ngram_max, spec.ngram_min, spec.ngram_branches, budget)
         return proposals
-
-    def _draft_curve_exact(self, batch: int) -> CostCurve:
-        return self.draft_costs_by_batch.setdefault(batch, CostCurve())
 
     # ---- single-request views -----------------------------------------------------------------------
 
@@ -798,21 +686,6 @@ class Request:
         return self.stopper.generated
 
 
-class _BatchCurve:
-    """The verify curve seen by one request of a batch whose requests all choose like it: n tokens
-    per request cost what a pass over ``batch * n`` tokens costs."""
-
-    def __init__(self, curve: CostCurve, batch: int) -> None:
-        self.curve, self.batch = curve, batch
-
-    @property
-    def known(self) -> bool:
-        return self.curve.known
-
-    def __call__(self, size: int) -> float:
-        return self.curve(self.batch * size)
-
-
 def _check_tree_room(spec: SpeculationConfig) -> None:
     """A step writes its tree after the committed tokens: the most it can write must fit the slot's
     reserve (``spruce.kvcache.TREE_RESERVE``)."""
@@ -832,18 +705,6 @@ log = logging.getLogger(__name__)
 
 # a request's context when neither the model nor the configuration says less
 _DEFAULT_SEQ_LEN = 4096
-# A draft that lags by more tokens than this (a prompt it has not seen, plain steps since it last ran)
-# catches up with a prefill-like pass first: drafting must pay for that (``worth_catching_up``).
-_STEADY_LAG = 8
-# Every this many engine steps in a row without a draft, one adaptive request drafts anyway (the profile
-# keeps learning).
-_EXPLORE_EVERY = 16
-# Start-up cost measurement: a short synthetic prefix, and tree sizes to time (up to the budget + 1).
-_CALIBRATION_PREFIX = 32
-_CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-# timings per size at start-up; the fastest counts (the others met interference)
-_CALIBRATION_REPEATS = 2
-
 def _generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator(device="cpu")
     if seed is None:

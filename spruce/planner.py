@@ -1,0 +1,199 @@
+"""Adaptive speculation: what the engine measures (acceptance by position, pass costs) and, each step,
+the tree each adaptive request drafts (``spruce.costmodel`` does the math; this holds the state).
+
+Measured, engine-wide: the acceptance profile; the target's seconds per pass by tokens in the pass; the
+draft's seconds by levels, per batch size; the draft's seconds per token when it catches up on tokens
+it has not seen. The first adaptive step times both models in calibration slots of their KV pools.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import torch
+
+from spruce.config import SpeculationConfig
+from spruce.costmodel import (
+    COST_EMA,
+    PLAN_MARGIN,
+    AcceptanceProfile,
+    CostCurve,
+    StepPolicy,
+    TreePlan,
+    plan_tree,
+    worth_catching_up,
+)
+from spruce.draft.tree import TokenTree
+from spruce.kvcache import Segment, SlotKVCache, run_packed
+
+# A draft that lags by more tokens than this (a prompt it has not seen, plain steps since it last ran)
+# catches up with a prefill-like pass first: drafting must pay for that (``worth_catching_up``).
+STEADY_LAG = 8
+# Every this many engine steps in a row without a draft, one adaptive request drafts anyway (the profile
+# keeps learning).
+EXPLORE_EVERY = 16
+# Start-up cost measurement: a short synthetic prefix, and tree sizes to time (up to the budget + 1).
+CALIBRATION_PREFIX = 32
+_CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# timings per size at start-up; the fastest counts (the others met interference)
+_CALIBRATION_REPEATS = 2
+
+
+class Planner:
+    """The engine's adaptive-speculation state. Each step: ``begin_step``, ``plan`` per adaptive request
+    (its tree limits and dynamic-tree policy for this step, or None: plain decoding), ``end_step``; the
+    engine reports what it timed (``verify_costs``, ``observe_draft``) and accepted (``profile``)."""
+
+    def __init__(self, target, kv: SlotKVCache, drafter: Any, attention_backend: str) -> None:
+        self.target, self.kv, self.drafter, self.attention_backend = target, kv, drafter, attention_backend
+        # calibration slots, held for the engine's life
+        self.calib_slot = kv.allocate()
+        self.draft_calib_slot = drafter.pool.allocate() if drafter is not None else -1
+        self.profile = AcceptanceProfile()
+        self.verify_costs = CostCurve()
+        self.draft_costs_by_batch: dict[int, CostCurve] = {1: CostCurve()}
+        self.draft_costs = self.draft_costs_by_batch[1]
+        self.draft_token_s = 0.0
+        # this step's plans by (budget, depth) bound, and the engine steps in a row that drafted nothing
+        self._step_plans: dict[tuple[int, int], TreePlan] = {}
+        self._steps_without_draft = 0
+        self._drafted_this_step = False
+        # the one request that drafts on an exploration step
+        self._explorer: Any = None
+
+    def begin_step(self, reqs: list[Any]) -> None:
+        self._step_plans.clear()
+        self._drafted_this_step = False
+        self._explorer = None
+        if self._steps_without_draft + 1 >= EXPLORE_EVERY:  # the adaptive request whose draft lags least
+            lags = {id(r): len(r.tokens) - r.draft_state.cached for r in reqs if r.adaptive and r.draft_state is not None}
+            self._explorer = min((r for r in reqs if id(r) in lags), key=lambda r: lags[id(r)], default=None)
+
+    def end_step(self) -> None:
+        if self._step_plans:  # adaptive requests: count the steps in a row on which none drafted
+            self._steps_without_draft = 0 if self._drafted_this_step else self._steps_without_draft + 1
+
+    def observe_draft(self, batch: int, lags: list[int], levels: int, seconds: float) -> None:
+        """One batched propose: the curve by levels (steady steps) and the catch-up cost per token."""
+        if max(lags) <= STEADY_LAG:
+            self.draft_costs_by_batch.setdefault(batch, CostCurve()).observe(levels, seconds)
+        feed_s, fed = self.drafter.last_feed
+        if fed >= CALIBRATION_PREFIX:  # a catch-up pass: its own cost per token
+            self.draft_token_s += COST_EMA * (feed_s / fed - self.draft_token_s)
+
+    def telemetry(self) -> dict[str, Any]:
+        return {
+            "acceptance_profile": self.profile.to_dict(),
+            "verify_cost_s_by_tree_tokens": self.verify_costs.to_dict(),
+            "draft_cost_s_by_levels": self.draft_costs.to_dict(),
+            "draft_cost_s_by_batch_and_levels": {str(b): c.to_dict() for b, c in sorted(self.draft_costs_by_batch.items()) if c.known},
+            "draft_catch_up_s_per_token": self.draft_token_s,
+        }
+
+    def plan(self, req: Any, spec: SpeculationConfig, batch: int) -> SpeculationConfig | None:
+        """This step's tree from the cost model; ``spec``'s depth and budget are the upper bounds.
+
+        The plan (positional acceptance profile x measured costs) decides whether to draft and how wide;
+        dynamic trees then expand while the draft's confidence pays for a level and keep the number of
+        nodes that maximizes expected tokens per second under the measured verify curve
+        (``choose_tree_size``). Sampled-children trees cannot be cut by confidence (it would bias the
+        sampling), so they take the plan's budget and depth as they are.
+
+        Under load (``batch`` requests in the step) every request's nodes share one target pass: the
+        costs are those of the batch as if each request chose like this one (verify cost at ``batch``
+        times the tree's tokens, draft cost per level measured at this batch size), so the plan shrinks
+        trees, down to plain decoding, as the pass grows.
+        """
+        fixed = dataclasses.replace(spec, adaptive=False)
+        if not (spec.uses_model and self.drafter is not None):
+            return fixed  # the n-gram drafter costs no draft passes; its budget stays as configured
+        if not self.draft_costs.known:
+            self.calibrate(fixed)
+        rates = self.profile.rates()
+        verify, draft = _BatchCurve(self.verify_costs, batch), self.draft_curve(batch)
+        key = (spec.budget, spec.depth)
+        plan = self._step_plans.get(key)
+        if plan is None:
+            plan = self._step_plans[key] = plan_tree(rates, verify, draft, spec.budget, spec.depth, margin=PLAN_MARGIN)
+        budget = plan.budget
+        lag = len(req.tokens) - req.draft_state.cached if req.draft_state is not None else 0
+        if budget and lag > STEADY_LAG and not worth_catching_up(
+            lag, self.draft_token_s, req.stopper.remaining, plan, verify(1), batch
+        ):
+            budget = 0
+        if budget == 0 and req is self._explorer:
+            # now and then one request drafts anyway, so that the profile keeps learning
+            plan = plan_tree(rates, verify, draft, spec.budget, spec.depth, min_budget=1)
+            budget = plan.budget
+        self._drafted_this_step |= budget > 0
+        req.stats.record_plan(budget)
+        if budget == 0:
+            return dataclasses.replace(fixed, drafter="ngram") if spec.uses_ngram else None
+        if req.sampling is not None and spec.sampled_children:
+            return dataclasses.replace(fixed, depth=plan.depth, top_k=plan.top_k, budget=plan.budget)
+        req.policy = StepPolicy(self.profile.calibration(), rates, verify, draft)
+        return dataclasses.replace(fixed, top_k=plan.top_k)
+
+    def draft_curve(self, batch: int) -> CostCurve:
+        """The draft's seconds by levels at this batch size (the nearest measured size until this one is)."""
+        known = [b for b, c in self.draft_costs_by_batch.items() if c.known]
+        if batch in known or not known:
+            return self.draft_costs_by_batch.setdefault(batch, CostCurve())
+        return self.draft_costs_by_batch[min(known, key=lambda b: abs(math.log(b / batch)))]
+
+    def calibrate(self, spec: SpeculationConfig) -> None:
+        """Start-up measurement of the pass costs, in the engine's own calibration slot: the target over
+        1 .. budget + 1 chain tokens and the draft over one token, after a short synthetic prefix (online
+        timings refine both afterwards)."""
+        assert self.drafter is not None
+        vocab = int(self.target.config.vocab_size)
+        prefix = torch.arange(CALIBRATION_PREFIX) % vocab
+        positions = torch.arange(CALIBRATION_PREFIX)
+        slot = self.calib_slot
+        self.kv.lengths[slot] = 0
+        run_packed(self.target, self.kv, [Segment(slot, prefix, positions, logits="none")])
+        sizes = sorted({s for s in _CALIBRATION_SIZES if s <= spec.budget + 1} | {1, spec.budget + 1})
+        for size in [1, *sizes]:  # the first pass warms up
+            tree = TokenTree.chain(int(prefix[-1]), prefix[: size - 1].tolist())
+            timings = []
+            for _ in range(_CALIBRATION_REPEATS):
+                t0 = time.perf_counter()
+                tail = None if size == 1 else tree.ancestor_mask
+                segment = Segment(slot, tree.tokens, tree.depth + CALIBRATION_PREFIX, tail=tail)
+                run_packed(self.target, self.kv, [segment], self.attention_backend)
+                timings.append(time.perf_counter() - t0)
+                self.kv.keep(slot, CALIBRATION_PREFIX, [])
+            self.verify_costs.observe(size, min(timings))
+        dslot = self.draft_calib_slot
+        pool = self.drafter.pool
+        pool.lengths[dslot] = 0
+        t0 = time.perf_counter()
+        run_packed(self.drafter.model, pool, [Segment(dslot, prefix, positions, logits="last")])
+        self.draft_token_s = (time.perf_counter() - t0) / CALIBRATION_PREFIX
+        timings = []
+        for _ in range(_CALIBRATION_REPEATS):
+            t0 = time.perf_counter()
+            run_packed(self.drafter.model, pool, [Segment(dslot, prefix[:1], positions[-1:] + 1, logits="last")])
+            timings.append(time.perf_counter() - t0)
+            pool.keep(dslot, CALIBRATION_PREFIX, [])
+        one = min(timings)
+        self.draft_costs.observe(1, one)
+        self.draft_costs.observe(2, 2 * one)
+
+
+class _BatchCurve:
+    """The verify curve seen by one request of a batch whose requests all choose like it: n tokens
+    per request cost what a pass over ``batch * n`` tokens costs."""
+
+    def __init__(self, curve: CostCurve, batch: int) -> None:
+        self.curve, self.batch = curve, batch
+
+    @property
+    def known(self) -> bool:
+        return self.curve.known
+
+    def __call__(self, size: int) -> float:
+        return self.curve(self.batch * size)
