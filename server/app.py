@@ -81,6 +81,7 @@ class Server:
         self.grpc_server.stop(grace=1.0).wait()
         if self.http_server is not None:
             self.http_server.shutdown()
+            self.http_server.server_close()
 
 
 class _LazyWorker:
@@ -119,9 +120,12 @@ def start(load_engine: Callable[[], Engine], config: ServeConfig = ServeConfig()
     server.set_serving(False)
     grpc_server.start()
     if config.http_port:
-        from prometheus_client import start_http_server
+        from spruce.server.openai_http import serve_http
 
-        server.http_server, _ = start_http_server(config.http_port, addr=config.host, registry=metrics.registry)
+        # OpenAI-compatible API, health and Prometheus metrics on one HTTP port
+        server.http_server = serve_http(
+            config.host, config.http_port, config.served_model_name, metrics.registry, lambda: server.worker, config.auth_token
+        )
 
     def load() -> None:
         try:
@@ -155,7 +159,7 @@ def serve_forever(load_engine: Callable[[], Engine], config: ServeConfig) -> int
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"spruce: gRPC on {config.host}:{server.port}, metrics on :{config.http_port}/metrics (loading models...)", flush=True)
+    print(f"spruce: gRPC on {config.host}:{server.port}, OpenAI HTTP and /metrics on :{config.http_port} (loading models...)", flush=True)
     stopping.wait()
     server.stop()
     return 1 if server.load_error is not None else 0

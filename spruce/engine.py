@@ -295,6 +295,16 @@ class Engine:
         messages = [{"role": "user", "content": user_message}]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """A conversation (``role`` / ``content`` dicts) through the tokenizer's chat template, ready for
+        the assistant's turn; without a template, the contents joined by newlines."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return "\n".join(m["content"] for m in messages)
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation is bad input
+            raise InvalidRequestError(f"the chat template rejected these messages: {exc}") from None
+
     def speculation_telemetry(self) -> dict[str, Any]:
         """Engine-wide: the acceptance profile by depth and sibling rank, and the measured pass costs
         (seconds by tree tokens for the target, by levels for the draft)."""
