@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from spruce.errors import InvalidRequestError
-from spruce.evals.harness import BenchPlan, GrpcKServe, GrpcSpruce, InProcess, Target, run_bench
+from spruce.evals.harness import BenchPlan, GrpcKServe, GrpcSpruce, InProcess, OpenAIHTTP, Target, run_bench
 from spruce.evals.prompts import load_prompts
 from spruce.evals.report import markdown, plots, summarize
 
@@ -46,8 +46,10 @@ def run(args: argparse.Namespace, load_engine: Callable | None) -> int:
     elif args.url.startswith("grpc://"):
         address = args.url.removeprefix("grpc://")
         target = GrpcKServe(address, args.model) if args.protocol == "kserve" else GrpcSpruce(address)
+    elif args.url.startswith(("http://", "https://")):
+        target = OpenAIHTTP(args.url, args.model)
     else:
-        raise InvalidRequestError(f"--url must look like grpc://HOST:PORT, got {args.url!r}")
+        raise InvalidRequestError(f"--url must look like grpc://HOST:PORT or http://HOST:PORT, got {args.url!r}")
     try:
         raw = run_bench(target, prompts, plan)
     except ValueError as exc:

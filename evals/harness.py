@@ -36,6 +36,8 @@ class Chunk:
     stats: dict | None = None
     # False: the whole output at once (a non-streaming baseline): it has no inter-token gaps
     streamed: bool = True
+    # False: ``token_ids`` are placeholders that only count tokens (text protocols)
+    exact: bool = True
 
 
 @dataclass
@@ -54,6 +56,8 @@ class RequestRecord:
     token_ids: list[int] = field(default_factory=list)
     stats: dict | None = None
     error: str | None = None
+    # whether token_ids are the real ids (the lossless check compares only those)
+    exact_ids: bool = True
 
     @property
     def output_tokens(self) -> int:
@@ -218,12 +222,67 @@ class GrpcKServe:
                 response = result.get_response()
                 final = response.parameters.get("triton_final_response")
                 is_final = bool(final is not None and final.bool_param)
-                yield Chunk([0] if response.raw_output_contents else [], {} if is_final else None)
+                yield Chunk([0] if response.raw_output_contents else [], {} if is_final else None, exact=False)
                 if is_final:
                     return
         finally:
             client.stop_stream()
             client.close()
+
+    def telemetry(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class OpenAIHTTP:
+    """Any OpenAI-compatible server (spruce's HTTP port, vLLM, SGLang, TGI, llama.cpp's server): streamed
+    ``/v1/chat/completions``. Configurations: ``default`` (whatever the server does) and, for spruce,
+    ``plain`` (``speculation: "off"``). Tokens are counted by streamed content chunk (one per token on
+    most servers; one per target pass on spruce), and the final usage gives the exact count."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, model: str) -> None:
+        self.base_url, self.model = base_url.rstrip("/"), model
+
+    def configs(self, names: list[str]) -> dict[str, Any]:
+        bad = [n for n in names if n not in ("default", BASELINE)]
+        if bad:
+            raise ValueError(f"over OpenAI HTTP only plain and default can be asked for, not {bad}")
+        return {n: ({"speculation": "off"} if n == BASELINE else {}) for n in names}
+
+    def stream(self, prompt: Prompt, params: SamplingParams, config: Any) -> Iterator[Chunk]:
+        import json
+        import urllib.request
+
+        body = {
+            "model": self.model, "messages": [{"role": "user", "content": prompt.turns[0]}],
+            "max_tokens": params.max_tokens, "temperature": params.temperature, "stream": True,
+            "stream_options": {"include_usage": True}, **config,
+        }
+        req = urllib.request.Request(
+            f"{self.base_url}/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        counted = 0
+        with urllib.request.urlopen(req) as resp:
+            for line in resp:
+                line = line.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise RuntimeError(event["error"].get("message", "error"))
+                if event.get("usage"):  # the exact count: pad what the chunks did not show
+                    total = int(event["usage"]["completion_tokens"])
+                    stats = event.get("spruce")
+                    yield Chunk([0] * max(0, total - counted), stats if stats is not None else {}, exact=False)
+                    return
+                delta = (event.get("choices") or [{}])[0].get("delta", {})
+                if delta.get("content"):
+                    counted += 1
+                    yield Chunk([0], exact=False)
 
     def telemetry(self) -> dict:
         return {}
@@ -256,6 +315,7 @@ def _one(target: Target, prompt: Prompt, params: SamplingParams, config: Any, re
                 record.token_ids.extend(chunk.token_ids)
             if chunk.stats is not None:
                 record.stats = chunk.stats
+            record.exact_ids &= chunk.exact
     except Exception as exc:  # noqa: BLE001 - a failed request is a measurement, not the end of the run
         record.error = f"{type(exc).__name__}: {exc}"
     record.e2e_s = time.perf_counter() - start

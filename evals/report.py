@@ -146,7 +146,11 @@ def _lossless(records: list[dict], temperature: float) -> dict:
     the first prompt that differs."""
     if temperature > 0:
         return {"checked": False, "why": "sampling: outputs are exact in distribution, not per token"}
-    plain = {(r["phase"], r["round"], r["question_id"]): r["token_ids"] for r in records if r["config"] == BASELINE and r["error"] is None}
+    plain = {
+        (r["phase"], r["round"], r["question_id"]): r["token_ids"]
+        for r in records
+        if r["config"] == BASELINE and r["error"] is None and r.get("exact_ids", True)
+    }
     if not plain:
         return {"checked": False, "why": "no plain-decoding run to compare with"}
     out: dict[str, Any] = {"checked": True, "configs": {}}
@@ -155,8 +159,8 @@ def _lossless(records: list[dict], temperature: float) -> dict:
             continue
         key = (r["phase"], r["round"], r["question_id"])
         entry = out["configs"].setdefault(r["config"], {"compared": 0, "differing": 0, "first_differing": None})
-        if key not in plain or not r["stats"]:  # no stats: HF or KServe baselines count tokens differently
-            continue
+        if key not in plain or not r["stats"] or not r.get("exact_ids", True):
+            continue  # HF baselines (no stats) and text protocols (no token ids) are not compared
         entry["compared"] += 1
         if r["token_ids"] != plain[key]:
             entry["differing"] += 1

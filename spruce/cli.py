@@ -168,9 +168,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "bench", help="latency / throughput of speculation vs plain decoding (in process, or a server over gRPC)"
     )
     _add_model_args(p)
-    p.add_argument("--url", help="grpc://HOST:PORT of a running server (default: the engine in this process)")
+    p.add_argument(
+        "--url", help="grpc://HOST:PORT (spruce.v1, or KServe v2 with --protocol kserve) or http://HOST:PORT (OpenAI "
+        "chat completions) of a running server; default: the engine in this process",
+    )
     p.add_argument("--protocol", default="spruce", choices=("spruce", "kserve"), help="with --url: spruce.v1 or KServe v2")
-    p.add_argument("--model", default=ServeConfig().served_model_name, help="KServe model name")
+    p.add_argument("--model", default=ServeConfig().served_model_name, help="model name (KServe and OpenAI)")
     p.add_argument("--prompts", help="Spec-Bench-format JSONL (default: the shipped prompt set)")
     p.add_argument("--num-prompts", type=int, default=12)
     p.add_argument("--max-tokens", type=int, default=64)

@@ -100,7 +100,7 @@ def test_spruce_bench_cli_in_process(tiny_dirs, prompt_file, tmp_path, capsys):
     assert report["summary"]["load"]["c=2"]["chain:2"]["requests"] == 2
     assert (out / "report.md").read_text().startswith("# spruce bench")
     assert (out / "throughput.png").exists()
-    assert main(["bench", "--url", "http://x", "--out", str(out)]) == 2
+    assert main(["bench", "--url", "ftp://x", "--out", str(out)]) == 2
     assert "grpc://" in capsys.readouterr().err
 
 
@@ -116,3 +116,28 @@ def test_gpu_profile_code_path_on_cpu(tmp_path):
     assert all(v > 0 for per in report["verify_s_by_batch_and_tokens"].values() for v in per.values())
     assert 0 < report["step_overhead"][0]["busy_fraction"] <= 1.0
     assert set(report["prediction"]) == {"1", "2"} and "PREDICTION" in report["note"]
+
+
+def test_openai_http_bench_against_spruce(tiny_target, tiny_draft, tokenizer, prompt_file):
+    """The harness against an OpenAI-compatible server (spruce's own HTTP port here): plain vs default,
+    exact token counts from the final usage, the server's stats passed through."""
+    import socket
+
+    from spruce.evals.harness import OpenAIHTTP
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = start(lambda: Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=2)),
+                ServeConfig(host="127.0.0.1", port=0, http_port=port, max_tokens_limit=64))
+    target = OpenAIHTTP(f"http://127.0.0.1:{port}", "spruce")
+    with pytest.raises(ValueError, match="OpenAI"):
+        target.configs(["tree:2:2:3"])
+    raw = run_bench(target, load_prompts(prompt_file), BenchPlan(configs=["plain", "default"], concurrency=[2], num_prompts=3, max_tokens=5), progress=False)
+    srv.stop(grace_s=0.5)
+    records = raw["records"]
+    assert len(records) == 6 and all(r["error"] is None and 1 <= r["output_tokens"] <= 5 for r in records)
+    assert all(r["stats"]["steps"] >= 1 for r in records)
+    summary = summarize(raw)
+    assert summary["load"]["c=2"]["plain"]["mean_accepted_length"] == 1.0
+    assert not summary["lossless"]["checked"]  # text protocol: no token ids to compare
