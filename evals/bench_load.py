@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 
 from spruce.config import DTYPES, SamplingParams, SpeculationConfig
-from spruce.evals.bench_spec import BASELINE, parse_spec
+from spruce.evals.bench_spec import BASELINE, parse_spec, report_header
 from spruce.evals.prompts import load_prompts
+from spruce.evals.report import quantile
 
 
 def closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, n_requests: int, params: SamplingParams, spec) -> dict:
@@ -86,20 +85,14 @@ def closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, n_request
         "output_tokens": tokens,
         "wall_s": wall,
         "tokens_per_s": tokens / wall,
-        "latency_p50_s": _quantile(gaps, 0.5),
-        "latency_p99_s": _quantile(gaps, 0.99),
-        "ttft_p50_s": _quantile(ttfts, 0.5),
+        "latency_p50_s": quantile(gaps, 0.5) or 0.0,
+        "latency_p99_s": quantile(gaps, 0.99) or 0.0,
+        "ttft_p50_s": quantile(ttfts, 0.5) or 0.0,
         "mean_accepted_length": tokens / steps if steps else 0.0,
         "acceptance_rate": accepted / drafted if drafted else 0.0,
         "steps_by_planned_budget": dict(planned),
         "outputs": [outputs[i] for i in sorted(outputs)],
     }
-
-
-def _quantile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -147,13 +140,7 @@ def run(args: argparse.Namespace) -> dict:
             same = r.pop("outputs") == base_outputs if args.temperature == 0 else None
             rows.append({"concurrency": c, "config": name, **r, "ratio_vs_plain": r["tokens_per_s"] / base["tokens_per_s"], "same_as_plain": same})
     return {
-        "command": args.command_line,
-        "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
-        "date": time.strftime("%Y-%m-%d"),
-        "dtype": args.dtype,
-        "draft_dtype": engine.config.draft_dtype,
-        "max_tokens": args.max_tokens,
-        "temperature": args.temperature,
+        **report_header(args, engine),
         "prompts": {"source": args.prompts or "spruce_prompts.jsonl", "used": len(encoded), "skipped_too_long": skipped},
         "configs": {k: (v.__dict__ if v else None) for k, v in configs.items()},
         "rows": rows,

@@ -142,6 +142,17 @@ def run(args: argparse.Namespace) -> dict:
                 }
             )
     return {
+        **report_header(args, engine),
+        "configs": {k: (asdict(v) if v else None) for k, v in configs.items()},
+        "records": records,
+        "summary": summarize(records, names),
+        "engine_telemetry": engine.speculation_telemetry(),
+    }
+
+
+def report_header(args: argparse.Namespace, engine) -> dict:
+    """What every benchmark report starts with: the command, machine, date and the run's settings."""
+    return {
         "command": args.command_line,
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
         "date": time.strftime("%Y-%m-%d"),
@@ -149,10 +160,6 @@ def run(args: argparse.Namespace) -> dict:
         "draft_dtype": engine.config.draft_dtype,
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
-        "configs": {k: (asdict(v) if v else None) for k, v in configs.items()},
-        "records": records,
-        "summary": summarize(records, names),
-        "engine_telemetry": engine.speculation_telemetry(),
     }
 
 

@@ -308,9 +308,7 @@ class Engine:
     def speculation_telemetry(self) -> dict[str, Any]:
         """Engine-wide: the acceptance profile by depth and sibling rank, and the measured pass costs
         (seconds by tree tokens for the target, by levels for the draft)."""
-        return {
-            **self.planner.telemetry(),
-        }
+        return self.planner.telemetry()
 
     # ---- the scheduler ------------------------------------------------------------------------------
 
@@ -402,9 +400,7 @@ class Engine:
 
     def abort(self, req: Request) -> None:
         """End a request at the next ``step`` (finish reason "abort")."""
-        previous = req.should_stop
         req.should_stop = lambda: True
-        del previous
 
     def _admit(self) -> list[Request]:
         admitted = []
@@ -690,10 +686,6 @@ class Request:
     model_nodes: int = 0
     # this step's decisions for a dynamic tree (adaptive speculation)
     policy: StepPolicy | None = None
-
-    @property
-    def output_tokens(self) -> list[int]:
-        return self.stopper.generated
 
 
 def _check_tree_room(spec: SpeculationConfig) -> None:

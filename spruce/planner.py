@@ -63,9 +63,12 @@ class Planner:
         self._drafted_this_step = False
         # the one request that drafts on an exploration step
         self._explorer: Any = None
+        # this step's acceptance rates and confidence calibration (the profile changes only at commit)
+        self._step_profile: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def begin_step(self, reqs: list[Any]) -> None:
         self._step_plans.clear()
+        self._step_profile = None
         self._drafted_this_step = False
         self._explorer = None
         if self._steps_without_draft + 1 >= EXPLORE_EVERY:  # the adaptive request whose draft lags least
@@ -112,7 +115,9 @@ class Planner:
             return fixed  # the n-gram drafter costs no draft passes; its budget stays as configured
         if not self.draft_costs.known:
             self.calibrate(fixed)
-        rates = self.profile.rates()
+        if self._step_profile is None:
+            self._step_profile = (self.profile.rates(), self.profile.calibration())
+        rates, calibration = self._step_profile
         verify, draft = _BatchCurve(self.verify_costs, batch), self.draft_curve(batch)
         key = (spec.budget, spec.depth)
         plan = self._step_plans.get(key)
@@ -134,7 +139,7 @@ class Planner:
             return dataclasses.replace(fixed, drafter="ngram") if spec.uses_ngram else None
         if req.sampling is not None and spec.sampled_children:
             return dataclasses.replace(fixed, depth=plan.depth, top_k=plan.top_k, budget=plan.budget)
-        req.policy = StepPolicy(self.profile.calibration(), rates, verify, draft)
+        req.policy = StepPolicy(calibration, rates, verify, draft)
         return dataclasses.replace(fixed, top_k=plan.top_k)
 
     def draft_curve(self, batch: int) -> CostCurve:
@@ -190,10 +195,6 @@ class _BatchCurve:
 
     def __init__(self, curve: CostCurve, batch: int) -> None:
         self.curve, self.batch = curve, batch
-
-    @property
-    def known(self) -> bool:
-        return self.curve.known
 
     def __call__(self, size: int) -> float:
         return self.curve(self.batch * size)
