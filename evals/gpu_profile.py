@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +77,14 @@ def _timed(fn, device: str, repeats: int) -> float:
     return times[len(times) // 2]
 
 
-def pass_costs(model, batches: list[int], tokens: list[int], context: int, device: str, repeats: int) -> dict:
+def pass_costs(
+    model, batches: list[int], tokens: list[int], context: int, device: str, repeats: int, kernel: str | None = None
+) -> dict:
     """Seconds of one packed pass: ``batch`` requests, each ``n`` tree tokens after ``context`` cached
-    ones (a chain-shaped tree; the mask's shape does not change the cost)."""
+    ones (a chain-shaped tree; the mask's shape does not change the cost). ``kernel``: the verify pass
+    through that tree-attention backend (None: SDPA per request on views of the pool)."""
     from spruce.attention import use_backend
-    from spruce.kvcache import TREE_RESERVE, Segment, SlotKVCache, run_packed
+    from spruce.kvcache import TREE_RESERVE, SlotKVCache
 
     use_backend(model, "sdpa")
     pool = SlotKVCache(model, max(batches), context + TREE_RESERVE)
@@ -90,16 +94,49 @@ def pass_costs(model, batches: list[int], tokens: list[int], context: int, devic
     out: dict[str, dict[str, float]] = {}
     for b in batches:
         for n in tokens:
-            chain = torch.ones(n, n, dtype=torch.bool).tril()
-            segments = [Segment(s, torch.randint(0, 256, (n,)), torch.arange(context, context + n), tail=chain if n > 1 else None) for s in slots[:b]]
-
-            def once() -> None:
-                for s in slots[:b]:
-                    pool.lengths[s] = context
-                run_packed(model, pool, segments)
-
+            once = _pass(model, pool, slots[:b], n, context, kernel)
             out.setdefault(str(b), {})[str(n)] = _timed(once, device, repeats)
     return out
+
+
+def _pass(model, pool, slots: list[int], n: int, context: int, kernel: str | None):
+    """A callable running one verify pass of ``n`` chain tokens per slot after ``context`` positions;
+    returns the logits."""
+    from spruce.kvcache import Segment, run_packed
+
+    gen = torch.Generator().manual_seed(n)
+    chain = torch.ones(n, n, dtype=torch.bool).tril()
+    segments = [
+        Segment(s, torch.randint(0, 256, (n,), generator=gen), torch.arange(context, context + n), tail=chain if n > 1 else None)
+        for s in slots
+    ]
+
+    def once() -> list[torch.Tensor]:
+        for s in slots:
+            pool.lengths[s] = context
+        return run_packed(model, pool, segments, kernel)
+
+    return once
+
+
+def kernel_agreement(model, batch: int, n: int, context: int, kernel: str) -> dict:
+    """Max abs difference of the verify logits through ``kernel`` and through SDPA on the same pool and
+    tokens (bf16 models: rounding-level differences are expected, not 0)."""
+    from spruce.attention import use_backend
+    from spruce.kvcache import TREE_RESERVE, SlotKVCache
+
+    use_backend(model, "sdpa")
+    pool = SlotKVCache(model, batch, context + TREE_RESERVE)
+    for layer in (*pool.keys, *pool.values):
+        layer.normal_(0, 0.5)
+    slots = [pool.allocate() for _ in range(batch)][::-1]
+    want = _pass(model, pool, slots, n, context, None)()
+    got = _pass(model, pool, slots, n, context, kernel)()
+    diff = max(float((g - w).abs().max()) for g, w in zip(got, want))
+    same_argmax = sum(int((g.argmax(-1) == w.argmax(-1)).sum()) for g, w in zip(got, want))
+    scale = max(float(w.abs().max()) for w in want)
+    return {"batch": batch, "tokens": n, "kernel": kernel, "max_abs_logit_diff": diff, "max_abs_logit": scale,
+            "same_argmax": same_argmax, "rows": batch * n}
 
 
 def step_overhead(target, draft, batch: int, max_tokens: int, context: int) -> dict:
@@ -125,7 +162,7 @@ def step_overhead(target, draft, batch: int, max_tokens: int, context: int) -> d
         hook.remove()
     busy = sum(end - start for start, end in _pairs())
     steps = max(o.stats.steps for o in outs)
-    return {"batch": batch, "steps": steps, "wall_s_per_step": wall / steps, "model_s_per_step": busy / steps, "busy_fraction": busy / wall}
+    return {"batch": batch, "attention_backend": engine.attention_backend, "steps": steps, "wall_s_per_step": wall / steps, "model_s_per_step": busy / steps, "busy_fraction": busy / wall}
 
 
 _MARKS: list[tuple[str, float]] = []
@@ -187,28 +224,53 @@ def rates_from(path: str | None) -> tuple[torch.Tensor, str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The report, section by section; each finished section is printed (and written to ``--out``) at
+    once, and a section that raises is recorded with its error, so a cut-off or failing run on a lent GPU
+    still returns what it measured."""
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     target_shape, draft_shape = SHAPES[args.shapes]
     torch.manual_seed(0)
-    target = build(target_shape, args.device, dtype, args.context)
-    draft = build(draft_shape, args.device, dtype, args.context)
-    verify = pass_costs(target, args.batches, args.tokens, args.context, args.device, args.repeats)
-    draft_costs = pass_costs(draft, args.batches, [1, 4], args.context, args.device, args.repeats)
-    rates, source = rates_from(args.acceptance_from)
-    report = {
+    report: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "shapes": args.shapes,
         "dtype": args.dtype,
         "context": args.context,
-        "verify_s_by_batch_and_tokens": verify,
-        "draft_level_s_by_batch_and_tokens": draft_costs,
-        "step_overhead": [step_overhead(target, draft, b, args.overhead_tokens, args.context) for b in args.overhead_batches],
-        "acceptance_source": source,
-        "prediction": predict(rates, verify, draft_costs, args.batches, args.budget, args.depth),
-        "note": "PREDICTION: random-weight models at these shapes; acceptance from the source above",
+        "note": "PREDICTION: random-weight models at these shapes; acceptance from acceptance_source",
     }
+
+    def section(name: str, fn) -> Any:
+        t0 = time.perf_counter()
+        try:
+            report[name] = fn()
+        except Exception as exc:  # recorded; the other sections still run
+            traceback.print_exc()
+            report[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps({name: report[name], "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        return report[name]
+
+    target = build(target_shape, args.device, dtype, args.context)
+    draft = build(draft_shape, args.device, dtype, args.context)
+    verify = section("verify_s_by_batch_and_tokens", lambda: pass_costs(target, args.batches, args.tokens, args.context, args.device, args.repeats))
+    draft_costs = section("draft_level_s_by_batch_and_tokens", lambda: pass_costs(draft, args.batches, [1, 4], args.context, args.device, args.repeats))
+    kernels = [k for k in args.kernels if k != "sdpa"]
+    by_kernel = {"sdpa": verify}
+    for kernel in kernels:
+        by_kernel[kernel] = section(
+            f"verify_{kernel}_s_by_batch_and_tokens",
+            lambda: pass_costs(target, args.batches, args.tokens, args.context, args.device, args.repeats, kernel),
+        )
+        section(f"{kernel}_vs_sdpa_logits", lambda: kernel_agreement(target, min(4, max(args.batches)), 8, args.context, kernel))
+    rates, source = rates_from(args.acceptance_from)
+    report["acceptance_source"] = source
+    section("step_overhead", lambda: [step_overhead(target, draft, b, args.overhead_tokens, args.context) for b in args.overhead_batches])
+    section("prediction", lambda: {
+        kernel: predict(rates, curve, draft_costs, args.batches, args.budget, args.depth)
+        for kernel, curve in by_kernel.items() if "error" not in curve
+    })
     return report
 
 
@@ -221,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--kernels", nargs="+", default=["sdpa", "triton"], help="verify-pass attention paths to time (sdpa always)")
     p.add_argument("--overhead-batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--overhead-tokens", type=int, default=32)
     p.add_argument("--budget", type=int, default=64)
@@ -229,10 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the JSON report here")
     args = p.parse_args(argv)
     report = run(args)
-    text = json.dumps(report, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    print(json.dumps(report.get("prediction"), indent=1))
     return 0
 
 

@@ -3,15 +3,24 @@
     python -m spruce.kernels.bench --out "$OUT/kernels.json"          # the issue's grid (GPU)
     python -m spruce.kernels.bench --smoke                            # tiny shapes, CPU, checks the script
 
+    python -m spruce.kernels.bench --sweep                            # + launch configurations (GPU)
+
 Per shape (B requests, each with a P-token prefix and a T-node random tree; H query heads, Hkv key/value
 heads, D head dim, bf16): every backend's output is compared with the float32 reference on the first
 request, then timed with ``triton.testing.do_bench`` (median, CUDA events) on GPU:
-- ``triton``: the tree kernel (``kernels.tree_attention``);
+- ``triton``: the tree kernel (``kernels.tree_attention``) over packed keys;
+- ``triton_slots``: the same kernel reading each request's keys in place from a KV pool
+  [slots, Hkv, capacity, D] (``tree_attention_slots``, what the engine runs), checked against
+  ``triton`` on every request;
+- ``gather_triton``: the pool's slots gathered into the packed layout, then ``triton`` (what the
+  engine did before the in-place kernel: the cost of that copy);
 - ``sdpa_mask``: torch SDPA over [B, H, T, P+T] with the explicit boolean tree mask (what HF-based
   engines do);
 - ``sdpa_nomask``: torch SDPA (flash backend) over the same keys with no mask: the lower bound;
 - ``flex``: compiled FlexAttention with the tree block mask.
-Achieved bandwidth = K and V bytes read / time, beside the measured device copy bandwidth.
+Achieved bandwidth = K and V bytes read / time, beside the measured device copy bandwidth. A backend
+that raises is recorded with its error and the run goes on (one call on a lent GPU must return every
+other figure).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import json
 import math
 import statistics
 import time
+import traceback
 
 import torch
 
@@ -48,6 +58,13 @@ def make_inputs(b: int, p: int, t: int, h: int, hkv: int, d: int, dtype: torch.d
     v = torch.randn(b * (p + t), hkv, d, generator=gen).to(device, dtype)
     cu_q = torch.arange(0, b * t + 1, t, dtype=torch.int32, device=device)
     cu_k = torch.arange(0, b * (p + t) + 1, p + t, dtype=torch.int32, device=device)
+    # the same keys in a KV pool, requests in shuffled slots, each slot with the engine's tree reserve
+    capacity = p + t + 256
+    slots = torch.randperm(b, generator=gen)
+    k_pool = torch.empty(b, hkv, capacity, d, dtype=dtype, device=device).normal_()
+    v_pool = torch.empty_like(k_pool).normal_()
+    k_pool[slots.to(device), :, : p + t] = k.view(b, p + t, hkv, d).transpose(1, 2)
+    v_pool[slots.to(device), :, : p + t] = v.view(b, p + t, hkv, d).transpose(1, 2)
     # padded [B, *, *, D] views and the explicit mask for the SDPA rows
     visible = torch.ones(b, 1, t, p + t, dtype=torch.bool)
     for i, a in enumerate(ancestors):
@@ -58,6 +75,9 @@ def make_inputs(b: int, p: int, t: int, h: int, hkv: int, d: int, dtype: torch.d
         "k4": k.view(b, p + t, hkv, d).transpose(1, 2),
         "v4": v.view(b, p + t, hkv, d).transpose(1, 2),
         "visible": visible.to(device),
+        "k_pool": k_pool, "v_pool": v_pool,
+        "slots": slots.to(device, torch.int32),
+        "lens": torch.full((b,), p + t, dtype=torch.int32, device=device),
     }
 
 
@@ -78,28 +98,57 @@ def backends(x: dict) -> dict:
         "flex": lambda: flex_tree_attention(x["q"], x["k"], x["v"], x["mask"], x["cu_q"], x["cu_k"])[0],
     }
     try:
-        from spruce.kernels.tree_attention import tree_attention
-
-        n_k = x["k"].shape[0] // b
-        fns["triton"] = lambda: tree_attention(
-            x["q"], x["k"], x["v"], x["mask"], x["cu_q"], x["cu_k"], max_seqlen_q=t, max_seqlen_k=n_k
-        )[0]
+        from spruce.kernels.tree_attention import tree_attention, tree_attention_slots
     except ImportError:
-        pass
+        return fns
+    n_k = x["k"].shape[0] // b
+
+    def gathered():
+        order = x["slots"].long()
+        k = x["k_pool"][order, :, :n_k].transpose(1, 2).reshape(b * n_k, *x["k"].shape[1:])
+        v = x["v_pool"][order, :, :n_k].transpose(1, 2).reshape(b * n_k, *x["v"].shape[1:])
+        return tree_attention(x["q"], k, v, x["mask"], x["cu_q"], x["cu_k"], max_seqlen_q=t, max_seqlen_k=n_k)[0]
+
+    fns["triton"] = lambda: tree_attention(
+        x["q"], x["k"], x["v"], x["mask"], x["cu_q"], x["cu_k"], max_seqlen_q=t, max_seqlen_k=n_k
+    )[0]
+    fns["triton_slots"] = lambda: slotted(x, t, n_k)
+    fns["gather_triton"] = gathered
     return fns
 
 
-def check(x: dict, fns: dict, t: int, p: int) -> dict[str, float]:
+def slotted(x: dict, t: int, n_k: int, **launch) -> torch.Tensor:
+    from spruce.kernels.tree_attention import tree_attention_slots
+
+    return tree_attention_slots(
+        x["q"], x["k_pool"], x["v_pool"], x["mask"], x["cu_q"], x["slots"], x["lens"],
+        max_seqlen_q=t, max_seqlen_k=n_k, **launch,
+    )[0]
+
+
+def check(x: dict, fns: dict, t: int, p: int, failed: dict[str, str]) -> dict[str, float]:
     """Max abs error of each backend on request 0 against the float32 reference (sdpa_nomask excluded:
-    it ignores the tree on purpose)."""
+    it ignores the tree on purpose), and of every backend on all requests against ``triton`` (same
+    kernel, other layouts: key ``<name>_vs_triton``). A backend that raises goes into ``failed``."""
     q, k, v = x["q"][:t].float(), x["k"][: p + t].float(), x["v"][: p + t].float()
     cu_q = torch.tensor([0, t], dtype=torch.int32)
     cu_k = torch.tensor([0, p + t], dtype=torch.int32)
     want, _ = tree_attention_reference(q.cpu(), k.cpu(), v.cpu(), x["mask"][:t].cpu(), cu_q, cu_k)
     errors = {}
+    outs = {}
     for name, fn in fns.items():
+        try:
+            outs[name] = fn()
+        except Exception as exc:  # recorded, and the other backends still run
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+            continue
         if name != "sdpa_nomask":
-            errors[name] = float((fn()[:t].float().cpu() - want).abs().max())
+            errors[name] = float((outs[name][:t].float().cpu() - want).abs().max())
+    if "triton" in outs:
+        for name in ("triton_slots", "gather_triton"):
+            if name in outs:
+                errors[f"{name}_vs_triton"] = float((outs[name].float() - outs["triton"].float()).abs().max())
     return errors
 
 
@@ -132,62 +181,120 @@ def run(shapes: list[tuple[int, int, int]], device: str, h: int, hkv: int, d: in
     for b, p, t in shapes:
         x = make_inputs(b, p, t, h, hkv, d, dtype, device)
         fns = backends(x)
-        errors = check(x, fns, t, p)
-        ms = {name: timed(fn, device) for name, fn in fns.items()}
+        failed: dict[str, str] = {}
+        errors = check(x, fns, t, p, failed)
+        ms = {}
+        for name, fn in fns.items():
+            if name not in failed:
+                try:
+                    ms[name] = timed(fn, device)
+                except Exception as exc:
+                    failed[name] = f"{type(exc).__name__}: {exc}"
         kv_bytes = 2 * b * (p + t) * hkv * d * torch.finfo(dtype).bits // 8
         rows.append({
-            "B": b, "P": p, "T": t, "ms": ms, "max_abs_error": errors,
+            "B": b, "P": p, "T": t, "ms": ms, "max_abs_error": errors, "failed": failed,
             "kv_gbs": {name: kv_bytes / (m * 1e-3) / 1e9 for name, m in ms.items()},
         })
         print(json.dumps(rows[-1]), flush=True)
+        del x, fns
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return {"rows": rows, "copy_gbs": copy_bandwidth_gbs(device)}
+
+
+SWEEP_SHAPES = ((8, 4096, 64), (32, 16384, 16))
+SWEEP = [
+    {"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": st}
+    for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)
+    if not (bm == 128 and bn == 128 and st == 3)  # over the shared memory of one SM at D = 128
+]
+
+
+def sweep(device: str, h: int, hkv: int, d: int, shapes=SWEEP_SHAPES, configs=SWEEP) -> list[dict]:
+    """``triton_slots`` under each launch configuration (checked against the default configuration's
+    output): which block shapes, warps and pipeline depth suit this card."""
+    rows = []
+    for b, p, t in shapes:
+        x = make_inputs(b, p, t, h, hkv, d, torch.bfloat16, device)
+        n_k = p + t
+        want = slotted(x, t, n_k).float()
+        for config in configs:
+            row = {"B": b, "P": p, "T": t, **config}
+            try:
+                err = float((slotted(x, t, n_k, **config).float() - want).abs().max())
+                row.update(ms=timed(lambda: slotted(x, t, n_k, **config), device), max_abs_vs_default=err)
+            except Exception as exc:
+                row["failed"] = f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del x
+    return rows
+
+
+COLUMNS = ("triton_slots", "triton", "gather_triton", "sdpa_nomask", "sdpa_mask", "flex")
 
 
 def markdown(report: dict) -> str:
     lines = [
-        f"copy bandwidth {report['copy_gbs']:.0f} GB/s; times in ms (median); ratios: triton / sdpa_nomask "
-        "(goal <= 1.25) and sdpa_mask / triton (goal >= 4 at P=4096, T=64)",
+        f"copy bandwidth {report['copy_gbs']:.0f} GB/s; times in ms (median); ratios: triton_slots / sdpa_nomask "
+        "(goal <= 1.25) and sdpa_mask / triton_slots (goal >= 4 at P=4096, T=64)",
         "",
-        "| B | P | T | triton | sdpa_nomask | sdpa_mask | flex | triton/nomask | mask/triton | triton GB/s | max err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| B | P | T | " + " | ".join(COLUMNS) + " | slots/nomask | mask/slots | slots GB/s | max err | failed |",
+        "|---|---|---|" + "---|" * (len(COLUMNS) + 5),
     ]
     for r in report["rows"]:
         ms = r["ms"]
-        tri = ms.get("triton", math.nan)
+        get = lambda name: ms.get(name, math.nan)  # noqa: E731
+        slots = get("triton_slots")
         lines.append(
-            f"| {r['B']} | {r['P']} | {r['T']} | {tri:.3f} | {ms['sdpa_nomask']:.3f} | {ms['sdpa_mask']:.3f} | "
-            f"{ms['flex']:.3f} | {tri / ms['sdpa_nomask']:.2f} | {ms['sdpa_mask'] / tri:.1f} | "
-            f"{r['kv_gbs'].get('triton', math.nan):.0f} | {max(r['max_abs_error'].values()):.1e} |"
+            f"| {r['B']} | {r['P']} | {r['T']} | " + " | ".join(f"{get(c):.3f}" for c in COLUMNS)
+            + f" | {slots / get('sdpa_nomask'):.2f} | {get('sdpa_mask') / slots:.1f} | "
+            f"{r['kv_gbs'].get('triton_slots', math.nan):.0f} | {max(r['max_abs_error'].values(), default=math.nan):.1e} | "
+            f"{', '.join(sorted(r.get('failed', {}))) or '-'} |"
         )
+    if report.get("sweep"):
+        lines += ["", "launch configurations of triton_slots (ms; the three fastest per shape)", ""]
+        lines += ["| B | P | T | block_m | block_n | warps | stages | ms |", "|---|---|---|---|---|---|---|---|"]
+        for shape in sorted({(r["B"], r["P"], r["T"]) for r in report["sweep"]}):
+            done = sorted((r for r in report["sweep"] if (r["B"], r["P"], r["T"]) == shape and "ms" in r), key=lambda r: r["ms"])
+            for r in done[:3]:
+                lines.append(f"| {r['B']} | {r['P']} | {r['T']} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | {r['num_stages']} | {r['ms']:.3f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the script)")
+    parser.add_argument("--sweep", action="store_true", help="also time launch configurations of the in-place kernel")
+    parser.add_argument("--no-grid", action="store_true", help="skip the backend grid (with --sweep: the sweep alone)")
     parser.add_argument("--out", help="write the JSON report here (and a .md beside it)")
     args = parser.parse_args(argv)
     if args.smoke:
-        shapes, device, h, hkv, d = [(2, 40, 16)], "cpu", 4, 2, 32
+        shapes, device, h, hkv, d = [(2, 40, 16), (3, 0, 5)], "cpu", 4, 2, 32
+        if args.no_grid:
+            shapes = []
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no GPU: use --smoke for a CPU check of the script")
-        shapes = [(b, p, t) for b in GRID["B"] for p in GRID["P"] for t in GRID["T"]]
+        shapes = [] if args.no_grid else [(b, p, t) for b in GRID["B"] for p in GRID["P"] for t in GRID["T"]]
         device, h, hkv, d = "cuda", HEADS, KV_HEADS, HEAD_DIM
     report = run(shapes, device, h, hkv, d)
+    if args.sweep:
+        report["sweep"] = sweep(device, h, hkv, d, *(([(2, 40, 16)], SWEEP[:2]) if args.smoke else ()))
     report["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     report["date"] = time.strftime("%Y-%m-%d")
     report["torch"] = torch.__version__
     table = markdown(report)
     print(table)
-    bad = [r for r in report["rows"] if max(r["max_abs_error"].values()) > BF16_ATOL]
+    bad = [r for r in report["rows"] if max(r["max_abs_error"].values(), default=0.0) > BF16_ATOL]
+    bad += [r for r in report["rows"] if {"triton", "triton_slots"} & set(r.get("failed", {}))]
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
         with open(args.out.rsplit(".", 1)[0] + ".md", "w") as f:
             f.write(table + "\n")
     if bad:
-        print(f"FAILED correctness on {len(bad)} shapes (max abs error > {BF16_ATOL})")
+        print(f"FAILED on {len(bad)} shapes (max abs error > {BF16_ATOL}, or the Triton kernel raised)")
         return 1
     return 0
 

@@ -9,6 +9,9 @@ Layout (``cu_seqlens`` style, as flash-attn's varlen API): request b owns querie
 of P_b = K_b - N_b committed tokens, then its N_b tree nodes in the same order as the queries. A query
 sees its whole prefix, and tree key j iff bit j of its mask words is set (``mask[i, j // 64] >> (j % 64)``):
 the node's ancestors and itself. Any tree size works (W words per query); 64 nodes fit one word.
+``tree_attention_slots`` reads the keys in place from a KV pool instead ([S, Hkv, C, D], as
+``spruce.kvcache.SlotKVCache`` keeps them): request b's keys are ``pool[slots[b], :, :kv_lens[b]]``, so a
+batched verify pass needs no gather of every request's cache into a packed copy.
 
 Kernel (FlashAttention-2 style): each program takes one key/value head of one request and a block of
 rows, a row being (tree node, query head of that group), so every key block is loaded once for all G
@@ -41,8 +44,8 @@ WORD_BITS = 64
 @triton.jit
 def _tree_attn_kernel(
     Q, K, V, O, LSE, MASK,
-    CU_Q, CU_K,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    CU_Q, CU_K, SLOTS,
+    stride_qt, stride_qh, stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh,
     stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
     stride_mt,
     qk_scale,  # softmax scale * log2(e)
@@ -54,6 +57,7 @@ def _tree_attn_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
+    SLOTTED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1)
@@ -62,8 +66,18 @@ def _tree_attn_kernel(
     split = pid % num_splits
     q_start = tl.load(CU_Q + b)
     n_q = tl.load(CU_Q + b + 1) - q_start
-    k_start = tl.load(CU_K + b)
-    n_k = tl.load(CU_K + b + 1) - k_start
+    if SLOTTED:
+        # keys in place in a KV pool [slots, Hkv, capacity, D]: request b reads slot SLOTS[b], its
+        # first CU_K[b] positions (a length per request, not an offset)
+        slot = tl.load(SLOTS + b).to(tl.int64)
+        n_k = tl.load(CU_K + b)
+        K = K + slot * stride_ks
+        V = V + slot * stride_vs
+    else:
+        k_start = tl.load(CU_K + b)
+        n_k = tl.load(CU_K + b + 1) - k_start
+        K = K + k_start.to(tl.int64) * stride_kt
+        V = V + k_start.to(tl.int64) * stride_vt
     prefix = n_k - n_q
     if block_m * BLOCK_M >= n_q * GROUP:
         return
@@ -93,7 +107,7 @@ def _tree_attn_kernel(
         cols = start + offs_n
         visible = (cols < prefix_hi)[None, :] & row_ok[:, None]
         m_i, l_i, acc = _attend_block(
-            q, K, V, k_start + cols, kvh, visible, m_i, l_i, acc,
+            q, K, V, cols, kvh, visible, m_i, l_i, acc,
             stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, d_ok, UPCAST,
         )
     # the tree: key j visible iff bit j of the query node's ancestor mask is set
@@ -106,7 +120,7 @@ def _tree_attn_kernel(
         bits = (words >> (j % 64).to(tl.int64)[None, :]) & 1
         visible = (bits != 0) & j_ok[None, :] & row_ok[:, None]
         m_i, l_i, acc = _attend_block(
-            q, K, V, k_start + prefix + j, kvh, visible, m_i, l_i, acc,
+            q, K, V, prefix + j, kvh, visible, m_i, l_i, acc,
             stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, d_ok, UPCAST,
         )
 
@@ -172,6 +186,8 @@ def tree_attention(
     num_splits: int | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ([Tq, H, D] output in q's dtype, [Tq, H] float32 natural-log log-sum-exp).
 
@@ -179,8 +195,79 @@ def tree_attention(
     (flash-decoding), merged exactly by log-sum-exp; None picks it from the GPU's size (1 on CPU).
     ``max_seqlen_q`` / ``max_seqlen_k``: the longest request's tree and keys, when the caller knows them
     (saves reading the offsets back from the GPU, a synchronization)."""
+    if k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"packed k and v must be [Tk, Hkv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    max_k = max_seqlen_k if max_seqlen_k is not None else _longest(cu_seqlens_k)
+    # packed keys as a pool of one slot: (slot, token, head) strides
+    k_strides = (0, k.stride(0), k.stride(1))
+    v_strides = (0, v.stride(0), v.stride(1))
+    return _launch(q, k, v, k_strides, v_strides, tree_mask, cu_seqlens_q, cu_seqlens_k, None, max_k,
+                   scale, block_m, block_n, num_splits, max_seqlen_q, num_warps, num_stages)
+
+
+def tree_attention_slots(
+    # [Tq, H, D] packed tree queries (last dim contiguous)
+    q: torch.Tensor,
+    # [S, Hkv, C, D] a KV pool (``spruce.kvcache.SlotKVCache``): request b's keys are
+    # k_pool[slots[b], :, :kv_lens[b]], its prefix then its tree nodes
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    # [Tq, W] int64 ancestor-or-self bitmask of each query node over its request's tree
+    tree_mask: torch.Tensor,
+    # [B+1] int32 query offsets
+    cu_seqlens_q: torch.Tensor,
+    # [B] int32 slot of each request
+    slots: torch.Tensor,
+    # [B] int32 keys of each request (prefix + tree)
+    kv_lens: torch.Tensor,
+    scale: float | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+    num_splits: int | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tree_attention`` reading each request's keys in place from its slot of a KV pool (no gather
+    into a packed copy). Same outputs."""
+    if k_pool.dim() != 4 or v_pool.shape != k_pool.shape:
+        raise ValueError(f"k_pool and v_pool must be [S, Hkv, C, D], got {tuple(k_pool.shape)} and {tuple(v_pool.shape)}")
+    batch = cu_seqlens_q.numel() - 1
+    if slots.shape != (batch,) or kv_lens.shape != (batch,):
+        raise ValueError(f"slots and kv_lens must be [{batch}], got {tuple(slots.shape)} and {tuple(kv_lens.shape)}")
+    max_k = max_seqlen_k if max_seqlen_k is not None else (int(kv_lens.max()) if batch else 0)
+    if max_k > k_pool.shape[2]:
+        raise ValueError(f"a request reads {max_k} keys from slots of {k_pool.shape[2]} positions")
+    k_strides = (k_pool.stride(0), k_pool.stride(2), k_pool.stride(1))
+    v_strides = (v_pool.stride(0), v_pool.stride(2), v_pool.stride(1))
+    return _launch(q, k_pool, v_pool, k_strides, v_strides, tree_mask, cu_seqlens_q, kv_lens, slots, max_k,
+                   scale, block_m, block_n, num_splits, max_seqlen_q, num_warps, num_stages)
+
+
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    # (slot, token, head) element strides of k and v
+    k_strides: tuple[int, int, int],
+    v_strides: tuple[int, int, int],
+    tree_mask: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    # packed: [B+1] key offsets; slotted: [B] key lengths
+    keys: torch.Tensor,
+    slots: torch.Tensor | None,
+    max_k: int,
+    scale: float | None,
+    block_m: int,
+    block_n: int,
+    num_splits: int | None,
+    max_seqlen_q: int | None,
+    num_warps: int | None,
+    num_stages: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     tq, h, d = q.shape
-    hkv = k.shape[1]
+    hkv = k.shape[-3] if slots is not None else k.shape[1]
     if h % hkv:
         raise ValueError(f"{h} query heads do not group over {hkv} key/value heads")
     if tree_mask.dtype != torch.int64 or tree_mask.shape[0] != tq:
@@ -193,7 +280,6 @@ def tree_attention(
         raise ValueError(f"a tree of {max_q} nodes needs {math.ceil(max_q / WORD_BITS)} mask words, got {tree_mask.shape[1]}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     group = h // hkv
-    max_k = max_seqlen_k if max_seqlen_k is not None else _longest(cu_seqlens_k)
     row_blocks = triton.cdiv(max(max_q * group, 1), block_m)
     if num_splits is None:
         num_splits = _default_splits(q.device, batch * hkv * row_blocks, max_k, block_n)
@@ -207,10 +293,12 @@ def tree_attention(
     if tq == 0:
         return out[0].to(q.dtype), lse[0]
     grid = (row_blocks * num_splits, batch, hkv)
+    # launch options (Triton's defaults where not given)
+    options = {name: value for name, value in (("num_warps", num_warps), ("num_stages", num_stages)) if value is not None}
     _tree_attn_kernel[grid](
         q, k, v, out, lse, tree_mask,
-        cu_seqlens_q, cu_seqlens_k,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cu_seqlens_q, keys, slots if slots is not None else keys,
+        q.stride(0), q.stride(1), *k_strides, *v_strides,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         tree_mask.stride(0),
         scale * LOG2E,
@@ -222,6 +310,8 @@ def tree_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         UPCAST=_interpreting() or q.dtype == torch.float32,
+        SLOTTED=slots is not None,
+        **options,
     )
     if num_splits == 1:
         return out[0], lse[0]

@@ -109,8 +109,26 @@ def packed_attention(
 
 
 def _kernel_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: BatchAttention, scaling: float | None) -> torch.Tensor:
-    """A verify pass through a tree-attention kernel: each segment's slot is gathered into the kernel's
-    packed key layout (a copy per layer; a kernel reading slots in place would avoid it)."""
+    """A verify pass through a tree-attention kernel. The Triton kernel reads every request's keys in
+    place from its slot of the pool; the other backends take a packed key layout, so each segment's slot
+    is gathered into it (a copy per layer: ``gathered_kernel_attention``, also the reference the
+    in-place path is tested against)."""
+    if meta.kernel == "triton":
+        from spruce.kernels.tree_attention import tree_attention_slots
+
+        assert meta.tree_mask is not None and meta.cu_seqlens_q is not None
+        assert meta.slots is not None and meta.kv_lens is not None
+        out, _ = tree_attention_slots(
+            query[0].transpose(0, 1), key, value, meta.tree_mask, meta.cu_seqlens_q, meta.slots, meta.kv_lens, scaling,
+            max_seqlen_q=max(n for _, n, *_ in meta.parts), max_seqlen_k=max(length for *_, length, _ in meta.parts),
+        )
+        return out[None]
+    return gathered_kernel_attention(query, key, value, meta, scaling)
+
+
+def gathered_kernel_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: BatchAttention, scaling: float | None) -> torch.Tensor:
+    """[1, T, H, D]: each segment's slot gathered into the packed [sum(P_i + N_i), Hkv, D] key layout,
+    then the kernel backend ``meta.kernel`` over it."""
     assert meta.kernel is not None and meta.tree_mask is not None
     assert meta.cu_seqlens_q is not None and meta.cu_seqlens_k is not None
     k = torch.cat([key[slot, :, :length].transpose(0, 1) for _, _, slot, length, _ in meta.parts])

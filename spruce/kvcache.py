@@ -76,6 +76,9 @@ class BatchAttention:
     tree_mask: torch.Tensor | None = None
     cu_seqlens_q: torch.Tensor | None = None
     cu_seqlens_k: torch.Tensor | None = None
+    # [B] int32 slot and key count (prefix + tree) of each segment, for kernels that read the pool in place
+    slots: torch.Tensor | None = None
+    kv_lens: torch.Tensor | None = None
 
 
 class SlotKVCache:
@@ -196,6 +199,8 @@ def _kernel_metadata(meta: BatchAttention, segments: list[Segment], kernel: str,
         torch.cat([pack_bitmask(t.to(torch.bool), words) for t in trees]).to(device),
         torch.tensor(cu_q, dtype=torch.int32, device=device),
         torch.tensor(cu_k, dtype=torch.int32, device=device),
+        torch.tensor([slot for _, _, slot, _, _ in meta.parts], dtype=torch.int32, device=device),
+        torch.tensor([length for *_, length, _ in meta.parts], dtype=torch.int32, device=device),
     )
 
 

@@ -88,6 +88,28 @@ def test_packed_tree_pass_matches_each_request_alone(packed_model, requests, see
     assert pool.lengths[: len(requests)] == [len(p) + t.num_nodes for p, t in zip(prefixes, trees)]
 
 
+@pytest.mark.parametrize("kernel", ["triton", "flex"])
+def test_kernel_verify_pass_matches_the_sdpa_pass(packed_model, kernel):
+    """A verify pass through a kernel backend (Triton: keys read in place from the pool's slots; flex:
+    slots gathered into its packed layout) gives the logits of the SDPA pass over the same pool."""
+    pytest.importorskip("triton")
+    model, _ = packed_model
+    gen = torch.Generator().manual_seed(11)
+    pool = SlotKVCache(model, 5, 64)
+    # slots taken out of order, so a request's slot index differs from its place in the batch
+    slots = [pool.allocate() for _ in range(5)][::-2]
+    prefixes = [torch.randint(0, TINY_VOCAB, (p,), generator=gen) for p in (9, 1, 23)]
+    trees = [_random_tree(n, gen) for n in (5, 1, 12)]
+    run_packed(model, pool, [Segment(s, p, torch.arange(len(p)), logits="none") for s, p in zip(slots, prefixes)])
+    segments = [Segment(s, t.tokens, t.depth + len(p), tail=t.ancestor_mask) for s, p, t in zip(slots, prefixes, trees)]
+    want = run_packed(model, pool, segments)
+    for s, p in zip(slots, prefixes):
+        pool.lengths[s] = len(p)
+    got = run_packed(model, pool, segments, kernel=kernel)
+    for g, w in zip(got, want):
+        assert_close(g, w, atol=1e-4, what=f"{kernel} verify logits")
+
+
 def test_keep_moves_the_accepted_path_and_frees_the_rest(packed_model):
     model, reference = packed_model
     pool = SlotKVCache(model, 2, 32)

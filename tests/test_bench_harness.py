@@ -115,7 +115,13 @@ def test_gpu_profile_code_path_on_cpu(tmp_path):
     assert set(report["verify_s_by_batch_and_tokens"]) == {"1", "2"}
     assert all(v > 0 for per in report["verify_s_by_batch_and_tokens"].values() for v in per.values())
     assert 0 < report["step_overhead"][0]["busy_fraction"] <= 1.0
-    assert set(report["prediction"]) == {"1", "2"} and "PREDICTION" in report["note"]
+    # the verify pass through the Triton kernel (interpreted here) agrees with the SDPA pass
+    assert set(report["verify_triton_s_by_batch_and_tokens"]) == {"1", "2"}
+    agreement = report["triton_vs_sdpa_logits"]
+    assert agreement["max_abs_logit_diff"] < 1e-3 * max(1.0, agreement["max_abs_logit"])
+    assert agreement["same_argmax"] == agreement["rows"]
+    assert set(report["prediction"]) == {"sdpa", "triton"} and "PREDICTION" in report["note"]
+    assert set(report["prediction"]["triton"]) == {"1", "2"}
 
 
 def test_openai_http_bench_against_spruce(tiny_target, tiny_draft, tokenizer, prompt_file):

@@ -119,3 +119,48 @@ def test_triton_rejects_a_mask_too_small_for_the_tree():
     q, k, v, mask, cu_q, cu_k, _ = make_batch([4], [70], 2, 2, 16, torch.float32)
     with pytest.raises(ValueError, match="mask words"):
         tree_attention(q, k, v, mask[:, :1], cu_q, cu_k)
+
+
+def to_pool(k: torch.Tensor, cu_k: torch.Tensor, capacity: int, seed: int):
+    """The packed keys scattered into a [S, Hkv, capacity, D] pool: request b in a random slot (more slots
+    than requests), the rest of the pool random (never to be read)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = cu_k.numel() - 1
+    slots = torch.randperm(batch + 2, generator=gen)[:batch].to(torch.int32)
+    pool = torch.randn(batch + 2, k.shape[1], capacity, k.shape[2], generator=gen).to(k.dtype)
+    for b in range(batch):
+        start, end = int(cu_k[b]), int(cu_k[b + 1])
+        pool[int(slots[b]), :, : end - start] = k[start:end].transpose(0, 1)
+    return pool, slots, (cu_k[1:] - cu_k[:-1]).to(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["gqa", "no_prefix", "odd_t_and_d", "two_words", "ragged"])
+def test_triton_in_place_over_slots_matches_reference(case, dtype):
+    """The slotted kernel (keys read in place from a KV pool) equals the reference on the same keys."""
+    from spruce.kernels.tree_attention import tree_attention_slots
+
+    prefixes, trees, h, hkv, d = CASES[case]
+    q, k, v, mask, cu_q, cu_k, _ = make_batch(prefixes, trees, h, hkv, d, dtype, seed=3 + len(case))
+    capacity = int((cu_k[1:] - cu_k[:-1]).max()) + 11
+    k_pool, slots, lens = to_pool(k, cu_k, capacity, seed=1)
+    v_pool, _, _ = to_pool(v, cu_k, capacity, seed=1)
+    out, lse = tree_attention_slots(q, k_pool, v_pool, mask, cu_q, slots, lens, block_m=16, block_n=16)
+    want, want_lse = tree_attention_reference(q.double(), k.double(), v.double(), mask, cu_q, cu_k)
+    assert_close(out.double(), want, atol=TOLERANCE[dtype], what=f"{case} output over slots")
+    assert_close(lse.double(), want_lse, atol=TOLERANCE[dtype] * 4, what=f"{case} lse over slots")
+
+
+def test_triton_in_place_split_keys_and_limits():
+    from spruce.kernels.tree_attention import tree_attention_slots
+
+    q, k, v, mask, cu_q, cu_k, _ = make_batch(*CASES["ragged"][:2], 4, 2, 32, torch.float32, seed=9)
+    k_pool, slots, lens = to_pool(k, cu_k, 64, seed=2)
+    v_pool, _, _ = to_pool(v, cu_k, 64, seed=2)
+    out, _ = tree_attention_slots(q, k_pool, v_pool, mask, cu_q, slots, lens, block_m=16, block_n=16, num_splits=3)
+    want, _ = tree_attention_reference(q.double(), k.double(), v.double(), mask, cu_q, cu_k)
+    assert_close(out.double(), want, atol=TOLERANCE[torch.float32], what="split keys over slots")
+    with pytest.raises(ValueError, match="slots of 64 positions"):
+        tree_attention_slots(q, k_pool, v_pool, mask, cu_q, slots, lens + 30)
+    with pytest.raises(ValueError, match="slots and kv_lens"):
+        tree_attention_slots(q, k_pool, v_pool, mask, cu_q, slots[:1], lens)

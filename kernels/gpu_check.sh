@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The one prepared call for a lent GPU (device tool): install spruce without touching the image's
+# packages, then the tree-kernel grid, the engine-level profile, and the launch-configuration sweep,
+# each under its own time limit so that one part running long or failing still returns the others.
+#   device run:  bash kernels/gpu_check.sh        (writes under $OUT; ~6 minutes on an H100/H200)
+set -u
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+log="$OUT/log.txt"
+{
+  date -u +%Y-%m-%dT%H:%M:%SZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  git log -1 --format='commit %h %s' 2>/dev/null || true
+} >"$OUT/env.txt" 2>&1
+# no index is reachable there: no build isolation (the image has setuptools), no dependencies
+python3 -m pip install -q --no-build-isolation --no-deps -e . >>"$log" 2>&1 || echo "pip install failed" >>"$log"
+if ! (cd /tmp && python3 -c "import spruce.kernels.bench, spruce.evals.gpu_profile") >>"$log" 2>&1; then
+  # fallback: the spruce namespace as links to the repository's folders
+  echo "using a PYTHONPATH shim" | tee -a "$log"
+  mkdir -p /tmp/shim/spruce && ln -sf "$PWD"/spruce/* /tmp/shim/spruce/
+  for d in draft verify server kernels evals; do ln -sfn "$PWD/$d" "/tmp/shim/spruce/$d"; done
+  export PYTHONPATH=/tmp/shim
+fi
+echo "== kernels grid" | tee -a "$log"
+timeout 170 python3 -m spruce.kernels.bench --out "$OUT/kernels.json" 2>&1 | tee -a "$log" | grep -v '^{' 
+echo "== engine-level profile" | tee -a "$log"
+timeout 200 python3 -m spruce.evals.gpu_profile --out "$OUT/gpu_profile.json" \
+  --acceptance-from evals/results/load_float32.json >>"$log" 2>&1 || echo "gpu_profile exit $?" | tee -a "$log"
+echo "== launch sweep" | tee -a "$log"
+timeout 100 python3 -m spruce.kernels.bench --sweep --no-grid --out "$OUT/sweep.json" 2>&1 | tee -a "$log" | grep -v '^{'
+echo "== done $(date -u +%H:%M:%SZ)" | tee -a "$log"
