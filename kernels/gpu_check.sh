@@ -24,10 +24,10 @@ if ! (cd /tmp && python3 -c "import spruce.kernels.bench, spruce.evals.gpu_profi
   export PYTHONPATH=/tmp/shim
 fi
 echo "== kernels grid" | tee -a "$log"
-timeout 170 python3 -m spruce.kernels.bench --out "$OUT/kernels.json" 2>&1 | tee -a "$log" | grep -v '^{' 
+timeout 150 python3 -m spruce.kernels.bench --out "$OUT/kernels.json" 2>&1 | tee -a "$log" | grep -v '^{' 
 echo "== engine-level profile" | tee -a "$log"
-timeout 200 python3 -m spruce.evals.gpu_profile --out "$OUT/gpu_profile.json" \
+timeout 170 python3 -m spruce.evals.gpu_profile --out "$OUT/gpu_profile.json" \
   --acceptance-from evals/results/load_float32.json >>"$log" 2>&1 || echo "gpu_profile exit $?" | tee -a "$log"
 echo "== launch sweep" | tee -a "$log"
-timeout 100 python3 -m spruce.kernels.bench --sweep --no-grid --out "$OUT/sweep.json" 2>&1 | tee -a "$log" | grep -v '^{'
+timeout 80 python3 -m spruce.kernels.bench --sweep --no-grid --out "$OUT/sweep.json" 2>&1 | tee -a "$log" | grep -v '^{'
 echo "== done $(date -u +%H:%M:%SZ)" | tee -a "$log"
