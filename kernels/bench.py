@@ -113,6 +113,8 @@ def backends(x: dict) -> dict:
         x["q"], x["k"], x["v"], x["mask"], x["cu_q"], x["cu_k"], max_seqlen_q=t, max_seqlen_k=n_k
     )[0]
     fns["triton_slots"] = lambda: slotted(x, t, n_k)
+    # the launch configuration the first H200 sweep favoured for T = 64 (kernels/NOTES.md)
+    fns["triton_slots_m128"] = lambda: slotted(x, t, n_k, block_m=128, block_n=64, num_warps=8, num_stages=2)
     fns["gather_triton"] = gathered
     return fns
 
@@ -166,6 +168,28 @@ def timed(fn, device: str) -> float:
     return statistics.median(samples)
 
 
+GRAPHED = ("triton_slots", "triton_slots_m128", "sdpa_nomask", "sdpa_mask")
+
+
+def graph_ms(fn) -> float:
+    """Median milliseconds of one call replayed from a CUDA graph: the device time alone, without the
+    host's launch cost (which ``timed`` includes when the host is the slower side)."""
+    import triton
+
+    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+
+
+def host_us(fn, calls: int = 50) -> float:
+    """Microseconds the host spends per call (launches queued, not waited for)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
 def copy_bandwidth_gbs(device: str) -> float:
     """Device copy bandwidth (read + write bytes per second) with a 1 GiB buffer."""
     n = (1 << 30) if device == "cuda" else (1 << 24)
@@ -190,9 +214,18 @@ def run(shapes: list[tuple[int, int, int]], device: str, h: int, hkv: int, d: in
                     ms[name] = timed(fn, device)
                 except Exception as exc:
                     failed[name] = f"{type(exc).__name__}: {exc}"
+        graphed, host = {}, {}
+        if device == "cuda":
+            for name in GRAPHED:
+                if name in ms:
+                    try:
+                        graphed[name] = graph_ms(fns[name])
+                        host[name] = host_us(fns[name])
+                    except Exception as exc:
+                        failed[f"{name}_graph"] = f"{type(exc).__name__}: {exc}"
         kv_bytes = 2 * b * (p + t) * hkv * d * torch.finfo(dtype).bits // 8
         rows.append({
-            "B": b, "P": p, "T": t, "ms": ms, "max_abs_error": errors, "failed": failed,
+            "B": b, "P": p, "T": t, "ms": ms, "graph_ms": graphed, "host_us": host, "max_abs_error": errors, "failed": failed,
             "kv_gbs": {name: kv_bytes / (m * 1e-3) / 1e9 for name, m in ms.items()},
         })
         print(json.dumps(rows[-1]), flush=True)
@@ -231,7 +264,7 @@ def sweep(device: str, h: int, hkv: int, d: int, shapes=SWEEP_SHAPES, configs=SW
     return rows
 
 
-COLUMNS = ("triton_slots", "triton", "gather_triton", "sdpa_nomask", "sdpa_mask", "flex")
+COLUMNS = ("triton_slots", "triton_slots_m128", "triton", "gather_triton", "sdpa_nomask", "sdpa_mask", "flex")
 
 
 def markdown(report: dict) -> str:
@@ -252,6 +285,24 @@ def markdown(report: dict) -> str:
             f"{r['kv_gbs'].get('triton_slots', math.nan):.0f} | {max(r['max_abs_error'].values(), default=math.nan):.1e} | "
             f"{', '.join(sorted(r.get('failed', {}))) or '-'} |"
         )
+    if any(r.get("graph_ms") for r in report["rows"]):
+        lines += [
+            "",
+            "device time alone (CUDA graph replay, ms, median) and host time per call (us)",
+            "",
+            "| B | P | T | " + " | ".join(GRAPHED) + " | slots/nomask | mask/slots | slots GB/s | "
+            + " | ".join(f"{n} host us" for n in GRAPHED) + " |",
+            "|---|---|---|" + "---|" * (2 * len(GRAPHED) + 3),
+        ]
+        for r in report["rows"]:
+            g, hu = r.get("graph_ms", {}), r.get("host_us", {})
+            kv_bytes = r["kv_gbs"].get("triton_slots", math.nan) * r["ms"].get("triton_slots", math.nan)  # GB/s * ms
+            slots = g.get("triton_slots", math.nan)
+            lines.append(
+                f"| {r['B']} | {r['P']} | {r['T']} | " + " | ".join(f"{g.get(n, math.nan):.3f}" for n in GRAPHED)
+                + f" | {slots / g.get('sdpa_nomask', math.nan):.2f} | {g.get('sdpa_mask', math.nan) / slots:.1f} | "
+                f"{kv_bytes / slots:.0f} | " + " | ".join(f"{hu.get(n, math.nan):.0f}" for n in GRAPHED) + " |"
+            )
     if report.get("sweep"):
         lines += ["", "launch configurations of triton_slots (ms; the three fastest per shape)", ""]
         lines += ["| B | P | T | block_m | block_n | warps | stages | ms |", "|---|---|---|---|---|---|---|---|"]

@@ -101,10 +101,17 @@ def _tree_attn_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
 
-    # the prefix: every key visible (only the bounds mask)
+    # the prefix: every key visible. Whole blocks need no mask at all (rows past the last node have
+    # q = 0: finite scores, never stored); only the last, partial block checks its bounds
     prefix_hi = tl.minimum(hi, prefix)
-    for start in range(lo, prefix_hi, BLOCK_N):
-        cols = start + offs_n
+    full_hi = lo + (tl.maximum(prefix_hi - lo, 0) // BLOCK_N) * BLOCK_N
+    for start in range(lo, full_hi, BLOCK_N):
+        m_i, l_i, acc = _attend_full_block(
+            q, K, V, start + offs_n, kvh, m_i, l_i, acc,
+            stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, d_ok, UPCAST, BLOCK_D == HEAD_DIM,
+        )
+    if full_hi < prefix_hi:
+        cols = full_hi + offs_n
         visible = (cols < prefix_hi)[None, :] & row_ok[:, None]
         m_i, l_i, acc = _attend_block(
             q, K, V, cols, kvh, visible, m_i, l_i, acc,
@@ -131,6 +138,32 @@ def _tree_attn_kernel(
     # base-2 log-sum-exp times ln 2: the natural-log LSE (-inf where this split saw no key)
     lse = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     tl.store(LSE + split * stride_ls + (q_start + node) * stride_lt + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _attend_full_block(
+    q, K, V, key_rows, kvh, m_i, l_i, acc,
+    stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, d_ok, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """One key block that every row sees: no visibility mask, no -inf handling (scores are finite)."""
+    k_ptrs = K + key_rows[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None]
+    v_ptrs = V + key_rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :]
+    if EVEN_D:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, k) * qk_scale
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -161,6 +194,37 @@ def _attend_block(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _merge_kernel(
+    OUT_PART, LSE_PART, O, LSE,
+    num_splits,
+    stride_ps, stride_ls,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One (query, head) row: the exact softmax over all key splits, each split's output weighted by
+    exp(lse_s - lse) (splits that saw no key have lse -inf and weight 0)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < num_splits
+    lse = tl.load(LSE_PART + offs_s * stride_ls + row, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_safe)
+    total = tl.sum(w, 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    part = tl.load(
+        OUT_PART + offs_s[:, None] * stride_ps + row * HEAD_DIM + offs_d[None, :],
+        mask=s_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+    total_safe = tl.where(total > 0, total, 1.0)
+    out = tl.sum(part * w[:, None], 0) / total_safe
+    tl.store(O + row * HEAD_DIM + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
+    tl.store(LSE + row, tl.where(total > 0, m_safe + tl.log(total_safe), float("-inf")))
 
 
 def _interpreting() -> bool:
@@ -315,7 +379,27 @@ def _launch(
     )
     if num_splits == 1:
         return out[0], lse[0]
-    return _merge_splits(out, lse, q.dtype)
+    return _merge_splits_kernel(out, lse, q.dtype)
+
+
+def _merge_splits_kernel(
+    # [S, Tq, H, D] float32 partial outputs (contiguous)
+    out: torch.Tensor,
+    # [S, Tq, H] float32 partial log-sum-exps (contiguous)
+    lse: torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_merge_splits`` in one launch (the reference is several torch kernels: on a GPU each launch
+    costs more than this small merge itself)."""
+    splits, tq, h, d = out.shape
+    merged = torch.empty(tq, h, d, dtype=dtype, device=out.device)
+    total = torch.empty(tq, h, dtype=torch.float32, device=out.device)
+    _merge_kernel[(tq * h,)](
+        out, lse, merged, total, splits, out.stride(0), lse.stride(0),
+        HEAD_DIM=d, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=max(16, triton.next_power_of_2(d)),
+        num_warps=2,
+    )
+    return merged, total
 
 
 def _longest(cu_seqlens: torch.Tensor) -> int:
@@ -342,9 +426,15 @@ _PROGRAMS_PER_SM = 2
 _MIN_BLOCKS_PER_SPLIT = 4
 
 
+_SM_COUNT: dict[int, int] = {}
+
+
 def _default_splits(device: torch.device, programs: int, max_k: int, block_n: int) -> int:
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    sms = _SM_COUNT[index]
     wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, max(programs, 1))
     return max(1, min(wanted, triton.cdiv(max_k, block_n * _MIN_BLOCKS_PER_SPLIT)))

@@ -164,3 +164,22 @@ def test_triton_in_place_split_keys_and_limits():
         tree_attention_slots(q, k_pool, v_pool, mask, cu_q, slots, lens + 30)
     with pytest.raises(ValueError, match="slots and kv_lens"):
         tree_attention_slots(q, k_pool, v_pool, mask, cu_q, slots[:1], lens)
+
+
+@pytest.mark.parametrize("splits", [1, 3, 8])
+def test_merge_kernel_matches_the_torch_merge(splits):
+    """The one-launch merge of split-key partials equals the reference merge, with some splits that saw
+    no key (lse -inf) and a row that no split saw."""
+    from spruce.kernels.tree_attention import _merge_splits, _merge_splits_kernel
+
+    gen = torch.Generator().manual_seed(splits)
+    out = torch.randn(splits, 5, 3, 24, generator=gen)
+    lse = torch.randn(splits, 5, 3, generator=gen) * 4
+    lse[0, 1] = float("-inf")
+    lse[:, 4, 2] = float("-inf")
+    got, got_lse = _merge_splits_kernel(out, lse, torch.float32)
+    want, want_lse = _merge_splits(out, lse, torch.float32)
+    assert_close(got.double(), want.double(), atol=1e-5, what="merged output")
+    assert torch.equal(torch.isinf(got_lse), torch.isinf(want_lse))
+    finite = torch.isfinite(want_lse)
+    assert_close(got_lse[finite].double(), want_lse[finite].double(), atol=1e-5, what="merged lse")
