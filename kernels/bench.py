@@ -26,6 +26,7 @@ other figure).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -33,7 +34,6 @@ import time
 import traceback
 
 import torch
-
 from spruce.kernels.reference import pack_bitmask, tree_attention_reference
 
 GRID = {"B": (1, 8, 32), "P": (512, 4096, 16384), "T": (16, 64)}
@@ -83,9 +83,8 @@ def make_inputs(b: int, p: int, t: int, h: int, hkv: int, d: int, dtype: torch.d
 
 def backends(x: dict) -> dict:
     """name -> zero-argument callable returning [B*T, H, D]."""
-    from torch.nn.functional import scaled_dot_product_attention as sdpa
-
     from spruce.kernels.flex_backend import flex_tree_attention
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     b, h, t, d = x["q4"].shape
 
@@ -98,7 +97,7 @@ def backends(x: dict) -> dict:
         "flex": lambda: flex_tree_attention(x["q"], x["k"], x["v"], x["mask"], x["cu_q"], x["cu_k"])[0],
     }
     try:
-        from spruce.kernels.tree_attention import tree_attention, tree_attention_slots
+        from spruce.kernels.tree_attention import tree_attention
     except ImportError:
         return fns
     n_k = x["k"].shape[0] // b
@@ -141,7 +140,7 @@ def check(x: dict, fns: dict, t: int, p: int, failed: dict[str, str]) -> dict[st
     for name, fn in fns.items():
         try:
             outs[name] = fn()
-        except Exception as exc:  # recorded, and the other backends still run
+        except Exception as exc:  # noqa: BLE001 - recorded in the report  # recorded, and the other backends still run
             failed[name] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
             continue
@@ -212,7 +211,7 @@ def run(shapes: list[tuple[int, int, int]], device: str, h: int, hkv: int, d: in
             if name not in failed:
                 try:
                     ms[name] = timed(fn, device)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - recorded in the report
                     failed[name] = f"{type(exc).__name__}: {exc}"
         graphed, host = {}, {}
         if device == "cuda":
@@ -221,7 +220,7 @@ def run(shapes: list[tuple[int, int, int]], device: str, h: int, hkv: int, d: in
                     try:
                         graphed[name] = graph_ms(fns[name])
                         host[name] = host_us(fns[name])
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001 - recorded in the report
                         failed[f"{name}_graph"] = f"{type(exc).__name__}: {exc}"
         kv_bytes = 2 * b * (p + t) * hkv * d * torch.finfo(dtype).bits // 8
         rows.append({
@@ -255,13 +254,17 @@ def sweep(device: str, h: int, hkv: int, d: int, shapes=SWEEP_SHAPES, configs=SW
             row = {"B": b, "P": p, "T": t, **config}
             try:
                 err = float((slotted(x, t, n_k, **config).float() - want).abs().max())
-                row.update(ms=timed(lambda: slotted(x, t, n_k, **config), device), max_abs_vs_default=err)
-            except Exception as exc:
+                row.update(ms=timed(functools.partial(slotted, x, t, n_k, **config), device), max_abs_vs_default=err)
+            except Exception as exc:  # noqa: BLE001 - recorded in the report
                 row["failed"] = f"{type(exc).__name__}: {exc}"
             rows.append(row)
             print(json.dumps(row), flush=True)
         del x
     return rows
+
+
+def _get_nan(table: dict, name: str) -> float:
+    return table.get(name, math.nan)
 
 
 COLUMNS = ("triton_slots", "triton_slots_m128", "triton", "gather_triton", "sdpa_nomask", "sdpa_mask", "flex")
@@ -277,7 +280,7 @@ def markdown(report: dict) -> str:
     ]
     for r in report["rows"]:
         ms = r["ms"]
-        get = lambda name: ms.get(name, math.nan)  # noqa: E731
+        get = functools.partial(_get_nan, ms)
         slots = get("triton_slots")
         lines.append(
             f"| {r['B']} | {r['P']} | {r['T']} | " + " | ".join(f"{get(c):.3f}" for c in COLUMNS)
