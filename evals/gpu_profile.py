@@ -142,9 +142,10 @@ def kernel_agreement(model, batch: int, n: int, context: int, kernel: str) -> di
 def step_overhead(target, draft, batch: int, max_tokens: int, context: int) -> dict:
     """Run the engine (fixed tree) over ``batch`` requests: wall time per step against the time of its
     passes, i.e. the share of a step the device is busy with the models."""
+    from spruce.evals.tiny import byte_tokenizer
+
     from spruce.config import EngineConfig
     from spruce.engine import Engine
-    from spruce.evals.tiny import byte_tokenizer
 
     engine = Engine(target, byte_tokenizer(), draft, EngineConfig(max_batch_size=batch, max_seq_len=context))
     spec = SpeculationConfig(depth=3, top_k=2, budget=6)
@@ -244,7 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         try:
             report[name] = fn()
-        except Exception as exc:  # recorded; the other sections still run
+        except Exception as exc:  # noqa: BLE001 - recorded; the other sections still run
             traceback.print_exc()
             report[name] = {"error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps({name: report[name], "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
@@ -261,9 +262,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for kernel in kernels:
         by_kernel[kernel] = section(
             f"verify_{kernel}_s_by_batch_and_tokens",
-            lambda: pass_costs(target, args.batches, args.tokens, args.context, args.device, args.repeats, kernel),
+            lambda kernel=kernel: pass_costs(target, args.batches, args.tokens, args.context, args.device, args.repeats, kernel),
         )
-        section(f"{kernel}_vs_sdpa_logits", lambda: kernel_agreement(target, min(4, max(args.batches)), 8, args.context, kernel))
+        section(f"{kernel}_vs_sdpa_logits", lambda kernel=kernel: kernel_agreement(target, min(4, max(args.batches)), 8, args.context, kernel))
     rates, source = rates_from(args.acceptance_from)
     report["acceptance_source"] = source
     section("step_overhead", lambda: [step_overhead(target, draft, b, args.overhead_tokens, args.context) for b in args.overhead_batches])

@@ -113,6 +113,20 @@ def test_triton_split_keys_match_reference(case, splits):
     assert_close(lse.double(), want_lse, atol=TOLERANCE[torch.float32], what=f"{case} lse, {splits} splits")
 
 
+@pytest.mark.parametrize("case", ["t64", "ragged"])
+def test_triton_default_launch_configuration(case):
+    """Default block shapes (128-row programs once a tree has 128+ rows per key/value head: t64 here)."""
+    from spruce.kernels.tree_attention import _launch_config, tree_attention
+
+    prefixes, trees, h, hkv, d = CASES[case]
+    assert _launch_config(max(trees) * (h // hkv), None, None)[0] == (128 if case == "t64" else 64)
+    q, k, v, mask, cu_q, cu_k, _ = make_batch(prefixes, trees, h, hkv, d, torch.float32, seed=4)
+    out, lse = tree_attention(q, k, v, mask, cu_q, cu_k)
+    want, want_lse = tree_attention_reference(q.double(), k.double(), v.double(), mask, cu_q, cu_k)
+    assert_close(out.double(), want, atol=TOLERANCE[torch.float32], what=f"{case} output, default launch")
+    assert_close(lse.double(), want_lse, atol=TOLERANCE[torch.float32], what=f"{case} lse, default launch")
+
+
 def test_triton_rejects_a_mask_too_small_for_the_tree():
     from spruce.kernels.tree_attention import tree_attention
 
