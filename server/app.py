@@ -1,4 +1,5 @@
-"""The gRPC server: spruce.v1 and KServe v2 services on one engine, health, reflection, Prometheus.
+"""The gRPC server: spruce.v1, KServe v2 and the SMG worker protocol (``vllm.grpc.engine.VllmEngine``)
+on one engine and one port, health, reflection, Prometheus.
 
 ``start(...)`` binds the port at once with health NOT_SERVING, loads the engine (a callable, so that a
 client sees "loading" rather than a refused connection), then switches health to SERVING. ``stop``
@@ -26,6 +27,7 @@ from spruce.errors import UnavailableError
 from spruce.server._gen.spruce.v1 import spruce_pb2, spruce_pb2_grpc
 from spruce.server.metrics import Metrics
 from spruce.server.service import ErrorInterceptor, SpruceServicer
+from spruce.server import smg
 from spruce.server.worker import EngineWorker
 
 log = logging.getLogger(__name__)
@@ -65,17 +67,21 @@ class Server:
     metrics: Metrics
     worker: EngineWorker | None = None
     http_server: Any = None
+    # the SMG worker service (its load streams end on stop)
+    smg: Any = None
     ready: threading.Event = field(default_factory=threading.Event)
     load_error: BaseException | None = None
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SPRUCE_SERVICE, "inference.GRPCInferenceService"):
+        for name in ("", SPRUCE_SERVICE, "inference.GRPCInferenceService", smg.SERVICE):
             self.health.set(name, status)
 
     def stop(self, grace_s: float | None = None) -> None:
         grace = self.config.grace_s if grace_s is None else grace_s
         self.set_serving(False)
+        if self.smg is not None:
+            self.smg.close()
         if self.worker is not None:
             self.worker.drain(grace)
         self.grpc_server.stop(grace=1.0).wait()
@@ -107,8 +113,12 @@ def start(load_engine: Callable[[], Engine], config: ServeConfig = ServeConfig()
 
     kserve = KServeServicer(_LazyWorker(), config.served_model_name)  # type: ignore[arg-type]
     add_to_server(kserve, grpc_server)
+    from spruce.server import smg
+
+    smg_servicer = smg.VllmEngineServicer(_LazyWorker(), config.served_model_name)
+    smg.add_to_server(smg_servicer, grpc_server)
     reflection.enable_server_reflection(
-        (SPRUCE_SERVICE, "inference.GRPCInferenceService", health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
+        (SPRUCE_SERVICE, "inference.GRPCInferenceService", smg.SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
     )
     address = f"{config.host}:{config.port}"
     if config.tls_cert and config.tls_key:
@@ -116,7 +126,7 @@ def start(load_engine: Callable[[], Engine], config: ServeConfig = ServeConfig()
             port = grpc_server.add_secure_port(address, grpc.ssl_server_credentials([(k.read(), c.read())]))
     else:
         port = grpc_server.add_insecure_port(address)
-    server = Server(grpc_server, port, health_servicer, config, metrics)
+    server = Server(grpc_server, port, health_servicer, config, metrics, smg=smg_servicer)
     server.set_serving(False)
     grpc_server.start()
     if config.http_port:
@@ -134,6 +144,7 @@ def start(load_engine: Callable[[], Engine], config: ServeConfig = ServeConfig()
             server.worker = worker
             spruce_servicer.worker = worker
             kserve.worker = worker
+            smg_servicer.worker = worker
             server.set_serving(True)
             log.info("serving %s on port %d", config.served_model_name, port)
         except BaseException as exc:  # loading failed: stay up, NOT_SERVING, and say why in the log

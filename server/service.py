@@ -25,6 +25,8 @@ STATUS = {
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    # an RPC a service does not serve (generated stubs raise it too)
+    NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 
