@@ -42,11 +42,11 @@ import grpc
 from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
+from spruce.server.service import submit
 
 from spruce.config import SamplingParams
 from spruce.engine import DEFAULT, GenerationOutput
 from spruce.errors import InvalidRequestError, UnavailableError
-from spruce.server.service import submit
 
 SERVICE = "vllm.grpc.engine.VllmEngine"
 # seconds between two load records on a SubscribeKvEvents stream

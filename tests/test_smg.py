@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.request
 import zipfile
+from pathlib import Path
 
 import grpc
 import pytest
@@ -24,12 +25,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
+from spruce.server._gen.spruce.v1 import spruce_pb2, spruce_pb2_grpc
+from spruce.server.app import start
 
 from spruce import Engine, SamplingParams, SpeculationConfig
 from spruce.config import EngineConfig, ServeConfig
-from spruce.server.app import start
-from spruce.server._gen.spruce.v1 import spruce_pb2, spruce_pb2_grpc
-from spruce.server.smg import export_tokenizer
 
 
 class FixedTreeEngine(Engine):
@@ -148,6 +148,8 @@ def test_management_rpcs(served, tmp_path):
     assert info.served_model_name == "spruce" and info.is_generation
     assert info.vocab_size == engine.target.config.vocab_size and info.max_context_length == engine.max_context
     assert set(info.eos_token_ids) == set(engine.eos_ids)
+    # the tokenizer directory a gateway on this host reads
+    assert (Path(info.tokenizer_path) / "tokenizer.json").is_file()
     server = stub.GetServerInfo(vpb.GetServerInfoRequest())
     assert server.server_type == "vllm-grpc" and server.max_num_seqs == 2 and not server.is_paused
     loads = stub.GetLoads(vpb.GetLoadsRequest())
