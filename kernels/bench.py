@@ -112,8 +112,10 @@ def backends(x: dict) -> dict:
         x["q"], x["k"], x["v"], x["mask"], x["cu_q"], x["cu_k"], max_seqlen_q=t, max_seqlen_k=n_k
     )[0]
     fns["triton_slots"] = lambda: slotted(x, t, n_k)
-    # the launch configuration the first H200 sweep favoured for T = 64 (kernels/NOTES.md)
-    fns["triton_slots_m128"] = lambda: slotted(x, t, n_k, block_m=128, block_n=64, num_warps=8, num_stages=2)
+    # variants of the default launch, to check its choices on the card: 64-row programs with Triton's
+    # default warps and stages (the default below 128 rows), and no key splitting (flash-decoding off)
+    fns["triton_slots_m64"] = lambda: slotted(x, t, n_k, block_m=64)
+    fns["triton_slots_nosplit"] = lambda: slotted(x, t, n_k, num_splits=1)
     fns["gather_triton"] = gathered
     return fns
 
@@ -147,7 +149,7 @@ def check(x: dict, fns: dict, t: int, p: int, failed: dict[str, str]) -> dict[st
         if name != "sdpa_nomask":
             errors[name] = float((outs[name][:t].float().cpu() - want).abs().max())
     if "triton" in outs:
-        for name in ("triton_slots", "gather_triton"):
+        for name in ("triton_slots", "triton_slots_m64", "triton_slots_nosplit", "gather_triton"):
             if name in outs:
                 errors[f"{name}_vs_triton"] = float((outs[name].float() - outs["triton"].float()).abs().max())
     return errors
@@ -167,7 +169,7 @@ def timed(fn, device: str) -> float:
     return statistics.median(samples)
 
 
-GRAPHED = ("triton_slots", "triton_slots_m128", "sdpa_nomask", "sdpa_mask")
+GRAPHED = ("triton_slots", "triton_slots_m64", "triton_slots_nosplit", "sdpa_nomask", "sdpa_mask")
 
 
 def graph_ms(fn) -> float:
@@ -267,7 +269,7 @@ def _get_nan(table: dict, name: str) -> float:
     return table.get(name, math.nan)
 
 
-COLUMNS = ("triton_slots", "triton_slots_m128", "triton", "gather_triton", "sdpa_nomask", "sdpa_mask", "flex")
+COLUMNS = ("triton_slots", "triton_slots_m64", "triton_slots_nosplit", "triton", "gather_triton", "sdpa_nomask", "sdpa_mask", "flex")
 
 
 def markdown(report: dict) -> str:

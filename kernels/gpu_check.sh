@@ -3,7 +3,7 @@
 # packages, then the tree-kernel grid, the engine-level profile, and the launch-configuration sweep,
 # each under its own time limit so that one part running long or failing still returns the others.
 #   device run:  bash kernels/gpu_check.sh        (writes under $OUT; ~4 minutes on an H200; SWEEP=1 adds
-#                the launch-configuration sweep, ~1 minute)
+#                the launch-configuration sweep, ~1 minute; PROFILE=0 skips the engine-level profile)
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -26,9 +26,11 @@ if ! (cd /tmp && python3 -c "import spruce.kernels.bench, spruce.evals.gpu_profi
 fi
 echo "== kernels grid" | tee -a "$log"
 timeout 150 python3 -m spruce.kernels.bench --out "$OUT/kernels.json" 2>&1 | tee -a "$log" | grep -v '^{' 
-echo "== engine-level profile" | tee -a "$log"
-timeout 170 python3 -m spruce.evals.gpu_profile --out "$OUT/gpu_profile.json" \
-  --acceptance-from evals/results/load_float32.json >>"$log" 2>&1 || echo "gpu_profile exit $?" | tee -a "$log"
+if [ "${PROFILE:-1}" = 1 ]; then
+  echo "== engine-level profile" | tee -a "$log"
+  timeout 170 python3 -m spruce.evals.gpu_profile --out "$OUT/gpu_profile.json" \
+    --acceptance-from evals/results/load_float32.json >>"$log" 2>&1 || echo "gpu_profile exit $?" | tee -a "$log"
+fi
 if [ "${SWEEP:-0}" = 1 ]; then
   echo "== launch sweep" | tee -a "$log"
   timeout 80 python3 -m spruce.kernels.bench --sweep --no-grid --out "$OUT/sweep.json" 2>&1 | tee -a "$log" | grep -v '^{'

@@ -122,8 +122,17 @@ def _tree_attn_kernel(
     for start in range(tl.maximum(lo, prefix) - prefix, tree_hi, BLOCK_N):
         j = start + offs_n
         j_ok = j < tree_hi
-        word_ptrs = MASK + (q_start + node)[:, None] * stride_mt + (j // 64)[None, :]
-        words = tl.load(word_ptrs, mask=row_ok[:, None] & j_ok[None, :], other=0)
+        if BLOCK_N <= 64:
+            # the block spans at most two mask words: load them once per row, not once per (row, key)
+            w0 = start // 64
+            last_w = (tl.minimum(start + BLOCK_N, tree_hi) - 1) // 64
+            row_words = MASK + (q_start + node) * stride_mt
+            word0 = tl.load(row_words + w0, mask=row_ok, other=0)
+            word1 = tl.load(row_words + w0 + 1, mask=row_ok & (last_w > w0), other=0)
+            words = tl.where(((j // 64) == w0)[None, :], word0[:, None], word1[:, None])
+        else:
+            word_ptrs = MASK + (q_start + node)[:, None] * stride_mt + (j // 64)[None, :]
+            words = tl.load(word_ptrs, mask=row_ok[:, None] & j_ok[None, :], other=0)
         bits = (words >> (j % 64).to(tl.int64)[None, :]) & 1
         visible = (bits != 0) & j_ok[None, :] & row_ok[:, None]
         m_i, l_i, acc = _attend_block(

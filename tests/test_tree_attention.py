@@ -127,6 +127,19 @@ def test_triton_default_launch_configuration(case):
     assert_close(lse.double(), want_lse, atol=TOLERANCE[torch.float32], what=f"{case} lse, default launch")
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_triton_tree_blocks_across_mask_words(splits):
+    """A key block of the tree that starts inside one mask word and ends in the next (70 nodes after an
+    8-token prefix; with 3 splits a split starts mid-word), at the default block size."""
+    from spruce.kernels.tree_attention import tree_attention
+
+    q, k, v, mask, cu_q, cu_k, _ = make_batch([8, 3], [70, 66], 2, 1, 16, torch.float32, seed=splits)
+    out, lse = tree_attention(q, k, v, mask, cu_q, cu_k, num_splits=splits)
+    want, want_lse = tree_attention_reference(q.double(), k.double(), v.double(), mask, cu_q, cu_k)
+    assert_close(out.double(), want, atol=TOLERANCE[torch.float32], what=f"output, {splits} splits")
+    assert_close(lse.double(), want_lse, atol=TOLERANCE[torch.float32], what=f"lse, {splits} splits")
+
+
 def test_triton_rejects_a_mask_too_small_for_the_tree():
     from spruce.kernels.tree_attention import tree_attention
 
