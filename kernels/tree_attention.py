@@ -354,7 +354,10 @@ def _launch(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     group = h // hkv
     if block_m is None:
-        block_m, num_warps, num_stages = _launch_config(max_q * group, num_warps, num_stages)
+        # 64-row programs with Triton's default warps and stages: on an H200 (kernels/NOTES.md, v3)
+        # faster than 128-row ones with 8 warps at every measured shape once the tree part loads one
+        # mask word per row (v2, before that change, had favoured 128 rows at T = 64)
+        block_m = 64
     row_blocks = triton.cdiv(max(max_q * group, 1), block_m)
     if num_splits is None:
         num_splits = _default_splits(q.device, batch * hkv * row_blocks, max_k, block_n)
@@ -413,20 +416,6 @@ def _merge_splits_kernel(
     return merged, total
 
 
-# Rows per program by the rows (tree nodes x grouped query heads) per key/value head. Measured on an
-# H200 (kernels/NOTES.md, 2026-11-26, CUDA-graph times): with 256 rows (T = 64, 4 heads per group)
-# 128-row programs with 8 warps and 2 pipeline stages were up to 38% faster than 64-row ones with
-# Triton's defaults (8 of 9 shapes; one 3% slower), and with 64 rows (T = 16) up to 58% slower (half of
-# each program idle).
-_WIDE_ROWS = 128
-
-
-def _launch_config(rows: int, num_warps: int | None, num_stages: int | None) -> tuple[int, int | None, int | None]:
-    if rows >= _WIDE_ROWS:
-        return 128, num_warps or 8, num_stages or 2
-    return 64, num_warps, num_stages
-
-
 def _longest(cu_seqlens: torch.Tensor) -> int:
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
 
@@ -449,7 +438,11 @@ def _merge_splits(
 _PROGRAMS_PER_SM = 2
 # never split a request's keys into pieces shorter than this many blocks
 _MIN_BLOCKS_PER_SPLIT = 4
-
+# no split at all once there are SMs / _NO_SPLIT_DIVISOR programs or more: on an H200
+# (kernels/NOTES.md, v3) split keys were slower than one pass at 64 and 256 programs (up to 1.8x at
+# B = 32, P = 512, T = 16; one shape, B = 8, P = 16384, T = 16, lost 12% without them) and 1.2-5x faster
+# at 8-32 programs
+_NO_SPLIT_DIVISOR = 4
 
 _SM_COUNT: dict[int, int] = {}
 
@@ -461,5 +454,7 @@ def _default_splits(device: torch.device, programs: int, max_k: int, block_n: in
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     sms = _SM_COUNT[index]
+    if programs * _NO_SPLIT_DIVISOR >= sms:
+        return 1
     wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, max(programs, 1))
     return max(1, min(wanted, triton.cdiv(max_k, block_n * _MIN_BLOCKS_PER_SPLIT)))

@@ -115,16 +115,29 @@ def test_triton_split_keys_match_reference(case, splits):
 
 @pytest.mark.parametrize("case", ["t64", "ragged"])
 def test_triton_default_launch_configuration(case):
-    """Default block shapes (128-row programs once a tree has 128+ rows per key/value head: t64 here)."""
-    from spruce.kernels.tree_attention import _launch_config, tree_attention
+    """Default block shapes and split choice (1 on CPU) against the reference."""
+    from spruce.kernels.tree_attention import tree_attention
 
     prefixes, trees, h, hkv, d = CASES[case]
-    assert _launch_config(max(trees) * (h // hkv), None, None)[0] == (128 if case == "t64" else 64)
     q, k, v, mask, cu_q, cu_k, _ = make_batch(prefixes, trees, h, hkv, d, torch.float32, seed=4)
     out, lse = tree_attention(q, k, v, mask, cu_q, cu_k)
     want, want_lse = tree_attention_reference(q.double(), k.double(), v.double(), mask, cu_q, cu_k)
     assert_close(out.double(), want, atol=TOLERANCE[torch.float32], what=f"{case} output, default launch")
     assert_close(lse.double(), want_lse, atol=TOLERANCE[torch.float32], what=f"{case} lse, default launch")
+
+
+def test_default_key_splits_follow_the_measured_rule(monkeypatch):
+    """Split keys only when programs are scarce (under a quarter of the SMs), into at most enough splits
+    for 2 programs per SM, each at least 4 key blocks long (132 SMs: an H100 / H200)."""
+    from spruce.kernels import tree_attention as ta
+
+    monkeypatch.setitem(ta._SM_COUNT, 0, 132)
+    gpu = torch.device("cuda", 0)
+    assert ta._default_splits(gpu, programs=8, max_k=4112, block_n=64) == 17  # B = 1, T = 16: capped by length
+    assert ta._default_splits(gpu, programs=32, max_k=16448, block_n=64) == 9  # B = 1, T = 64: 2 per SM
+    assert ta._default_splits(gpu, programs=8, max_k=100, block_n=64) == 1  # too short to split
+    assert ta._default_splits(gpu, programs=64, max_k=16448, block_n=64) == 1  # B = 8: enough programs
+    assert ta._default_splits(torch.device("cpu"), programs=1, max_k=16448, block_n=64) == 1
 
 
 @pytest.mark.parametrize("splits", [1, 3])
