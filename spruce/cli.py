@@ -52,6 +52,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--tensor-parallel", type=int, default=_ENGINE.tensor_parallel,
+        help="shard the target over N processes: run under torchrun --nproc-per-node N (rank 0 prints)",
+    )
     _add_model_args(p)
 
 
@@ -85,6 +89,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = _load_engine(args)
     prompt = args.prompt if args.raw else engine.apply_chat_template(args.prompt)
     out = engine.generate(prompt, params, speculation=_speculation(args, engine.default_speculation))[0]
+    if engine.tp is not None and not engine.tp.is_leader:
+        return 0  # every rank computed the same output; rank 0 reports it
     if args.json:
         print(json.dumps(out.to_dict()))
     else:
@@ -124,6 +130,7 @@ def _load_engine(args: argparse.Namespace) -> Engine:
         target=args.target, draft=args.draft, device=args.device, dtype=args.dtype,
         draft_dtype=args.draft_dtype, drafter=args.drafter, trust_remote_code=args.trust_remote_code,
         attention_backend=args.attention_backend, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+        tensor_parallel=getattr(args, "tensor_parallel", 1),
     )
 
 

@@ -209,6 +209,8 @@ class EngineConfig:
     max_batch_size: int = 16
     # a request's context (prompt + output) and each KV slot's size; 0 = the model's context, at most 4096
     max_seq_len: int = 0
+    # the target's weights split over this many processes (``spruce.parallel``; under torchrun)
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -219,6 +221,8 @@ class EngineConfig:
             raise InvalidRequestError(f"draft_dtype must be one of {DTYPES}, got {self.draft_dtype!r}")
         if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
             raise InvalidRequestError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
+        if not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:
+            raise InvalidRequestError(f"tensor_parallel must be an integer >= 1, got {self.tensor_parallel!r}")
         if not isinstance(self.max_seq_len, int) or self.max_seq_len < 0 or self.max_seq_len == 1:
             raise InvalidRequestError(f"max_seq_len must be 0 (the model's) or an integer >= 2, got {self.max_seq_len!r}")
 

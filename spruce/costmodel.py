@@ -162,6 +162,15 @@ class CostCurve:
         self._lock = threading.Lock()
         self.points: dict[int, float] = {}
 
+    def __getstate__(self) -> dict:
+        """A snapshot without the lock (tensor-parallel ranks receive rank 0's curves pickled)."""
+        with self._lock:
+            return {"points": dict(self.points)}
+
+    def __setstate__(self, state: dict) -> None:
+        self._lock = threading.Lock()
+        self.points = state["points"]
+
     def observe(self, size: int, seconds: float) -> None:
         with self._lock:
             old = self.points.get(size)

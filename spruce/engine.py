@@ -44,6 +44,7 @@ from spruce.draft.model_drafter import DraftJob, DraftSampling, DraftState, Mode
 from spruce.draft.ngram import add_ngram_branches
 from spruce.draft.tree import Proposal, TokenTree, path_logprobs
 from spruce.errors import InvalidRequestError
+from spruce import parallel
 from spruce.kvcache import TREE_RESERVE, Segment, SlotKVCache, run_packed
 from spruce.pairing import (
     check_cache_layout,
@@ -110,13 +111,15 @@ class Engine:
         if draft is not None:
             check_pair(target, draft)
         self.config = config or EngineConfig()
+        # tensor parallelism (``spruce.parallel``): rank 0 decides what timings or entropy would decide
+        self.tp = parallel.current(self.config.tensor_parallel)
         self.attention_backend = self._setup_attention(self.config.attention_backend)
         self.eos_ids = eos_ids(target, tokenizer)
         model_context = int(getattr(target.config, "max_position_embeddings", 0) or _DEFAULT_SEQ_LEN)
         self.max_context = min(model_context, self.config.max_seq_len or _DEFAULT_SEQ_LEN)
         # KV pools, allocated once: a slot per running request (+ one for the start-up cost measurement)
         slots, capacity = self.config.max_batch_size + 1, self.max_context + TREE_RESERVE
-        self.kv = SlotKVCache(target, slots, capacity)
+        self.kv = SlotKVCache(target, slots, capacity, shards=self.config.tensor_parallel)
         self.drafter = ModelDrafter(draft, int(target.config.vocab_size), slots, capacity) if draft is not None else None
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
@@ -137,6 +140,7 @@ class Engine:
         attention_backend: str = "auto",
         max_batch_size: int = EngineConfig.max_batch_size,
         max_seq_len: int = EngineConfig.max_seq_len,
+        tensor_parallel: int = EngineConfig.tensor_parallel,
     ) -> Engine:
         """Load target and draft. ``target=None`` and ``draft=None``: the embedded default pair.
 
@@ -147,6 +151,8 @@ class Engine:
         ``attention_backend``: how the target attends over a tree (``spruce.kernels.backend``): auto, sdpa,
         triton, flex or flash. ``max_batch_size`` requests run at once, each with up to ``max_seq_len``
         tokens of context (0: the model's, at most 4096); the KV pools are sized from both.
+        ``tensor_parallel`` > 1: the target is sharded over that many processes (run under torchrun, one
+        process per device; ``spruce.parallel``); the draft is replicated on each.
         """
         from spruce.models import load_causal_lm, load_tokenizer, resolve_model_dir
 
@@ -161,8 +167,10 @@ class Engine:
             attention_backend=attention_backend,
             max_batch_size=max_batch_size,
             max_seq_len=max_seq_len,
+            tensor_parallel=tensor_parallel,
         )
-        dev = torch.device(device)
+        tp = parallel.init_tensor_parallel(tensor_parallel, device)
+        dev = torch.device(device, torch.cuda.current_device()) if tp is not None and device == "cuda" else torch.device(device)
         target_dir = resolve_model_dir(target, "target")
         draft_dir = None
         if drafter != "ngram":
@@ -171,7 +179,11 @@ class Engine:
             elif target is None:
                 draft_dir = resolve_model_dir(None, "draft")
         tokenizer = load_tokenizer(target_dir, trust_remote_code)
-        target_model = load_causal_lm(target_dir, torch_dtype(dtype), dev, trust_remote_code)
+        if tp is not None:
+            from transformers import AutoConfig
+
+            parallel.check_shardable(AutoConfig.from_pretrained(target_dir, trust_remote_code=trust_remote_code), tensor_parallel)
+        target_model = load_causal_lm(target_dir, torch_dtype(dtype), dev, trust_remote_code, tensor_parallel=tp is not None)
         draft_model = None
         if draft_dir is not None:
             chosen = draft_dtype or pick_draft_dtype(dev, dtype, draft_dir)
@@ -334,7 +346,10 @@ class Engine:
         if spec is not None:
             _check_tree_room(spec)
         limit = min(params.max_tokens, self.max_context - len(prompt_ids))
-        generator = _generator(params.seed)
+        seed = params.seed
+        if seed is None and self.tp is not None and not params.greedy:
+            seed = self.tp.fresh_seed()  # every rank must draw the same tokens
+        generator = _generator(seed)
         req = Request(
             prompt_ids=list(prompt_ids),
             params=params,
@@ -498,6 +513,10 @@ class Engine:
         self.planner.begin_step(reqs)
         specs = [self._step_spec(r, batch) for r in reqs]
         self.planner.end_step()
+        if self.tp is not None:  # the plan rests on timings, which differ between ranks: rank 0's holds
+            specs, policies = self.tp.broadcast((specs, [r.policy for r in reqs]))
+            for r, policy in zip(reqs, policies):
+                r.policy = policy
         proposals = self._propose(reqs, specs)
         t1 = time.perf_counter()
         segments = [self._verify_segment(r, prop.tree) for r, prop in zip(reqs, proposals)]

@@ -84,10 +84,12 @@ class BatchAttention:
 class SlotKVCache:
     """The KV pool of one model: ``num_slots`` slots of ``capacity`` positions each."""
 
-    def __init__(self, model: PreTrainedModel, num_slots: int, capacity: int) -> None:
+    def __init__(self, model: PreTrainedModel, num_slots: int, capacity: int, shards: int = 1) -> None:
+        """``shards``: the model's heads are split over that many tensor-parallel ranks; this rank's pool
+        holds its share of the key/value heads."""
         cfg = model.config
         layers = int(cfg.num_hidden_layers)
-        heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) // shards
         head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         if num_slots < 1 or capacity < 2:
             raise ValueError(f"a KV pool needs at least 1 slot and 2 positions, got {num_slots} x {capacity}")

@@ -210,25 +210,32 @@ def resolve_model_dir(spec: str | os.PathLike[str] | None, role: str) -> Path:
     )
 
 
-def load_causal_lm(model_dir: Path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False):
+def load_causal_lm(
+    model_dir: Path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, tensor_parallel: bool = False
+):
     """Load a causal LM for inference (eval mode, no grad) with the SDPA attention implementation.
 
     On CPU its linear layers take the small-rows fast path (``spruce.kernels.cpu_linear``).
+    ``tensor_parallel``: shard it over the running process group with transformers' plan for the
+    architecture (``spruce.parallel``); the shards are placed by the plan, on this rank's device.
     """
     from transformers import AutoModelForCausalLM
 
     from spruce.kernels.cpu_linear import use_small_rows_linear
 
+    extra: dict = {"tp_plan": "auto"} if tensor_parallel else {}
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         dtype=dtype,
         attn_implementation="sdpa",
         trust_remote_code=trust_remote_code,
         local_files_only=True,
+        **extra,
     )
-    model.to(device)  # type: ignore[arg-type]  # transformers' decorator hides the signature
+    if not tensor_parallel:
+        model.to(device)  # type: ignore[arg-type]  # transformers' decorator hides the signature
     model.eval().requires_grad_(False)
-    if device.type == "cpu":
+    if device.type == "cpu" and not tensor_parallel:  # the fast path knows plain tensors, not shards
         use_small_rows_linear(model)
     return model
 
