@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from spruce.errors import InvalidRequestError, NotFoundError, OverloadedError, UnavailableError
+from spruce.errors import DeadlineExceededError, InvalidRequestError, NotFoundError, OverloadedError, UnavailableError
 from spruce.server import convert
 from spruce.server._gen.spruce.v1 import spruce_pb2 as pb
 from spruce.server._gen.spruce.v1 import spruce_pb2_grpc as pb_grpc
@@ -25,6 +25,7 @@ STATUS = {
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
     # an RPC a service does not serve (generated stubs raise it too)
     NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
 }

@@ -23,11 +23,14 @@ from spruce.server.metrics import Metrics
 
 from spruce.config import SamplingParams, SpeculationConfig
 from spruce.engine import DEFAULT, Engine, StreamEvent
-from spruce.errors import InvalidRequestError, OverloadedError
+from spruce.errors import DeadlineExceededError, InvalidRequestError, OverloadedError
 from spruce.stats import SpecStats
 from spruce.stopping import FINISH_ABORT
 
 log = logging.getLogger(__name__)
+
+# seconds between two steps of an idle tensor-parallel server (``spruce.parallel``)
+TP_IDLE_STEP_S = 1.0
 
 @dataclass
 class Job:
@@ -51,7 +54,10 @@ class Job:
         self.last_token = self.arrival
 
     def should_stop(self) -> bool:
-        return self.cancel.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
+        return self.cancel.is_set() or self.past_deadline()
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
 
 
 @dataclass
@@ -124,6 +130,11 @@ class EngineWorker:
             item = job.events.get()
             if item.error is not None:
                 raise item.error
+            if item.output is not None and item.output.finish_reason == FINISH_ABORT and job.past_deadline():
+                # stopped by its deadline: the caller gets the deadline's error, not a short answer
+                raise DeadlineExceededError(
+                    f"the request's deadline passed after {len(item.output.token_ids)} generated tokens"
+                )
             yield item
             if item.output is not None:
                 return
@@ -170,8 +181,12 @@ class EngineWorker:
         while True:
             with self._lock:
                 while not self.engine.has_work() and not self._stopping:
+                    if self.engine.tp is not None:  # an idle step keeps the other ranks' collectives alive
+                        self._wake.wait(timeout=TP_IDLE_STEP_S)
+                        break
                     self._wake.wait()
                 if self._stopping:
+                    self.engine.finish()  # tensor parallelism: the other ranks' ``follow`` returns
                     return
             try:
                 events = self.engine.step()

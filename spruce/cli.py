@@ -52,11 +52,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_tensor_parallel(p)
+    _add_model_args(p)
+
+
+def _add_tensor_parallel(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tensor-parallel", type=int, default=_ENGINE.tensor_parallel,
-        help="shard the target over N processes: run under torchrun --nproc-per-node N (rank 0 prints)",
+        help="shard the target over N processes: run under torchrun --nproc-per-node N (rank 0 serves / prints)",
     )
-    _add_model_args(p)
 
 
 def _tree_paths(text: str) -> tuple[tuple[int, ...], ...]:
@@ -87,10 +91,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
     )
     engine = _load_engine(args)
-    prompt = args.prompt if args.raw else engine.apply_chat_template(args.prompt)
-    out = engine.generate(prompt, params, speculation=_speculation(args, engine.default_speculation))[0]
     if engine.tp is not None and not engine.tp.is_leader:
-        return 0  # every rank computed the same output; rank 0 reports it
+        engine.follow()  # rank 0 takes the request and reports; this rank holds its shard
+        return 0
+    prompt = args.prompt if args.raw else engine.apply_chat_template(args.prompt)
+    try:
+        out = engine.generate(prompt, params, speculation=_speculation(args, engine.default_speculation))[0]
+    finally:
+        engine.finish()
     if args.json:
         print(json.dumps(out.to_dict()))
     else:
@@ -138,6 +146,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     d = ServeConfig()
     p = sub.add_parser("serve", help="serve the models over gRPC (spruce.v1 and KServe v2) with metrics")
     _add_model_args(p)
+    _add_tensor_parallel(p)
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port, help="gRPC port")
     p.add_argument("--http-port", type=int, default=d.http_port, help="Prometheus /metrics port (0: off)")
@@ -167,6 +176,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         auth_token=token, tls_cert=args.tls_cert, tls_key=args.tls_key,
     )
 
+    if args.tensor_parallel > 1 and int(os.environ.get("RANK", "0")) != 0:
+        import signal
+
+        # rank 0 serves and drains on SIGTERM, then releases this rank (``Engine.finish``); leaving first
+        # would break the collectives of the requests it is draining
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _load_engine(args).follow()  # this rank holds its shard and mirrors rank 0's steps
+        return 0
     return serve_forever(lambda: _load_engine(args), config)
 
 

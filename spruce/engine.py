@@ -17,7 +17,9 @@ whether the request runs alone or batched (up to float rounding of batched matmu
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -124,6 +126,13 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._lock = threading.Lock()
+        # tensor parallelism: rank 0's requests not yet announced to the other ranks (the next ``step``
+        # does), every rank's requests by their announced key, and whether rank 0 has finished
+        self._tp_outbox: list[tuple[Request, tuple]] = []
+        self._tp_by_key: dict[int, Request] = {}
+        self._tp_keys = itertools.count()
+        self._tp_closing = False
+        self.tp_done = False
         # adaptive speculation: what the engine measures, and each step's plan (``spruce.planner``)
         self.planner = Planner(target, self.kv, self.drafter, self.attention_backend)
 
@@ -331,9 +340,12 @@ class Engine:
         spec: SpeculationConfig | None,
         should_stop: Callable[[], bool] | None = None,
         text_deltas: bool = True,
+        _announced: bool = False,
+        _seed: int | None = None,
     ) -> Request:
         """Queue a request already encoded (``encode``) and resolved (``resolve_speculation``); ``step``
         admits it when a KV slot is free. Thread-safe (the server adds while its worker steps).
+        (``_announced`` / ``_seed``: a tensor-parallel rank other than 0 adding rank 0's request.)
 
         ``should_stop`` is asked before each step (a cancelled client, an Abort, a deadline): when it
         returns True the request ends with finish reason "abort" and its KV slots are freed.
@@ -346,9 +358,9 @@ class Engine:
         if spec is not None:
             _check_tree_room(spec)
         limit = min(params.max_tokens, self.max_context - len(prompt_ids))
-        seed = params.seed
+        seed = _seed if _announced else params.seed
         if seed is None and self.tp is not None and not params.greedy:
-            seed = self.tp.fresh_seed()  # every rank must draw the same tokens
+            seed = secrets.randbits(63)  # drawn here, announced with the request: every rank samples alike
         generator = _generator(seed)
         req = Request(
             prompt_ids=list(prompt_ids),
@@ -364,7 +376,10 @@ class Engine:
             text_deltas=text_deltas,
         )
         with self._lock:
-            self._waiting.append(req)
+            if self.tp is None or _announced:
+                self._waiting.append(req)
+            else:  # rank 0: queued at the next step, together with the other ranks
+                self._tp_outbox.append((req, (list(prompt_ids), params, spec, text_deltas, seed)))
         return req
 
     @property
@@ -376,7 +391,7 @@ class Engine:
         return len(self._running)
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._waiting or self._running or self._tp_outbox)
 
     def kv_usage(self) -> dict[str, int]:
         """The target's KV pool: slots and positions in use (the calibration slot excluded)."""
@@ -394,10 +409,14 @@ class Engine:
         events: list[tuple[Request, StreamEvent]] = []
         with self._lock:  # add_request may append from another thread
             current = [*self._running, *self._waiting]
-        for req in current:
-            if req.should_stop is not None and req.should_stop():
-                req.stopper.abort()
-                events.append((req, self._finish(req)))
+        stops = [req for req in current if req.should_stop is not None and req.should_stop()]
+        if self.tp is not None:
+            stops = self._tp_sync(stops)
+            if self.tp_done:
+                return events
+        for req in stops:
+            req.stopper.abort()
+            events.append((req, self._finish(req)))
         self._admit()
         running = [r for r in self._running if r.stopper.finish_reason is None]
         if running:
@@ -412,6 +431,48 @@ class Engine:
                 events.append((req, StreamEvent(req.stopper.generated[req.sent_tokens :], text[len(req.sent_text) :])))
                 req.sent_tokens, req.sent_text = len(req.stopper.generated), text
         return events
+
+    # ---- tensor parallelism: every rank steps in lockstep on rank 0's requests -----------------------
+
+    def _tp_sync(self, stops: list[Request]) -> list[Request]:
+        """The start of a tensor-parallel step: rank 0 announces the requests added since the last step
+        (with their seeds) and the ones to stop (its own clients' decisions); every rank queues and stops
+        the same ones. Returns the requests to stop on this rank."""
+        assert self.tp is not None
+        if self.tp.is_leader:
+            with self._lock:
+                outbox, self._tp_outbox = self._tp_outbox, []
+                for req, _ in outbox:
+                    req.tp_key = next(self._tp_keys)
+                    self._tp_by_key[req.tp_key] = req
+                    self._waiting.append(req)
+            payload = ([(r.tp_key, d) for r, d in outbox], [r.tp_key for r in stops], self._tp_closing)
+            self.tp.broadcast(payload)
+        else:
+            announced, stop_keys, closing = self.tp.broadcast(None)
+            for key, (prompt_ids, params, spec, text_deltas, seed) in announced:
+                req = self.add_request(prompt_ids, params, spec, None, text_deltas, _announced=True, _seed=seed)
+                req.tp_key = key
+                self._tp_by_key[key] = req
+            stops = [self._tp_by_key[k] for k in stop_keys if k in self._tp_by_key]
+            self.tp_done = closing
+        if self._tp_closing:
+            self.tp_done = True
+        return stops
+
+    def follow(self) -> None:
+        """A tensor-parallel rank other than 0: run rank 0's steps until it finishes (``finish``)."""
+        if self.tp is None or self.tp.is_leader:
+            raise RuntimeError("follow() is for tensor-parallel ranks other than 0")
+        while not self.tp_done:
+            self.step()
+
+    def finish(self) -> None:
+        """Rank 0 of a tensor-parallel engine: release the other ranks (their ``follow`` returns); a
+        no-op without tensor parallelism."""
+        if self.tp is not None and self.tp.is_leader and not self.tp_done:
+            self._tp_closing = True
+            self.step()
 
     def abort(self, req: Request) -> None:
         """End a request at the next ``step`` (finish reason "abort")."""
@@ -491,6 +552,7 @@ class Engine:
         return event
 
     def _release(self, req: Request) -> None:
+        self._tp_by_key.pop(req.tp_key, None)
         with self._lock:
             if req in self._running:
                 self._running.remove(req)
@@ -687,6 +749,8 @@ class Request:
     # whether the cost model picks this request's trees
     adaptive: bool = False
     should_stop: Callable[[], bool] | None = None
+    # tensor parallelism: the key rank 0 announced the request under (-1: not announced)
+    tp_key: int = -1
     text_deltas: bool = True
     stats: SpecStats = field(default_factory=SpecStats)
     # KV: the target's slot and the draft's state (its own slot), while admitted

@@ -29,3 +29,7 @@ class NotFoundError(SpruceError, LookupError):
 
 class UnavailableError(SpruceError):
     """The server cannot take requests right now (models loading, shutting down)."""
+
+
+class DeadlineExceededError(SpruceError, TimeoutError):
+    """The request's deadline passed before it finished (it was stopped, its KV freed)."""

@@ -223,7 +223,14 @@ def load_causal_lm(
 
     from spruce.kernels.cpu_linear import use_small_rows_linear
 
-    extra: dict = {"tp_plan": "auto"} if tensor_parallel else {}
+    extra: dict = {}
+    if tensor_parallel:
+        try:  # transformers >= 5.18 takes the plan in a DistributedConfig
+            from transformers import DistributedConfig
+
+            extra["distributed_config"] = DistributedConfig(tp_plan="auto")
+        except ImportError:
+            extra["tp_plan"] = "auto"
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         dtype=dtype,

@@ -2,17 +2,18 @@
 tensor-parallel plan over ``torch.distributed``; gloo on CPUs, NCCL on GPUs), launched with
 ``torchrun --nproc-per-node N``.
 
-Every process runs the same engine on the same requests in lockstep: the sharded target's passes are
-collective (each layer all-reduces), and everything else is computed identically on every rank (the
-draft model is replicated). The two things that could differ between ranks are decided by rank 0 and
-broadcast: each step's tree plan (the cost model times passes, and timings differ) and a request's
-fresh sampling seed (drawn from the OS when the request gives none). Rank 0 reports the output.
+Rank 0 takes the requests (``generate``, or the server); every other rank runs ``Engine.follow``: the
+same engine steps in lockstep. Each step starts with rank 0 announcing the requests added since the last
+one (with the sampling seed it drew for those that gave none) and the ones to stop (its clients'
+cancellations and deadlines); the sharded target's passes are collective (each layer all-reduces) and
+everything else is computed identically on every rank (the draft model is replicated), except each
+step's tree plan, which rests on timings and is broadcast from rank 0 too. An idle server steps once a
+second so that the other ranks' collectives never time out; ``Engine.finish`` releases them.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,10 +38,6 @@ class TensorParallel:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
-
-    def fresh_seed(self) -> int:
-        """A seed for a request that gave none, the same on every rank."""
-        return int(self.broadcast(secrets.randbits(63)))
 
 
 def init_tensor_parallel(size: int, device: str) -> TensorParallel | None:

@@ -81,3 +81,80 @@ def test_tensor_parallel_needs_a_launcher_and_shardable_heads(model_dirs):
 
     with pytest.raises(InvalidRequestError, match="must both divide by 2"):
         check_shardable(odd.config, 2)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_server_answers_like_one_process(model_dirs):
+    """``spruce serve --tensor-parallel 2`` under torchrun: rank 0 serves gRPC, rank 1 follows. Concurrent
+    requests (greedy and seeded sampling) equal the single-process engine's, a cancelled stream ends
+    alone, an idle gap (the idle steps) changes nothing, and SIGTERM drains and stops both ranks."""
+    import signal
+    import socket
+    import threading
+    import time
+
+    import grpc
+
+    from spruce.server._gen.spruce.v1 import spruce_pb2 as pb
+    from spruce.server._gen.spruce.v1 import spruce_pb2_grpc as pb_grpc
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "spruce", "serve", "--tensor-parallel", "2", "--target", str(model_dirs / "target"),
+        "--draft", str(model_dirs / "draft"), "--draft-dtype", "float32", "--host", "127.0.0.1",
+        "--port", str(port), "--http-port", "0", "--max-batch-size", "4", "--grace-s", "5",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    engine = Engine.from_pretrained(target=model_dirs / "target", draft=model_dirs / "draft", draft_dtype="float32")
+    cases = [
+        ("trees grow", SamplingParams(max_tokens=14)),
+        ("abc abc abc", SamplingParams(max_tokens=10, temperature=0.7, seed=5)),
+        ("slow roots", SamplingParams(max_tokens=12)),
+    ]
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.SpruceServiceStub(channel)
+        grpc.channel_ready_future(channel).result(timeout=120)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "the tensor-parallel server did not load"
+                time.sleep(0.5)
+
+        def ask(text: str, params: SamplingParams) -> list[int]:
+            sampling = pb.SamplingOptions(max_tokens=params.max_tokens, temperature=params.temperature, top_p=1.0)
+            if params.seed is not None:
+                sampling.seed = params.seed
+            return list(stub.Generate(pb.GenerateRequest(text=text, sampling=sampling), timeout=300).token_ids)
+
+        got: dict[int, list[int]] = {}
+        threads = [threading.Thread(target=lambda i=i, c=c: got.__setitem__(i, ask(*c))) for i, c in enumerate(cases)]
+        stream = stub.GenerateStream(pb.GenerateRequest(text="cancel me", sampling=pb.SamplingOptions(max_tokens=200, ignore_eos=True)))
+        for t in threads:
+            t.start()
+        next(stream)
+        stream.cancel()
+        for t in threads:
+            t.join(timeout=300)
+        want = [engine.generate(text, params)[0].token_ids for text, params in cases]
+        assert [got[i] for i in range(len(cases))] == want
+        time.sleep(2.5)  # idle: rank 0 steps once a second to keep rank 1's collectives alive
+        assert ask(*cases[0]) == want[0]
+        channel.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            raise AssertionError(f"the tensor-parallel server did not stop on SIGTERM:\n{out[-3000:]}") from None
+    # torchrun itself exits 1 on SIGTERM ("got signal: 15"); the ranks must have ended without an error
+    assert "[rank0]" not in out and "[rank1]" not in out, out[-3000:]
+    assert "got signal: 15" in out
