@@ -39,6 +39,8 @@ MAX_RANK = 8
 PRIOR_RATE = 0.6
 PRIOR_DECAY = 0.4
 PRIOR_WEIGHT = 4.0
+# n-gram proposals: the prior of P(token accepted | parent accepted) before any is measured
+NGRAM_PRIOR_RATE = 0.3
 # Levels the expansion decision looks ahead.
 LOOKAHEAD = 4
 # Buckets of draft path probability for the confidence calibration (0-0.1, ..., 0.9-1).
@@ -311,6 +313,24 @@ def choose_tree_size(
         if rate > best_rate:
             best_n, best_rate = n, rate
     return best_n
+
+
+def choose_ngram_budget(
+    # P(an n-gram token is accepted | its parent was): the request's measured rate
+    rate: float,
+    max_budget: int,
+    verify_cost: PassCost,
+    margin: float = 0.0,
+) -> int:
+    """How many n-gram tokens to verify when no draft model runs this step: a continuation's d-th token
+    lands with probability rate^d, and k tokens cost a pass of k + 1; the k maximizing expected tokens
+    per second, if it beats plain decoding by ``margin`` (else 0). The lookup itself costs nothing."""
+    probs = [rate**d for d in range(1, max_budget + 1)]
+    k = choose_tree_size(probs, 0.0, verify_cost)
+    if k == 0:
+        return 0
+    planned = (1.0 + sum(probs[:k])) / verify_cost(k + 1)
+    return k if planned >= (1.0 + margin) / verify_cost(1) else 0
 
 
 def worth_catching_up(

@@ -637,6 +637,8 @@ class Engine:
                 on_path = torch.zeros(req.model_nodes, dtype=torch.bool)
                 on_path[[n for n in accepted_nodes if n < req.model_nodes]] = True
                 self.planner.profile.record_confidence(path_logprobs(tree)[1 : req.model_nodes].exp(), on_path[1:])
+        if tree.num_nodes > max(req.model_nodes, 1):  # n-gram branches were verified
+            self.planner.record_ngram(req, tree, accepted_nodes, req.model_nodes)
         emitted = result.emitted_tokens()
         kept = req.stopper.extend(emitted)
         req.tokens.extend(emitted[:kept])
@@ -767,6 +769,9 @@ class Request:
     output: GenerationOutput | None = None
     # this step's model tree: its node count (0: none, the draft slot needs no commit)
     model_nodes: int = 0
+    # n-gram proposals of this request: tried (parent accepted) and accepted (``Planner.record_ngram``)
+    ngram_tried: int = 0
+    ngram_accepted: int = 0
     # this step's decisions for a dynamic tree (adaptive speculation)
     policy: StepPolicy | None = None
 

@@ -18,11 +18,14 @@ import torch
 from spruce.config import SpeculationConfig
 from spruce.costmodel import (
     COST_EMA,
+    NGRAM_PRIOR_RATE,
     PLAN_MARGIN,
+    PRIOR_WEIGHT,
     AcceptanceProfile,
     CostCurve,
     StepPolicy,
     TreePlan,
+    choose_ngram_budget,
     plan_tree,
     worth_catching_up,
 )
@@ -63,6 +66,9 @@ class Planner:
         self._drafted_this_step = False
         # the one request that drafts on an exploration step
         self._explorer: Any = None
+        # n-gram proposals over all requests: those tried (their parent was accepted) and accepted
+        self.ngram_tried = 0.0
+        self.ngram_accepted = 0.0
         # this step's acceptance rates and confidence calibration (the profile changes only at commit)
         self._step_profile: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -112,7 +118,7 @@ class Planner:
         """
         fixed = dataclasses.replace(spec, adaptive=False)
         if not (spec.uses_model and self.drafter is not None):
-            return fixed  # the n-gram drafter costs no draft passes; its budget stays as configured
+            return self._ngram_only(req, fixed, batch) if spec.uses_ngram else fixed
         if not self.draft_costs.known:
             self.calibrate(fixed)
         if self._step_profile is None:
@@ -136,11 +142,35 @@ class Planner:
         self._drafted_this_step |= budget > 0
         req.stats.record_plan(budget)
         if budget == 0:
-            return dataclasses.replace(fixed, drafter="ngram") if spec.uses_ngram else None
+            return self._ngram_only(req, fixed, batch) if spec.uses_ngram else None
         if req.sampling is not None and spec.sampled_children:
             return dataclasses.replace(fixed, depth=plan.depth, top_k=plan.top_k, budget=plan.budget)
         req.policy = StepPolicy(calibration, rates, verify, draft)
         return dataclasses.replace(fixed, top_k=plan.top_k)
+
+    def _ngram_only(self, req: Any, spec: SpeculationConfig, batch: int) -> SpeculationConfig | None:
+        """No draft model this step: the n-gram tokens worth verifying, from the request's measured
+        n-gram acceptance (shrunk toward all requests') and the verify curve at this batch size; None
+        (plain decoding) when none pays."""
+        if not self.verify_costs.known:
+            return dataclasses.replace(spec, drafter="ngram")  # nothing measured yet: as configured
+        k = choose_ngram_budget(self.ngram_rate(req), spec.ngram_budget, _BatchCurve(self.verify_costs, batch), PLAN_MARGIN)
+        return dataclasses.replace(spec, drafter="ngram", ngram_budget=k) if k else None
+
+    def ngram_rate(self, req: Any) -> float:
+        pooled = (self.ngram_accepted + PRIOR_WEIGHT * NGRAM_PRIOR_RATE) / (self.ngram_tried + PRIOR_WEIGHT)
+        return (req.ngram_accepted + PRIOR_WEIGHT * pooled) / (req.ngram_tried + PRIOR_WEIGHT)
+
+    def record_ngram(self, req: Any, tree: TokenTree, accepted_nodes: list[int], first: int) -> None:
+        """Count the n-gram nodes (indices ``first`` on) whose parent was accepted, and those accepted."""
+        on_path = set(accepted_nodes)
+        parents = tree.parents.tolist()
+        tried = [n for n in range(max(first, 1), tree.num_nodes) if parents[n] in on_path]
+        hits = sum(n in on_path for n in tried)
+        req.ngram_tried += len(tried)
+        req.ngram_accepted += hits
+        self.ngram_tried += len(tried)
+        self.ngram_accepted += hits
 
     def draft_curve(self, batch: int) -> CostCurve:
         """The draft's seconds by levels at this batch size (the nearest measured size until this one is)."""

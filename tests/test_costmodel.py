@@ -19,6 +19,7 @@ from spruce.costmodel import (
     CostCurve,
     best_shape,
     StepPolicy,
+    choose_ngram_budget,
     choose_tree_size,
     plan_tree,
 )
@@ -330,3 +331,45 @@ def test_under_load_adaptive_plans_shrink_to_plain_decoding(tiny_target, tiny_dr
     drafted = sum(n for out in batch for budget, n in out.stats.steps_by_planned_budget.items() if budget > 0)
     assert drafted <= engine_steps // 16 + 1  # one request on an exploration step
     assert all(out.stats.steps_by_planned_budget.get(0, 0) >= out.stats.steps - 2 for out in batch)
+
+
+def test_ngram_budget_follows_acceptance_and_verify_cost():
+    flat, steep = CostCurve(), CostCurve()
+    for size in range(1, 9):
+        flat.observe(size, 1.0)
+        steep.observe(size, float(size))
+    assert choose_ngram_budget(0.9, 4, flat) == 4  # free tokens that land: all of them
+    assert choose_ngram_budget(0.0, 4, flat) == 0  # tokens that never land: none
+    assert choose_ngram_budget(0.9, 4, steep) == 0  # each token costs a pass: plain decoding wins
+    # a token that barely pays: (1 + 0.12) / 1.05 is 6.7% better than plain decoding, under a 10% margin
+    barely = CostCurve()
+    barely.observe(1, 1.0)
+    barely.observe(2, 1.05)
+    assert choose_ngram_budget(0.12, 1, barely) == 1
+    assert choose_ngram_budget(0.12, 1, barely, margin=0.1) == 0
+
+
+def test_ngram_drafting_adapts_per_request(tiny_target, tokenizer):
+    """Adaptive n-gram speculation (no draft model): a request whose n-gram proposals keep landing keeps
+    them; one whose proposals never land decodes plainly once that is measured. Output stays lossless."""
+    from spruce.config import EngineConfig
+
+    engine = Engine(tiny_target, tokenizer, None, EngineConfig(drafter="ngram"))
+    for size in range(1, 9):
+        engine.verify_costs.observe(size, 0.01 * (1 + 0.05 * (size - 1)))
+    spec = SpeculationConfig(drafter="ngram", ngram_budget=4, adaptive=True)
+    planner = engine.planner
+
+    class Req:  # what the planner reads of a request
+        def __init__(self, tried: int, accepted: int) -> None:
+            self.ngram_tried, self.ngram_accepted = tried, accepted
+
+    good, bad = Req(40, 36), Req(40, 0)
+    assert planner.plan(good, spec, 1).ngram_budget == 4
+    assert planner.plan(bad, spec, 1) is None
+    # end to end: equal to plain decoding whatever the plan chose
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    prompt = [5, 6, 7, 8] * 6
+    want = engine.generate([prompt], params, None)[0].token_ids
+    assert engine.generate([prompt], params, spec)[0].token_ids == want
+    assert planner.ngram_tried >= 0 and planner.ngram_accepted <= planner.ngram_tried
