@@ -321,16 +321,20 @@ def choose_ngram_budget(
     max_budget: int,
     verify_cost: PassCost,
     margin: float = 0.0,
+    # the step without n-gram tokens: its expected tokens, verified draft nodes and draft seconds
+    # (plain decoding by default: 1 token, no node, no draft)
+    base_tokens: float = 1.0,
+    base_nodes: int = 0,
+    draft_seconds: float = 0.0,
 ) -> int:
-    """How many n-gram tokens to verify when no draft model runs this step: a continuation's d-th token
-    lands with probability rate^d, and k tokens cost a pass of k + 1; the k maximizing expected tokens
-    per second, if it beats plain decoding by ``margin`` (else 0). The lookup itself costs nothing."""
-    probs = [rate**d for d in range(1, max_budget + 1)]
-    k = choose_tree_size(probs, 0.0, verify_cost)
-    if k == 0:
-        return 0
-    planned = (1.0 + sum(probs[:k])) / verify_cost(k + 1)
-    return k if planned >= (1.0 + margin) / verify_cost(1) else 0
+    """How many n-gram tokens to add to a step: a continuation's d-th token lands with probability
+    rate^d, and k more tokens make the pass k longer; the k maximizing expected tokens per second, if it
+    beats the step without them by ``margin`` (else 0). The lookup itself costs nothing."""
+    def value(k: int) -> float:
+        return (base_tokens + sum(rate**d for d in range(1, k + 1))) / (draft_seconds + verify_cost(base_nodes + k + 1))
+
+    best = max(range(max_budget + 1), key=value)
+    return best if best and value(best) >= (1.0 + margin) * value(0) else 0
 
 
 def worth_catching_up(

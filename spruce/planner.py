@@ -143,6 +143,11 @@ class Planner:
         req.stats.record_plan(budget)
         if budget == 0:
             return self._ngram_only(req, fixed, batch) if spec.uses_ngram else None
+        if spec.uses_ngram:  # n-gram tokens on top of the model's tree: only as many as pay for their pass
+            k = choose_ngram_budget(
+                self.ngram_rate(req), spec.ngram_budget, verify, PLAN_MARGIN, plan.expected_tokens, plan.budget, draft(plan.depth)
+            )
+            fixed = dataclasses.replace(fixed, ngram_budget=k) if k else dataclasses.replace(fixed, drafter="model")
         if req.sampling is not None and spec.sampled_children:
             return dataclasses.replace(fixed, depth=plan.depth, top_k=plan.top_k, budget=plan.budget)
         req.policy = StepPolicy(calibration, rates, verify, draft)

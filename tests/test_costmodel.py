@@ -373,3 +373,15 @@ def test_ngram_drafting_adapts_per_request(tiny_target, tokenizer):
     want = engine.generate([prompt], params, None)[0].token_ids
     assert engine.generate([prompt], params, spec)[0].token_ids == want
     assert planner.ngram_tried >= 0 and planner.ngram_accepted <= planner.ngram_tried
+
+
+@pytest.mark.parametrize("ngram_hits", [0, 1000])
+def test_adaptive_model_and_ngram_drafting_is_lossless_either_way(tiny_target, tiny_draft, tokenizer, ngram_hits):
+    """drafter "both" under the cost model: with n-gram proposals that never land the plan drops them
+    (the model's tree alone), with ones that always land it keeps them; the output is plain decoding's."""
+    engine = Engine(tiny_target, tokenizer, tiny_draft)
+    engine.planner.ngram_tried, engine.planner.ngram_accepted = 1000.0, float(ngram_hits)
+    spec = SpeculationConfig(drafter="both", depth=3, top_k=2, budget=4, ngram_budget=3, adaptive=True)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    prompt = [9, 8, 7, 6, 5] * 4
+    assert engine.generate([prompt], params, spec)[0].token_ids == engine.generate([prompt], params, None)[0].token_ids
