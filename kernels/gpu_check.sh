@@ -2,7 +2,7 @@
 # The one prepared call for a lent GPU (device tool): install spruce without touching the image's
 # packages, then the tree-kernel grid, the engine-level profile, and the launch-configuration sweep,
 # each under its own time limit so that one part running long or failing still returns the others.
-#   device run:  bash kernels/gpu_check.sh        (writes under $OUT; ~4 minutes on an H200; SWEEP=1 adds
+#   device run:  bash kernels/gpu_check.sh        (writes under $OUT; ~6 minutes on an H200; SWEEP=1 adds
 #                the launch-configuration sweep, ~1 minute; PROFILE=0 skips the engine-level profile)
 set -u
 OUT=${OUT:-out}
@@ -25,7 +25,7 @@ if ! (cd /tmp && python3 -c "import spruce.kernels.bench, spruce.evals.gpu_profi
   export PYTHONPATH=/tmp/shim
 fi
 echo "== kernels grid" | tee -a "$log"
-timeout 150 python3 -m spruce.kernels.bench --out "$OUT/kernels.json" 2>&1 | tee -a "$log" | grep -v '^{' 
+timeout 210 python3 -m spruce.kernels.bench --out "$OUT/kernels.json" 2>&1 | tee -a "$log" | grep -v '^{' 
 if [ "${PROFILE:-1}" = 1 ]; then
   echo "== engine-level profile" | tee -a "$log"
   timeout 170 python3 -m spruce.evals.gpu_profile --out "$OUT/gpu_profile.json" \
