@@ -200,7 +200,9 @@ def copy_bandwidth_gbs(device: str) -> float:
     return 2 * n / (ms * 1e-3) / 1e9
 
 
-def run(shapes: list[tuple[int, int, int]], device: str, h: int, hkv: int, d: int) -> dict:
+def run(shapes: list[tuple[int, int, int]], device: str, h: int, hkv: int, d: int, partial: str | None = None) -> dict:
+    """Every shape's row; with ``partial``, the rows so far are rewritten there after each shape (a run cut
+    by its time limit still leaves them)."""
     dtype = torch.bfloat16
     rows = []
     for b, p, t in shapes:
@@ -230,6 +232,9 @@ def run(shapes: list[tuple[int, int, int]], device: str, h: int, hkv: int, d: in
             "kv_gbs": {name: kv_bytes / (m * 1e-3) / 1e9 for name, m in ms.items()},
         })
         print(json.dumps(rows[-1]), flush=True)
+        if partial:
+            with open(partial, "w") as f:
+                json.dump({"rows": rows, "partial": True}, f, indent=1)
         del x, fns
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -334,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("no GPU: use --smoke for a CPU check of the script")
         shapes = [] if args.no_grid else [(b, p, t) for b in GRID["B"] for p in GRID["P"] for t in GRID["T"]]
         device, h, hkv, d = "cuda", HEADS, KV_HEADS, HEAD_DIM
-    report = run(shapes, device, h, hkv, d)
+    report = run(shapes, device, h, hkv, d, partial=args.out)
     if args.sweep:
         report["sweep"] = sweep(device, h, hkv, d, *(([(2, 40, 16)], SWEEP[:2]) if args.smoke else ()))
     report["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
