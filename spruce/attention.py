@@ -133,8 +133,20 @@ def gathered_kernel_attention(query: torch.Tensor, key: torch.Tensor, value: tor
     assert meta.cu_seqlens_q is not None and meta.cu_seqlens_k is not None
     k = torch.cat([key[slot, :, :length].transpose(0, 1) for _, _, slot, length, _ in meta.parts])
     v = torch.cat([value[slot, :, :length].transpose(0, 1) for _, _, slot, length, _ in meta.parts])
+    q = query[0].transpose(0, 1)
+    if meta.kernel == "flex":  # its block mask depends on the pass's layout only: built once per pass
+        from spruce.kernels.flex_backend import flex_tree_attention, tree_block_mask
+
+        if "flex_block_mask" not in meta.derived:
+            meta.derived["flex_block_mask"] = tree_block_mask(
+                meta.tree_mask, meta.cu_seqlens_q, meta.cu_seqlens_k, q.shape[0], k.shape[0], q.device
+            )
+        out, _ = flex_tree_attention(
+            q, k, v, meta.tree_mask, meta.cu_seqlens_q, meta.cu_seqlens_k, scaling, block_mask=meta.derived["flex_block_mask"]
+        )
+        return out[None]
     fn = kernel_backends.get(meta.kernel)
-    out, _ = fn(query[0].transpose(0, 1), k, v, meta.tree_mask, meta.cu_seqlens_q, meta.cu_seqlens_k, scaling)
+    out, _ = fn(q, k, v, meta.tree_mask, meta.cu_seqlens_q, meta.cu_seqlens_k, scaling)
     return out[None]
 
 

@@ -27,7 +27,7 @@ the pass. The model calls ``update`` on the cache object once per layer, as it d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -79,6 +79,8 @@ class BatchAttention:
     # [B] int32 slot and key count (prefix + tree) of each segment, for kernels that read the pool in place
     slots: torch.Tensor | None = None
     kv_lens: torch.Tensor | None = None
+    # what a backend derives from this pass's layout once and reuses in every layer (flex: its block mask)
+    derived: dict = field(default_factory=dict)
 
 
 class SlotKVCache:

@@ -110,6 +110,24 @@ def test_kernel_verify_pass_matches_the_sdpa_pass(packed_model, kernel):
         assert_close(g, w, atol=1e-4, what=f"{kernel} verify logits")
 
 
+def test_flex_builds_its_block_mask_once_per_pass(packed_model, monkeypatch):
+    """FlexAttention's block mask depends on the pass's layout only: one build per pass, not per layer."""
+    from spruce.kernels import flex_backend
+
+    calls = []
+    build = flex_backend.create_block_mask
+    monkeypatch.setattr(flex_backend, "create_block_mask", lambda *a, **k: calls.append(1) or build(*a, **k))
+    model, _ = packed_model
+    assert model.config.num_hidden_layers > 1
+    pool = SlotKVCache(model, 2, 32)
+    slots = [pool.allocate(), pool.allocate()]
+    gen = torch.Generator().manual_seed(2)
+    run_packed(model, pool, [Segment(s, torch.randint(0, TINY_VOCAB, (5,), generator=gen), torch.arange(5), logits="none") for s in slots])
+    trees = [_random_tree(n, gen) for n in (3, 4)]
+    run_packed(model, pool, [Segment(s, t.tokens, t.depth + 5, tail=t.ancestor_mask) for s, t in zip(slots, trees)], kernel="flex")
+    assert len(calls) == 1
+
+
 def test_keep_moves_the_accepted_path_and_frees_the_rest(packed_model):
     model, reference = packed_model
     pool = SlotKVCache(model, 2, 32)
