@@ -348,3 +348,16 @@ def test_replicas_share_load_and_a_killed_one_loses_no_request(tiny_target, tiny
         for proc in replicas:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def test_gateway_stop_string(gateway):
+    """A stop string ends the completion before it (the gateway trims the text; spruce stops generating)."""
+    client, model, srv, engine = gateway
+    want = engine.generate("stop here", SamplingParams(max_tokens=16))[0].text
+    printable = [c for c in want[2:] if c.isprintable() and c != "\ufffd" and not c.isspace()]
+    if not printable:
+        pytest.skip("the tiny model's text has no usable stop character")
+    stop = printable[0]
+    got = client.completions.create(model=model, prompt="stop here", max_tokens=16, temperature=0, stop=[stop])
+    assert got.choices[0].text == want[: want.index(stop)]
+    assert got.choices[0].finish_reason == "stop"
