@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import build_tiny_model
+
 from spruce import Engine, SamplingParams, SpeculationConfig
 from spruce.config import EngineConfig
 from spruce.errors import InvalidRequestError
@@ -94,7 +94,6 @@ def test_tensor_parallel_server_answers_like_one_process(model_dirs):
     import time
 
     import grpc
-
     from spruce.server._gen.spruce.v1 import spruce_pb2 as pb
     from spruce.server._gen.spruce.v1 import spruce_pb2_grpc as pb_grpc
 
