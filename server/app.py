@@ -173,4 +173,6 @@ def serve_forever(load_engine: Callable[[], Engine], config: ServeConfig) -> int
     print(f"spruce: gRPC on {config.host}:{server.port}, OpenAI HTTP and /metrics on :{config.http_port} (loading models...)", flush=True)
     stopping.wait()
     server.stop()
+    if server.worker is not None and server.worker.engine.tp is not None:
+        server.worker.engine.tp.close()  # the other ranks were released by the drained worker
     return 1 if server.load_error is not None else 0

@@ -93,12 +93,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = _load_engine(args)
     if engine.tp is not None and not engine.tp.is_leader:
         engine.follow()  # rank 0 takes the request and reports; this rank holds its shard
+        engine.tp.close()
         return 0
     prompt = args.prompt if args.raw else engine.apply_chat_template(args.prompt)
     try:
         out = engine.generate(prompt, params, speculation=_speculation(args, engine.default_speculation))[0]
     finally:
         engine.finish()
+        if engine.tp is not None:
+            engine.tp.close()
     if args.json:
         print(json.dumps(out.to_dict()))
     else:
@@ -183,7 +186,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # would break the collectives of the requests it is draining
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _load_engine(args).follow()  # this rank holds its shard and mirrors rank 0's steps
+        engine = _load_engine(args)
+        engine.follow()  # this rank holds its shard and mirrors rank 0's steps
+        assert engine.tp is not None
+        engine.tp.close()
         return 0
     return serve_forever(lambda: _load_engine(args), config)
 

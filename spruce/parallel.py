@@ -31,6 +31,15 @@ class TensorParallel:
     def is_leader(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        """Leave the process group together (every rank calls it after its last step): exiting with the
+        group alive can abort a rank in the transport's teardown."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def broadcast(self, obj: Any) -> Any:
         """``obj`` as rank 0 has it, on every rank (a collective: every rank must call it)."""
         import torch.distributed as dist
