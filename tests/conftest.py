@@ -66,6 +66,36 @@ def perturbed_copy(model: torch.nn.Module, noise: float, seed: int) -> torch.nn.
     return draft
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(port: int, proc=None, timeout_s: float = 120) -> None:
+    """Until the gRPC server on ``port`` reports SERVING (health); fails if ``proc`` (its process, if
+    given) exits first or the time runs out."""
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end and (proc is None or proc.poll() is None):
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.3)
+    raise AssertionError(f"the server on port {port} did not start serving")
+
+
 def save_model_dir(model: torch.nn.Module, path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from conftest import free_port
 from spruce import Engine
 from spruce.config import EngineConfig, ServeConfig
 from spruce.evals.harness import BenchPlan, GrpcKServe, GrpcSpruce, InProcess, run_bench
@@ -127,13 +128,9 @@ def test_gpu_profile_code_path_on_cpu(tmp_path):
 def test_openai_http_bench_against_spruce(tiny_target, tiny_draft, tokenizer, prompt_file):
     """The harness against an OpenAI-compatible server (spruce's own HTTP port here): plain vs default,
     exact token counts from the final usage, the server's stats passed through."""
-    import socket
-
     from spruce.evals.harness import OpenAIHTTP
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     srv = start(lambda: Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=2)),
                 ServeConfig(host="127.0.0.1", port=0, http_port=port, max_tokens_limit=64))
     target = OpenAIHTTP(f"http://127.0.0.1:{port}", "spruce")

@@ -5,13 +5,13 @@ errors, health and metrics on the same port, and a client that leaves mid-stream
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
+from conftest import free_port
 from spruce import Engine, SamplingParams
 from spruce.config import EngineConfig, ServeConfig
 from spruce.server.app import start
@@ -19,16 +19,10 @@ from spruce.server.app import start
 openai = pytest.importorskip("openai")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def http(tiny_target, tiny_draft, tokenizer):
     engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=2))
-    port = _free_port()
+    port = free_port()
     srv = start(lambda: engine, ServeConfig(host="127.0.0.1", port=0, http_port=port, max_tokens_limit=32))
     assert srv.load_error is None
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
@@ -99,7 +93,7 @@ def test_client_leaving_a_stream_frees_its_kv(tiny_target, tiny_draft, tokenizer
     target = copy.deepcopy(tiny_target)
     target.register_forward_pre_hook(lambda module, args: time.sleep(0.03))
     engine = Engine(target, tokenizer, tiny_draft, EngineConfig(max_batch_size=1))
-    port = _free_port()
+    port = free_port()
     srv = start(lambda: engine, ServeConfig(host="127.0.0.1", port=0, http_port=port, max_tokens_limit=64))
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
     stream = client.completions.create(model="spruce", prompt="go", max_tokens=60, temperature=0, stream=True, extra_body={"speculation": "off", "ignore_eos": True})
@@ -113,7 +107,7 @@ def test_client_leaving_a_stream_frees_its_kv(tiny_target, tiny_draft, tokenizer
 
 
 def test_bearer_token_guards_the_api_not_health(tiny_target, tokenizer):
-    port = _free_port()
+    port = free_port()
     srv = start(lambda: Engine(tiny_target, tokenizer), ServeConfig(host="127.0.0.1", port=0, http_port=port, auth_token="s3cret"))
     wrong = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):

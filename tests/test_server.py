@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conftest import free_port, wait_serving
 from spruce.config import EngineConfig, SamplingParams, ServeConfig
 from spruce.engine import Engine
 from spruce.server.app import start
@@ -23,14 +24,6 @@ MODEL = "tiny"
 
 # plain decoding: a request's pass count (and so its duration on the slow server) is its token count
 _OFF = pb.SpeculationOptions(mode=pb.SPECULATION_MODE_OFF)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _drafting_engine(tiny_target, tiny_draft, tokenizer) -> Engine:
@@ -46,7 +39,7 @@ def _drafting_engine(tiny_target, tiny_draft, tokenizer) -> Engine:
 
 @pytest.fixture(scope="module")
 def server(tiny_target, tiny_draft, tokenizer):
-    config = ServeConfig(host="127.0.0.1", port=0, http_port=_free_port(), served_model_name=MODEL, max_queue=2, max_tokens_limit=64, grace_s=2)
+    config = ServeConfig(host="127.0.0.1", port=0, http_port=free_port(), served_model_name=MODEL, max_queue=2, max_tokens_limit=64, grace_s=2)
     srv = start(lambda: _drafting_engine(tiny_target, tiny_draft, tokenizer), config)
     assert srv.load_error is None
     yield srv
@@ -497,21 +490,13 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
     import subprocess
     import sys
 
-    port = _free_port()
+    port = free_port()
     script = tmp_path / "serve.py"
     script.write_text(SERVE_SCRIPT.format(tests=os.path.dirname(__file__), port=port))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
+        wait_serving(port, proc)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        health = health_pb2_grpc.HealthStub(channel)
-        end = time.monotonic() + 120
-        while time.monotonic() < end:
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
         stream = pb_grpc.SpruceServiceStub(channel).GenerateStream(
             pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), sampling=pb.SamplingOptions(max_tokens=30, ignore_eos=True))
         )

@@ -10,7 +10,6 @@ import io
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,15 +20,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
-from spruce.server._gen.spruce.v1 import spruce_pb2, spruce_pb2_grpc
-from spruce.server.app import start
 
+from conftest import free_port, wait_serving
 from spruce import Engine, SamplingParams, SpeculationConfig
 from spruce.config import EngineConfig, ServeConfig
+from spruce.server._gen.spruce.v1 import spruce_pb2, spruce_pb2_grpc
+from spruce.server.app import start
 
 
 class FixedTreeEngine(Engine):
@@ -178,23 +177,17 @@ def test_management_rpcs(served, tmp_path):
 # ---- behind the real gateway ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch_smg(worker_ports: list[int], log_path) -> tuple[subprocess.Popen, int, str]:
     """``smg launch`` in front of spruce workers; returns once it lists the model. No ``--model-path``:
     the gateway takes the tokenizer from the workers (``GetModelInfo`` / ``GetTokenizer``)."""
     if shutil.which("smg") is None:
         pytest.skip("the smg gateway is not installed (pip install smg; in the dev extra)")
-    port = _free_port()
+    port = free_port()
     urls = [f"grpc://127.0.0.1:{p}" for p in worker_ports]
     log = open(log_path, "w")
     proc = subprocess.Popen(
         ["smg", "launch", "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls, "--policy", "round_robin",
-         "--prometheus-host", "127.0.0.1", "--prometheus-port", str(_free_port())],
+         "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())],
         stdout=log, stderr=subprocess.STDOUT,
     )
     log.close()
@@ -267,25 +260,11 @@ def test_gateway_client_disconnect_aborts_and_frees_kv(gateway):
 # ---- scale out: replicas behind one gateway, one killed mid-run ---------------------------------------
 
 
-def _serve_replica(model_root, port: int, log_path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "spruce", "serve", "--target", str(model_root / "target"), "--draft", str(model_root / "draft"),
+def _serve_replica(target_dir, draft_dir, port: int, log_path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "spruce", "serve", "--target", str(target_dir), "--draft", str(draft_dir),
            "--host", "127.0.0.1", "--port", str(port), "--http-port", "0", "--max-batch-size", "4"]
     with open(log_path, "w") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _wait_serving(port: int, proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end and proc.poll() is None:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.3)
-    raise AssertionError(f"replica on port {port} did not start serving")
 
 
 def _finished(port: int) -> int:
@@ -294,22 +273,19 @@ def _finished(port: int) -> int:
 
 
 @pytest.mark.slow
-def test_replicas_share_load_and_a_killed_one_loses_no_request(tiny_target, tiny_draft, tokenizer, tmp_path):
+def test_replicas_share_load_and_a_killed_one_loses_no_request(tiny_dirs, tmp_path):
     """Two ``spruce serve`` processes behind one gateway: round-robin spreads the load; one is killed
     (SIGKILL) while requests run on both, and every request still returns all its tokens or an error
     (the gateway retries the killed replica's requests on the other), then the survivor takes all."""
     openai = pytest.importorskip("openai")
     if shutil.which("smg") is None:
         pytest.skip("the smg gateway is not installed")
-    for name, model in (("target", tiny_target), ("draft", tiny_draft)):
-        model.save_pretrained(tmp_path / name)
-        tokenizer.save_pretrained(tmp_path / name)
-    ports = [_free_port(), _free_port()]
-    replicas = [_serve_replica(tmp_path, p, tmp_path / f"replica{i}.log") for i, p in enumerate(ports)]
+    ports = [free_port(), free_port()]
+    replicas = [_serve_replica(*tiny_dirs, p, tmp_path / f"replica{i}.log") for i, p in enumerate(ports)]
     gateway = None
     try:
         for port, proc in zip(ports, replicas):
-            _wait_serving(port, proc)
+            wait_serving(port, proc)
         gateway, http_port, model = _launch_smg(ports, tmp_path / "smg.log")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0, timeout=120)
         for i in range(6):

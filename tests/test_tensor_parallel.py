@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import build_tiny_model
 
+from conftest import build_tiny_model, free_port, save_model_dir, wait_serving
 from spruce import Engine, SamplingParams, SpeculationConfig
 from spruce.config import EngineConfig
 from spruce.errors import InvalidRequestError
@@ -19,12 +19,10 @@ PROMPT = "hello there, trees"
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory, tokenizer):
+def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp-models")
     for name, layers in (("target", 2), ("draft", 1)):
-        model = build_tiny_model(seed=3, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
+        save_model_dir(build_tiny_model(seed=3, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2), root / name)
     return root
 
 
@@ -89,7 +87,6 @@ def test_tensor_parallel_server_answers_like_one_process(model_dirs):
     requests (greedy and seeded sampling) equal the single-process engine's, a cancelled stream ends
     alone, an idle gap (the idle steps) changes nothing, and SIGTERM drains and stops both ranks."""
     import signal
-    import socket
     import threading
     import time
 
@@ -97,9 +94,7 @@ def test_tensor_parallel_server_answers_like_one_process(model_dirs):
     from spruce.server._gen.spruce.v1 import spruce_pb2 as pb
     from spruce.server._gen.spruce.v1 import spruce_pb2_grpc as pb_grpc
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "spruce", "serve", "--tensor-parallel", "2", "--target", str(model_dirs / "target"),
@@ -114,17 +109,9 @@ def test_tensor_parallel_server_answers_like_one_process(model_dirs):
         ("slow roots", SamplingParams(max_tokens=12)),
     ]
     try:
+        wait_serving(port, proc)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = pb_grpc.SpruceServiceStub(channel)
-        grpc.channel_ready_future(channel).result(timeout=120)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
-                break
-            except grpc.RpcError:
-                assert time.monotonic() < deadline, "the tensor-parallel server did not load"
-                time.sleep(0.5)
 
         def ask(text: str, params: SamplingParams) -> list[int]:
             sampling = pb.SamplingOptions(max_tokens=params.max_tokens, temperature=params.temperature, top_p=1.0)
