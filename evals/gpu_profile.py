@@ -83,20 +83,26 @@ def pass_costs(
     """Seconds of one packed pass: ``batch`` requests, each ``n`` tree tokens after ``context`` cached
     ones (a chain-shaped tree; the mask's shape does not change the cost). ``kernel``: the verify pass
     through that tree-attention backend (None: SDPA per request on views of the pool)."""
-    from spruce.attention import use_backend
-    from spruce.kvcache import TREE_RESERVE, SlotKVCache
-
-    use_backend(model, "sdpa")
-    pool = SlotKVCache(model, max(batches), context + TREE_RESERVE)
-    for layer in (*pool.keys, *pool.values):
-        layer.normal_(0, 0.02)
-    slots = [pool.allocate() for _ in range(max(batches))]
+    pool, slots = _random_pool(model, max(batches), context, 0.02)
     out: dict[str, dict[str, float]] = {}
     for b in batches:
         for n in tokens:
             once = _pass(model, pool, slots[:b], n, context, kernel)
             out.setdefault(str(b), {})[str(n)] = _timed(once, device, repeats)
     return out
+
+
+def _random_pool(model, slots: int, context: int, std: float):
+    """The model switched to packed passes, and a KV pool of ``slots`` slots whose every position holds
+    random keys and values (``std``): ``context`` cached tokens per request stand in for real ones."""
+    from spruce.attention import use_backend
+    from spruce.kvcache import TREE_RESERVE, SlotKVCache
+
+    use_backend(model, "sdpa")
+    pool = SlotKVCache(model, slots, context + TREE_RESERVE)
+    for layer in (*pool.keys, *pool.values):
+        layer.normal_(0, std)
+    return pool, [pool.allocate() for _ in range(slots)]
 
 
 def _pass(model, pool, slots: list[int], n: int, context: int, kernel: str | None):
@@ -122,14 +128,8 @@ def _pass(model, pool, slots: list[int], n: int, context: int, kernel: str | Non
 def kernel_agreement(model, batch: int, n: int, context: int, kernel: str) -> dict:
     """Max abs difference of the verify logits through ``kernel`` and through SDPA on the same pool and
     tokens (bf16 models: rounding-level differences are expected, not 0)."""
-    from spruce.attention import use_backend
-    from spruce.kvcache import TREE_RESERVE, SlotKVCache
-
-    use_backend(model, "sdpa")
-    pool = SlotKVCache(model, batch, context + TREE_RESERVE)
-    for layer in (*pool.keys, *pool.values):
-        layer.normal_(0, 0.5)
-    slots = [pool.allocate() for _ in range(batch)][::-1]
+    pool, slots = _random_pool(model, batch, context, 0.5)
+    slots = slots[::-1]
     want = _pass(model, pool, slots, n, context, None)()
     got = _pass(model, pool, slots, n, context, kernel)()
     diff = max(float((g - w).abs().max()) for g, w in zip(got, want))

@@ -203,7 +203,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):
         worker = self.worker
         engine = worker.engine
         usage = engine.kv_usage()
-        total = usage["slots_total"] * usage["positions_per_slot"]
+        total = usage["positions_total"]
         load = vpb.SchedulerLoad(
             dp_rank=0,
             num_running_reqs=worker.running,
@@ -249,7 +249,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):
         worker = self.worker
         engine = worker.engine
         usage = engine.kv_usage()
-        total = usage["slots_total"] * usage["positions_per_slot"]
+        total = usage["positions_total"]
         return common_pb2.EngineLoad(
             running_requests=worker.running,
             waiting_requests=worker.waiting,

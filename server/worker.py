@@ -212,7 +212,7 @@ class EngineWorker:
             usage = self.engine.kv_usage()
             m.running.labels(name).set(self.engine.num_running)
             m.waiting.labels(name).set(self.engine.num_waiting)
-            m.kv_usage.labels(name).set(usage["positions_used"] / max(1, usage["slots_total"] * usage["positions_per_slot"]))
+            m.kv_usage.labels(name).set(usage["positions_used"] / max(1, usage["positions_total"]))
 
     def _job_of(self, req: Any) -> Job | None:
         with self._lock:

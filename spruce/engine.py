@@ -400,6 +400,7 @@ class Engine:
             "slots_free": self.kv.free_slots,
             "positions_used": self.kv.used_positions - self.kv.lengths[self.planner.calib_slot],
             "positions_per_slot": self.kv.capacity,
+            "positions_total": (self.kv.num_slots - 1) * self.kv.capacity,
         }
 
     def step(self) -> list[tuple[Request, StreamEvent]]:
