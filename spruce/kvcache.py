@@ -81,6 +81,9 @@ class BatchAttention:
     kv_lens: torch.Tensor | None = None
     # what a backend derives from this pass's layout once and reuses in every layer (flex: its block mask)
     derived: dict = field(default_factory=dict)
+    # per segment: its leading query rows that are a plain causal prefill from the slot's first position
+    # (row i sees keys 0..i): SDPA's own causal path serves them without a mask (``packed_attention``)
+    causal_rows: tuple[int, ...] = ()
 
 
 class SlotKVCache:
@@ -153,7 +156,7 @@ class SlotKVCache:
         pass (every segment ``full`` = its start, ``tail`` its tree's ancestor mask or one token) for
         that tree-attention backend."""
         device = self.keys[0].device
-        slots, poss, parts = [], [], []
+        slots, poss, parts, causal = [], [], [], []
         offset = 0
         for seg in segments:
             n = int(seg.tokens.numel())
@@ -163,11 +166,12 @@ class SlotKVCache:
             slots.append(torch.full((n,), seg.slot, dtype=torch.long))
             poss.append(torch.arange(start, start + n))
             mask = _segment_mask(seg, start, n)
+            causal.append(_causal_rows(mask) if start == 0 and mask is not None else 0)
             parts.append((offset, n, seg.slot, start + n, None if mask is None else _additive(mask, dtype, device)))
             offset += n
         self._slot_index = torch.cat(slots).to(device)
         self._pos_index = torch.cat(poss).to(device)
-        meta = BatchAttention(tuple(parts))
+        meta = BatchAttention(tuple(parts), causal_rows=tuple(causal))
         if kernel is not None:
             meta = _kernel_metadata(meta, segments, kernel, device)
         for seg in segments:
@@ -225,6 +229,13 @@ def _segment_mask(seg: Segment, start: int, n: int) -> torch.Tensor | None:
         if bool(tail.all()):
             return None
     return torch.cat([torch.ones(n, full, dtype=torch.bool), tail], dim=1)
+
+
+def _causal_rows(visible: torch.Tensor) -> int:
+    """How many leading rows of a [n, n] visibility (a segment written from position 0) are causal."""
+    n = visible.shape[0]
+    same = (visible == torch.ones(n, n, dtype=torch.bool).tril()).all(dim=1)
+    return int(same.int().cumprod(0).sum())
 
 
 def _additive(visible: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from conftest import TINY_VOCAB, assert_close, build_tiny_model, perturbed_copy
 from spruce import Engine, SamplingParams, SpeculationConfig
-from spruce.attention import use_backend
+from spruce.attention import packed_attention, use_backend
 from spruce.config import EngineConfig
 from spruce.draft.tree import ROOT_PARENT, TokenTree
 from spruce.errors import InvalidRequestError
@@ -86,6 +86,51 @@ def test_packed_tree_pass_matches_each_request_alone(packed_model, requests, see
         assert_close(got_last, want_last, atol=1e-4, what="prefill logits")
         assert_close(got_tree, verify_tree(reference, cache, tree, len(prefix)), atol=1e-4, what="tree logits")
     assert pool.lengths[: len(requests)] == [len(p) + t.num_nodes for p, t in zip(prefixes, trees)]
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), groups=st.sampled_from([1, 3]))
+def test_packed_attention_paths_match_a_per_row_reference(seed, groups):
+    """Every SDPA path of the packed pass (a prefill's causal rows unmasked, grouped-query masked rows,
+    folded one-row queries) against a float64 softmax over each row's visible keys: a prompt fused with
+    its first tree, a causal chunk after cached keys, a tree after a prefix, a one-token decode."""
+    gen = torch.Generator().manual_seed(seed)
+    model = build_tiny_model(seed=0, num_attention_heads=2 * groups, num_key_value_heads=2)
+    pool = SlotKVCache(model, 4, 64)
+    slots = [pool.allocate() for _ in range(4)]
+    for slot, cached in zip(slots, (0, 7, 9, 5)):
+        pool.lengths[slot] = cached
+    prompt, tree, chunk = int(torch.randint(2, 20, (1,), generator=gen)), _random_tree(5, gen), 6
+    fused = torch.zeros(prompt + 5, prompt + 5, dtype=torch.bool)
+    fused[:prompt, :prompt] = torch.ones(prompt, prompt, dtype=torch.bool).tril()
+    fused[prompt:, :prompt] = True
+    fused[prompt:, prompt:] = tree.ancestor_mask
+    segments = [
+        Segment(slots[0], torch.zeros(prompt + 5, dtype=torch.long), torch.arange(prompt + 5), tail=fused),
+        Segment(slots[1], torch.zeros(chunk, dtype=torch.long), torch.arange(chunk)),
+        Segment(slots[2], tree.tokens, tree.depth + 9, tail=tree.ancestor_mask),
+        Segment(slots[3], torch.zeros(1, dtype=torch.long), torch.arange(1)),
+    ]
+    visible = [fused, torch.ones(chunk, 7 + chunk, dtype=torch.bool).tril(7), torch.cat([torch.ones(5, 9, dtype=torch.bool), tree.ancestor_mask], 1), torch.ones(1, 6, dtype=torch.bool)]
+    meta = pool.begin(segments, torch.float32)
+    # the prompt's rows at least (a tree's leading chain is causal too); the other segments start later
+    assert meta.causal_rows[0] >= prompt and meta.causal_rows[1:] == (0, 0, 0)
+    heads, kv_heads, dim = 2 * groups, 2, 8
+    rows = sum(int(s.tokens.numel()) for s in segments)
+    query = torch.randn(1, heads, rows, dim, generator=gen)
+    key = torch.randn(4, kv_heads, 64, dim, generator=gen)
+    value = torch.randn(4, kv_heads, 64, dim, generator=gen)
+    got = packed_attention(query, key, value, meta, 0.3)[0]
+    offset = 0
+    for slot, vis in zip(slots, visible):
+        n, length = vis.shape
+        q = query[0, :, offset : offset + n].double()
+        k = key[slot, :, :length].double().repeat_interleave(groups, 0)
+        v = value[slot, :, :length].double().repeat_interleave(groups, 0)
+        scores = (q @ k.transpose(1, 2) * 0.3).masked_fill(~vis, float("-inf"))
+        want = (scores.softmax(-1) @ v).transpose(0, 1)
+        assert_close(got[offset : offset + n], want.float(), atol=1e-5, what=f"slot {slot} attention")
+        offset += n
 
 
 @pytest.mark.parametrize("kernel", ["triton", "flex"])
