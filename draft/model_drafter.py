@@ -58,8 +58,12 @@ class DraftState:
     """Per-request draft bookkeeping; the KV lives in slot ``slot`` of the drafter's pool."""
 
     slot: int
-    # committed tokens whose KV is in the slot (always < len(tokens): the root is re-fed)
+    # committed tokens whose KV is in the slot, counted from the start of the request's tokens (always
+    # < len(tokens): the root is re-fed)
     cached: int = 0
+    # the first committed token the slot holds (> 0 after a windowed catch-up: ``draft_window``); the
+    # slot's position i holds token ``offset + i``, at its own RoPE position
+    offset: int = 0
     # tree node index -> slot offset after the committed tokens (set by propose)
     node_slots: dict[int, int] = field(default_factory=dict)
     # committed length C at the last propose
@@ -145,8 +149,8 @@ class ModelDrafter:
         from the same logits; the draft forwards are shared."""
         runs = [_Run(job) for job in jobs]
         t0 = time.perf_counter()
-        fed = sum(len(job.tokens) - job.state.cached for job in jobs)
-        for run, logits in zip(runs, self._feed_pending(runs)):
+        fed, outs = self._feed_pending(runs)
+        for run, logits in zip(runs, outs):
             run.logits = logits
         self.last_feed = (time.perf_counter() - t0, fed)
         level = 1
@@ -193,22 +197,30 @@ class ModelDrafter:
             and (run.static is not None or tree.worth_expanding(config, run.sampled, job.policy, job.state.levels))
         )
 
-    def _feed_pending(self, runs: list[_Run]) -> list[torch.Tensor]:
-        """Forward the committed tokens each draft has not seen; [1, V] logits at each root."""
+    def _feed_pending(self, runs: list[_Run]) -> tuple[int, list[torch.Tensor]]:
+        """Forward the committed tokens each draft has not seen (at most its job's ``draft_window``
+        latest: a draft further behind drops its context and reads only those); the tokens fed and the
+        [1, V] logits at each root."""
         segments = []
         for run in runs:
             state, tokens = run.job.state, run.job.tokens
             committed = len(tokens)
-            if not 0 <= state.cached < committed or self.pool.lengths[state.slot] != state.cached:
+            if not state.offset <= state.cached < committed or self.pool.lengths[state.slot] != state.cached - state.offset:
                 raise RuntimeError(
-                    f"draft slot {state.slot} holds {self.pool.lengths[state.slot]} positions, state says {state.cached}"
+                    f"draft slot {state.slot} holds {self.pool.lengths[state.slot]} positions, state says "
+                    f"{state.cached - state.offset}"
                 )
+            window = run.job.config.draft_window
+            if window and committed - state.cached > window:
+                state.cached = state.offset = committed - window
+                self.pool.lengths[state.slot] = 0
             pending = torch.tensor(tokens[state.cached :], dtype=torch.long)
             segments.append(Segment(state.slot, pending, torch.arange(state.cached, committed), logits="last"))
             state.cached = state.committed = committed
             state.node_slots = {}
             state.levels = 1
-        return [self._logits(out) for out in run_packed(self.model, self.pool, segments)]
+        fed = sum(int(seg.tokens.numel()) for seg in segments)
+        return fed, [self._logits(out) for out in run_packed(self.model, self.pool, segments)]
 
     def _level_segment(self, run: _Run, level: int) -> Segment:
         """The frontier (all at one depth), after the committed tokens and earlier levels' nodes."""
@@ -227,7 +239,7 @@ class ModelDrafter:
             state.slot,
             so_far.tokens[torch.tensor(nodes)],
             torch.full((len(nodes),), position, dtype=torch.long),
-            full=state.committed,
+            full=state.committed - state.offset,
             tail=visible,
         )
 
@@ -254,7 +266,7 @@ class ModelDrafter:
             if node not in state.node_slots:
                 break
             keep.append(state.node_slots[node])
-        self.pool.keep(state.slot, state.committed, keep)
+        self.pool.keep(state.slot, state.committed - state.offset, keep)
         state.cached = state.committed + len(keep)
         state.node_slots = {}
 

@@ -79,6 +79,12 @@ class SpeculationConfig:
     N-gram (prompt lookup): the longest suffix of ``ngram_max`` .. ``ngram_min`` tokens that occurred
     before proposes what followed it, up to ``ngram_branches`` distinct continuations and ``ngram_budget``
     nodes in all. ``drafter="both"`` merges those branches into the model tree (on top of ``budget``).
+
+    ``draft_window`` > 0: when the draft model is behind by more than that many committed tokens (a long
+    prompt it has not read), it reads only the latest ``draft_window`` of them (its earlier context is
+    dropped): a cheaper catch-up for a draft that may propose a little worse. The target still verifies
+    every token, so the output is unchanged. Adaptive speculation sets it when reading everything
+    would cost more than the expected saving allows (``spruce.costmodel.catch_up_tokens``).
     """
 
     drafter: str = "model"
@@ -99,6 +105,8 @@ class SpeculationConfig:
     # (0: always expand to ``depth``); adaptive speculation sets it from measured costs each step
     min_expand_prob: float = 0.0
     adaptive: bool = False
+    # the draft model reads at most this many of the latest committed tokens when it catches up (0: all)
+    draft_window: int = 0
 
     def __post_init__(self) -> None:
         if self.tree_paths is not None:
@@ -109,6 +117,8 @@ class SpeculationConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidRequestError(f"speculation {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.draft_window, int) or self.draft_window < 0:
+            raise InvalidRequestError(f"draft_window must be an integer >= 0, got {self.draft_window!r}")
         if not 0.0 <= self.min_expand_prob <= 1.0:
             raise InvalidRequestError(f"min_expand_prob must be in [0, 1], got {self.min_expand_prob!r}")
         if self.adaptive and self.tree_paths is not None:

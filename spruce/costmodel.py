@@ -337,7 +337,13 @@ def choose_ngram_budget(
     return best if best and value(best) >= (1.0 + margin) * value(0) else 0
 
 
-def worth_catching_up(
+# a catch-up may spend at most this share of the saving its plan expects (the rest is the gain)
+CATCH_UP_SHARE = 0.5
+# a windowed catch-up reads at least this many tokens (a draft with less context proposes poorly)
+MIN_DRAFT_WINDOW = 64
+
+
+def catch_up_tokens(
     # committed tokens the draft has not seen (a prompt never drafted, or plain steps since it last ran)
     lag: int,
     # the draft's seconds per token when it catches up (a prefill-like pass)
@@ -349,14 +355,25 @@ def worth_catching_up(
     plain_token_s: float,
     # requests sharing each pass
     batch: int = 1,
-) -> bool:
-    """Whether drafting for this request pays for bringing the draft up to date first. In the batch's
-    wall time: the plan saves ``remaining x (plain s/token - planned s/token)``, a saving the ``batch``
-    requests make together (each step serves them all), so this request's share is that / ``batch``;
-    its catch-up pass, ``lag x token_s``, stalls the whole batch. Long prompts with short answers, and
-    new requests joining a large batch, stay plain."""
+) -> int:
+    """How many of the ``lag`` tokens the draft reads before it drafts for this request: all of them,
+    only the latest (a window: ``SpeculationConfig.draft_window``), or none (0: decode plainly).
+
+    In the batch's wall time the plan saves ``remaining x (plain s/token - planned s/token)``, a saving
+    the ``batch`` requests make together (each step serves them all), so this request's share is that
+    / ``batch``; the catch-up pass, ``tokens x token_s``, stalls the whole batch. It may spend at most
+    ``CATCH_UP_SHARE`` of the share: everything if that is enough, else the latest tokens that fit,
+    if at least ``MIN_DRAFT_WINDOW`` do. Long prompts with short answers read a window or stay plain,
+    as do new requests joining a large batch."""
     saved = remaining * (plain_token_s - plan.expected_step_s / plan.expected_tokens) / batch
-    return saved > lag * token_s
+    if saved <= 0:
+        return 0
+    if token_s <= 0:
+        return lag
+    affordable = int(CATCH_UP_SHARE * saved / token_s)
+    if affordable >= lag:
+        return lag
+    return affordable if affordable >= MIN_DRAFT_WINDOW else 0
 
 
 class StepPolicy:

@@ -517,7 +517,7 @@ class Engine:
         draft = None
         if req.draft_state is not None and self.drafter is not None:
             st = req.draft_state
-            draft = (st.cached, dict(st.node_slots), st.committed, st.levels, self.drafter.pool.lengths[st.slot])
+            draft = (st.cached, st.offset, dict(st.node_slots), st.committed, st.levels, self.drafter.pool.lengths[st.slot])
         return (len(req.tokens), self.kv.lengths[req.slot] if req.slot is not None else 0, draft, req.generator.get_state())
 
     def _restore(self, req: Request, snap: tuple) -> None:
@@ -527,7 +527,10 @@ class Engine:
             self.kv.lengths[req.slot] = length
         if draft is not None and req.draft_state is not None and self.drafter is not None:
             st = req.draft_state
-            st.cached, st.node_slots, st.committed, st.levels, self.drafter.pool.lengths[st.slot] = draft
+            st.cached, offset, st.node_slots, st.committed, st.levels, self.drafter.pool.lengths[st.slot] = draft
+            if offset != st.offset:  # a windowed catch-up overwrote the slot: the draft starts over
+                st.cached = st.offset = st.committed = self.drafter.pool.lengths[st.slot] = 0
+                st.node_slots = {}
         req.generator.set_state(gen_state)
 
     def _fail(self, req: Request, exc: Exception, events: list) -> None:

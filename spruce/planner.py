@@ -18,6 +18,7 @@ import torch
 from spruce.config import SpeculationConfig
 from spruce.costmodel import (
     COST_EMA,
+    MIN_DRAFT_WINDOW,
     NGRAM_PRIOR_RATE,
     PLAN_MARGIN,
     PRIOR_WEIGHT,
@@ -25,15 +26,15 @@ from spruce.costmodel import (
     CostCurve,
     StepPolicy,
     TreePlan,
+    catch_up_tokens,
     choose_ngram_budget,
     plan_tree,
-    worth_catching_up,
 )
 from spruce.draft.tree import TokenTree
 from spruce.kvcache import Segment, SlotKVCache, run_packed
 
 # A draft that lags by more tokens than this (a prompt it has not seen, plain steps since it last ran)
-# catches up with a prefill-like pass first: drafting must pay for that (``worth_catching_up``).
+# catches up with a prefill-like pass first: drafting must pay for that (``catch_up_tokens``).
 STEADY_LAG = 8
 # Every this many engine steps in a row without a draft, one adaptive request drafts anyway (the profile
 # keeps learning).
@@ -129,16 +130,20 @@ class Planner:
         plan = self._step_plans.get(key)
         if plan is None:
             plan = self._step_plans[key] = plan_tree(rates, verify, draft, spec.budget, spec.depth, margin=PLAN_MARGIN)
-        budget = plan.budget
+        budget, window = plan.budget, 0
         lag = len(req.tokens) - req.draft_state.cached if req.draft_state is not None else 0
-        if budget and lag > STEADY_LAG and not worth_catching_up(
-            lag, self.draft_token_s, req.stopper.remaining, plan, verify(1), batch
-        ):
-            budget = 0
+        if budget and lag > STEADY_LAG:
+            read = catch_up_tokens(lag, self.draft_token_s, req.stopper.remaining, plan, verify(1), batch)
+            budget = budget if read else 0
+            window = read if read < lag else 0
         if budget == 0 and req is self._explorer:
-            # now and then one request drafts anyway, so that the profile keeps learning
+            # now and then one request drafts anyway, so that the profile keeps learning (reading the
+            # least it can: a draft far behind reads the latest MIN_DRAFT_WINDOW tokens)
             plan = plan_tree(rates, verify, draft, spec.budget, spec.depth, min_budget=1)
             budget = plan.budget
+            window = MIN_DRAFT_WINDOW if lag > MIN_DRAFT_WINDOW else 0
+        if window and not 0 < fixed.draft_window <= window:  # a request's own smaller window stands
+            fixed = dataclasses.replace(fixed, draft_window=window)
         self._drafted_this_step |= budget > 0
         req.stats.record_plan(budget)
         if budget == 0:

@@ -5,6 +5,7 @@ that breaks the model fails alone."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -387,3 +388,44 @@ def test_drafter_reports_its_catch_up_pass(tiny_draft):
     seconds, fed = drafter.last_feed
     assert fed == 45 and seconds > 0
     assert a.levels > 1 and b.levels > 1  # the levels ran after the feed, and are not in it
+
+
+def test_windowed_catch_up_drafts_from_the_latest_tokens(tiny_draft):
+    """A draft that reads only the latest ``draft_window`` tokens (at their own RoPE positions) builds
+    the tree a fresh draft builds from those tokens alone (relative positions are what RoPE sees), and
+    stays in step with it after commits."""
+    from spruce.draft.model_drafter import ModelDrafter
+
+    gen = torch.Generator().manual_seed(11)
+    tokens = torch.randint(0, TINY_VOCAB, (50,), generator=gen).tolist()
+    windowed, fresh = ModelDrafter(tiny_draft, TINY_VOCAB, num_slots=1), ModelDrafter(tiny_draft, TINY_VOCAB, num_slots=1)
+    a, b = windowed.new_state(), fresh.new_state()
+    spec = SpeculationConfig(depth=3, top_k=2, budget=4)
+    # the draft read 10 tokens earlier, then fell 40 behind: it drops them and reads the latest 16
+    windowed.propose(a, tokens[:10], spec, 3)
+    windowed.commit(a, [0])
+    got = windowed.propose(a, tokens, dataclasses.replace(spec, draft_window=16), 3)
+    assert a.offset == 34 and windowed.last_feed[1] == 16 and windowed.pool.lengths[a.slot] - len(a.node_slots) == 16
+    want = fresh.propose(b, tokens[34:], spec, 3)
+    assert got.tree.tokens.tolist() == want.tree.tokens.tolist()
+    assert got.tree.parents.tolist() == want.tree.parents.tolist()
+    assert_close(got.tree.draft_logprobs, want.tree.draft_logprobs, atol=1e-4, what="windowed draft log-probs")
+    # commit the same path in both, then a steady step: still the same tree
+    path = [0, 1]
+    windowed.commit(a, path)
+    fresh.commit(b, path)
+    more = torch.randint(0, TINY_VOCAB, (2,), generator=gen).tolist()
+    got = windowed.propose(a, tokens + [int(got.tree.tokens[1])] + more, dataclasses.replace(spec, draft_window=16), 3)
+    want = fresh.propose(b, tokens[34:] + [int(want.tree.tokens[1])] + more, spec, 3)
+    assert got.tree.tokens.tolist() == want.tree.tokens.tolist()
+    assert a.offset == 34  # a lag within the window reads on from where the slot is
+
+
+def test_windowed_drafts_stay_lossless(tiny_target, tiny_draft, tokenizer):
+    """Greedy output with a draft that sees only a short window equals plain decoding, alone and batched."""
+    engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=3))
+    prompts = _prompts(3, seed=21)
+    params = SamplingParams(max_tokens=24)
+    plain = engine.generate(prompts, params, speculation=None)
+    windowed = SpeculationConfig(depth=3, top_k=2, budget=4, draft_window=8)
+    assert [o.token_ids for o in engine.generate(prompts, params, speculation=windowed)] == [o.token_ids for o in plain]

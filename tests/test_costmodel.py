@@ -282,20 +282,55 @@ def test_step_policy_looks_past_a_step_in_the_verify_curve():
     assert not StepPolicy(calibration, rates * 0.3, verify, draft).expand([0.95], 0.95, 1)
 
 
-def test_catching_up_pays_only_for_long_enough_answers():
-    from spruce.costmodel import TreePlan, worth_catching_up
+def test_catch_up_reads_what_half_the_expected_saving_pays_for():
+    from spruce.costmodel import CATCH_UP_SHARE, MIN_DRAFT_WINDOW, TreePlan, catch_up_tokens
 
+    assert CATCH_UP_SHARE == 0.5 and MIN_DRAFT_WINDOW == 64
     # the plan makes a token cost 0.2 s instead of 0.4 s: 0.2 s saved per remaining token
     plan = TreePlan(budget=4, depth=2, top_k=2, expected_tokens=2.0, expected_step_s=0.4)
-    # a 1000-token prompt at 10 ms a token: 10 s to catch up, paid back after 50 tokens
-    assert not worth_catching_up(1000, 0.01, 40, plan, 0.4)
-    assert worth_catching_up(1000, 0.01, 60, plan, 0.4)
-    # in a batch of 4 the saving is shared: a quarter of it is this request's
-    assert not worth_catching_up(1000, 0.01, 60, plan, 0.4, batch=4)
-    assert worth_catching_up(1000, 0.01, 240, plan, 0.4, batch=4)
+    # 40 tokens left: 8 s saved, 4 s may go to catching up = 400 tokens at 10 ms
+    assert catch_up_tokens(300, 0.01, 40, plan, 0.4) == 300  # all of a 300-token prompt
+    assert catch_up_tokens(1000, 0.01, 40, plan, 0.4) == 400  # the latest 400 of 1000
+    assert catch_up_tokens(1000, 0.01, 100, plan, 0.4) == 1000  # a longer answer pays for all
+    # in a batch of 4 the saving is shared: a quarter of it is this request's (100 tokens' worth)
+    assert catch_up_tokens(1000, 0.01, 40, plan, 0.4, batch=4) == 100
+    # a window shorter than MIN_DRAFT_WINDOW is not worth drafting from
+    assert catch_up_tokens(1000, 0.01, 40, plan, 0.4, batch=8) == 0
     # a plan no faster than plain decoding never pays for catching up
     slow = TreePlan(budget=4, depth=2, top_k=2, expected_tokens=1.0, expected_step_s=0.4)
-    assert not worth_catching_up(10, 0.001, 1000, slow, 0.4)
+    assert catch_up_tokens(10, 0.001, 1000, slow, 0.4) == 0
+
+
+def test_a_long_prompt_short_answer_drafts_from_a_window(tiny_target, tiny_draft, tokenizer, monkeypatch):
+    """The draft's catch-up is priced per token: a prompt whose full read costs more than half the
+    expected saving is read only in part (its latest tokens), one that costs little is read whole, and
+    the output stays the target's either way. Costs are set and frozen, not timed."""
+    from spruce.draft.model_drafter import ModelDrafter
+    from spruce.planner import Planner
+
+    engine = _engine_with_costs(tiny_target, tiny_draft, tokenizer, verify_s=0.01, draft_s=0.0001)
+    monkeypatch.setattr(CostCurve, "observe", lambda self, size, seconds: None)
+    monkeypatch.setattr(Planner, "observe_draft", lambda self, *args: None)
+    windows: list[int] = []
+    propose_batch = ModelDrafter.propose_batch
+    monkeypatch.setattr(ModelDrafter, "propose_batch", lambda self, jobs: (windows.extend(j.config.draft_window for j in jobs), propose_batch(self, jobs))[1])
+    long_prompt = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(3)).tolist()
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    # 12 tokens save at most 12 x 0.01 s; at 1 ms a token half of that reads at most 60 < 64 tokens
+    engine.planner.draft_token_s = 1e-3
+    out = engine.generate([long_prompt], params, ADAPTIVE)[0]
+    assert out.stats.steps_by_planned_budget.get(0, 0) >= 1 and windows in ([], [64])  # plain (or one explorer)
+    assert out.token_ids == reference_greedy(tiny_target, long_prompt, 12, eos=None)
+    # at 0.2 ms a token it can read some of the prompt: a window between 64 and 199 tokens
+    windows.clear()
+    engine.planner.draft_token_s = 2e-4
+    out = engine.generate([long_prompt], params, ADAPTIVE)[0]
+    assert windows and 64 <= windows[0] < 200 and out.stats.drafted > 0
+    assert out.token_ids == reference_greedy(tiny_target, long_prompt, 12, eos=None)
+    # a short prompt is read whole
+    windows.clear()
+    engine.generate([long_prompt[:20]], params, ADAPTIVE)
+    assert windows and windows[0] == 0
 
 
 def test_plan_margin_keeps_plain_decoding_when_a_tree_barely_pays():
