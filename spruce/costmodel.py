@@ -39,9 +39,6 @@ MAX_RANK = 8
 PRIOR_RATE = 0.6
 PRIOR_DECAY = 0.4
 PRIOR_WEIGHT = 4.0
-# A request whose drafts land more (or less) often than the server's profile predicts scales its rates by
-# (accepted + W) / (predicted + W), W this many draft nodes (``request_scale``)
-REQUEST_PRIOR_WEIGHT = 8.0
 # n-gram proposals: the prior of P(token accepted | parent accepted) before any is measured
 NGRAM_PRIOR_RATE = 0.3
 # Levels the expansion decision looks ahead.
@@ -100,8 +97,7 @@ class AcceptanceProfile:
         accepted_nodes: list[int],
         # [N] bool nodes to leave out (n-gram proposals); None keeps all
         exclude: torch.Tensor | None = None,
-    ) -> list[tuple[int, int, bool]]:
-        """Count the tree's nodes whose parent was accepted; returns them as (depth - 1, rank, accepted)."""
+    ) -> None:
         on_path = set(accepted_nodes)
         parents = tree.parents.tolist()
         depth = tree.depth.tolist()
@@ -118,7 +114,6 @@ class AcceptanceProfile:
             for d, r, hit in cells:
                 self.tried[d, r] += 1
                 self.accepted[d, r] += hit
-        return cells
 
     def rates(self) -> torch.Tensor:
         """[MAX_DEPTH, MAX_RANK] smoothed a[d][r], non-increasing in r.
@@ -142,18 +137,6 @@ class AcceptanceProfile:
             "accepted_by_depth_rank": accepted[:used].long().tolist(),
             "rates_by_depth_rank": self.rates()[: max(used, 1)].tolist(),
         }
-
-
-def request_scale(
-    # draft nodes of one request whose parent was accepted: how many were accepted, and how many the
-    # server's rates predicted at their (depth, rank)
-    accepted: float,
-    predicted: float,
-    weight: float = REQUEST_PRIOR_WEIGHT,
-) -> float:
-    """How much more (or less) often this request's drafts land than the server's profile predicts,
-    shrunk toward 1 (no evidence: the server's profile as it is)."""
-    return (accepted + weight) / (predicted + weight)
 
 
 def _isotonic(values: list[float], weights: list[float]) -> list[float]:

@@ -636,7 +636,7 @@ class Engine:
         if req.model_nodes and self.drafter is not None and req.draft_state is not None:
             self.drafter.commit(req.draft_state, accepted_nodes)
             model_part = torch.arange(tree.num_nodes) < req.model_nodes
-            self.planner.record_model_tree(req, self.planner.profile.record(tree, accepted_nodes, ~model_part))
+            self.planner.profile.record(tree, accepted_nodes, ~model_part)
             if tree.draft_logprobs is not None and not (req.sampling is not None and spec is not None and spec.sampled_children):
                 on_path = torch.zeros(req.model_nodes, dtype=torch.bool)
                 on_path[[n for n in accepted_nodes if n < req.model_nodes]] = True
@@ -776,10 +776,6 @@ class Request:
     # n-gram proposals of this request: tried (parent accepted) and accepted (``Planner.record_ngram``)
     ngram_tried: int = 0
     ngram_accepted: int = 0
-    # its model-drafted nodes whose parent was accepted: accepted, and the server's prediction for them
-    # (``Planner.record_model_tree``)
-    model_accepted: float = 0.0
-    model_predicted: float = 0.0
     # this step's decisions for a dynamic tree (adaptive speculation)
     policy: StepPolicy | None = None
 

@@ -29,7 +29,6 @@ from spruce.costmodel import (
     catch_up_tokens,
     choose_ngram_budget,
     plan_tree,
-    request_scale,
 )
 from spruce.draft.tree import TokenTree
 from spruce.kvcache import Segment, SlotKVCache, run_packed
@@ -40,8 +39,6 @@ STEADY_LAG = 8
 # Every this many engine steps in a row without a draft, one adaptive request drafts anyway (the profile
 # keeps learning).
 EXPLORE_EVERY = 16
-# a request's scaled acceptance rates stay below this (a rate of 1 would make every tree look free)
-MAX_RATE = 0.98
 # Start-up cost measurement: a short synthetic prefix, and tree sizes to time (up to the budget + 1).
 CALIBRATION_PREFIX = 32
 _CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -67,7 +64,7 @@ class Planner:
         # this step's plans by (budget, depth) bound, and the engine steps in a row that drafted nothing
         self._step_plans: dict[tuple[int, int], TreePlan] = {}
         self._steps_without_draft = 0
-        self._drafted_this_step = self._planned_this_step = False
+        self._drafted_this_step = False
         # the one request that drafts on an exploration step
         self._explorer: Any = None
         # n-gram proposals over all requests: those tried (their parent was accepted) and accepted
@@ -79,14 +76,14 @@ class Planner:
     def begin_step(self, reqs: list[Any]) -> None:
         self._step_plans.clear()
         self._step_profile = None
-        self._drafted_this_step = self._planned_this_step = False
+        self._drafted_this_step = False
         self._explorer = None
         if self._steps_without_draft + 1 >= EXPLORE_EVERY:  # the adaptive request whose draft lags least
             lags = {id(r): len(r.tokens) - r.draft_state.cached for r in reqs if r.adaptive and r.draft_state is not None}
             self._explorer = min((r for r in reqs if id(r) in lags), key=lambda r: lags[id(r)], default=None)
 
     def end_step(self) -> None:
-        if self._planned_this_step:  # adaptive requests: count the steps in a row on which none drafted
+        if self._step_plans:  # adaptive requests: count the steps in a row on which none drafted
             self._steps_without_draft = 0 if self._drafted_this_step else self._steps_without_draft + 1
 
     def observe_draft(self, batch: int, lags: list[int], levels: int, seconds: float) -> None:
@@ -129,15 +126,10 @@ class Planner:
             self._step_profile = (self.profile.rates(), self.profile.calibration())
         rates, calibration = self._step_profile
         verify, draft = _BatchCurve(self.verify_costs, batch), self.draft_curve(batch)
-        scale = request_scale(req.model_accepted, req.model_predicted)
-        if scale != 1.0:  # this request's drafts land more or less often than the server's
-            rates, calibration = (rates * scale).clamp(max=MAX_RATE), (calibration * scale).clamp(max=1.0)
-            plan = plan_tree(rates, verify, draft, spec.budget, spec.depth, margin=PLAN_MARGIN)
-        else:
-            key = (spec.budget, spec.depth)
-            if key not in self._step_plans:
-                self._step_plans[key] = plan_tree(rates, verify, draft, spec.budget, spec.depth, margin=PLAN_MARGIN)
-            plan = self._step_plans[key]
+        key = (spec.budget, spec.depth)
+        plan = self._step_plans.get(key)
+        if plan is None:
+            plan = self._step_plans[key] = plan_tree(rates, verify, draft, spec.budget, spec.depth, margin=PLAN_MARGIN)
         budget, window = plan.budget, 0
         lag = len(req.tokens) - req.draft_state.cached if req.draft_state is not None else 0
         if budget and lag > STEADY_LAG:
@@ -152,7 +144,6 @@ class Planner:
             window = MIN_DRAFT_WINDOW if lag > MIN_DRAFT_WINDOW else 0
         if window and not 0 < fixed.draft_window <= window:  # a request's own smaller window stands
             fixed = dataclasses.replace(fixed, draft_window=window)
-        self._planned_this_step = True
         self._drafted_this_step |= budget > 0
         req.stats.record_plan(budget)
         if budget == 0:
@@ -175,16 +166,6 @@ class Planner:
             return dataclasses.replace(spec, drafter="ngram")  # nothing measured yet: as configured
         k = choose_ngram_budget(self.ngram_rate(req), spec.ngram_budget, _BatchCurve(self.verify_costs, batch), PLAN_MARGIN)
         return dataclasses.replace(spec, drafter="ngram", ngram_budget=k) if k else None
-
-    def record_model_tree(self, req: Any, cells: list[tuple[int, int, bool]]) -> None:
-        """A request's model-drafted nodes whose parent was accepted, as (depth - 1, rank, accepted):
-        count its hits and what the server's rates predicted for them (``request_scale``)."""
-        if not cells:
-            return
-        rates = self._step_profile[0] if self._step_profile is not None else self.profile.rates()
-        req.model_accepted += sum(hit for _, _, hit in cells)
-        table = rates.tolist()
-        req.model_predicted += sum(table[d][r] for d, r, _ in cells)
 
     def ngram_rate(self, req: Any) -> float:
         pooled = (self.ngram_accepted + PRIOR_WEIGHT * NGRAM_PRIOR_RATE) / (self.ngram_tried + PRIOR_WEIGHT)

@@ -384,42 +384,6 @@ def test_ngram_budget_follows_acceptance_and_verify_cost():
     assert choose_ngram_budget(0.12, 1, barely, margin=0.1) == 0
 
 
-def test_model_plans_follow_each_requests_own_acceptance(tiny_target, tiny_draft, tokenizer):
-    """The server's profile, scaled per request by how often its drafts landed against what the profile
-    predicted (shrunk toward 1): a request whose drafts keep landing plans a bigger tree than one with no
-    history, and one whose drafts never land decodes plainly."""
-    from types import SimpleNamespace
-
-    from spruce.costmodel import request_scale
-
-    assert request_scale(0, 0) == 1.0 and request_scale(40, 20) > 1.5 and request_scale(0, 40) < 0.2
-    engine = Engine(tiny_target, tokenizer, tiny_draft)
-    for size in range(1, 20):
-        engine.verify_costs.observe(size, 0.01 * (1 + 0.1 * (size - 1)))
-    engine.draft_costs.observe(1, 0.002)
-    engine.draft_costs.observe(2, 0.004)
-    planner = engine.planner
-    budgets: list[int] = []
-
-    def req(accepted: float, predicted: float) -> SimpleNamespace:
-        return SimpleNamespace(
-            tokens=[1, 2, 3], draft_state=None, sampling=None, policy=None, model_accepted=accepted,
-            model_predicted=predicted, stopper=SimpleNamespace(remaining=100), stats=SimpleNamespace(record_plan=budgets.append),
-        )
-
-    planner.begin_step([])
-    for r in (req(0, 0), req(45, 25), req(0, 40)):
-        planner.plan(r, ADAPTIVE, 1)
-    server, lucky, unlucky = budgets
-    assert lucky > server > 0 == unlucky
-    # what a commit records: the hits, and the server's rates at the tried nodes' depth and rank
-    fresh = req(0, 0)
-    planner.record_model_tree(fresh, [(0, 0, True), (0, 1, False), (1, 0, False)])
-    rates = planner.profile.rates()
-    assert fresh.model_accepted == 1
-    assert fresh.model_predicted == pytest.approx(float(rates[0, 0] + rates[0, 1] + rates[1, 0]))
-
-
 def test_ngram_drafting_adapts_per_request(tiny_target, tokenizer):
     """Adaptive n-gram speculation (no draft model): a request whose n-gram proposals keep landing keeps
     them; one whose proposals never land decodes plainly once that is measured. Output stays lossless."""
