@@ -337,6 +337,28 @@ def choose_ngram_budget(
     return best if best and value(best) >= (1.0 + margin) * value(0) else 0
 
 
+# Output lengths: before any request has ended, answers are taken to end (EOS or a stop string) after
+# this many tokens on average, with the weight of one request
+PRIOR_OUTPUT_TOKENS = 256
+
+
+def expected_output_tokens(
+    # tokens the request may still generate (max_tokens - generated)
+    remaining: int,
+    # requests that ended by EOS or a stop string, and all the tokens that ended requests generated
+    stopped: int,
+    generated: int,
+) -> float:
+    """Expected tokens a request still generates: each token ends it with the measured probability
+    h = (stopped + 1) / (generated + PRIOR_OUTPUT_TOKENS) (a geometric length, capped by ``remaining``):
+    (1 - (1 - h)^remaining) / h. A server whose answers end by EOS long before ``max_tokens`` does not
+    price a catch-up as if every answer ran to it."""
+    h = (stopped + 1) / (generated + PRIOR_OUTPUT_TOKENS)
+    if remaining <= 0:
+        return 0.0
+    return (1.0 - (1.0 - h) ** remaining) / h
+
+
 # a catch-up may spend at most this share of the saving its plan expects (the rest is the gain)
 CATCH_UP_SHARE = 0.5
 # a windowed catch-up reads at least this many tokens (a draft with less context proposes poorly)
@@ -348,8 +370,8 @@ def catch_up_tokens(
     lag: int,
     # the draft's seconds per token when it catches up (a prefill-like pass)
     token_s: float,
-    # tokens the request may still generate
-    remaining: int,
+    # tokens the request can be expected to generate still (``expected_output_tokens``)
+    remaining: float,
     plan: TreePlan,
     # seconds per token without drafting
     plain_token_s: float,

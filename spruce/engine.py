@@ -58,7 +58,7 @@ from spruce.pairing import (
 )
 from spruce.planner import Planner
 from spruce.stats import SpecStats
-from spruce.stopping import FINISH_ABORT, StopChecker
+from spruce.stopping import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, StopChecker
 from spruce.verify.accept import accept
 
 if TYPE_CHECKING:
@@ -542,6 +542,8 @@ class Engine:
     def _finish(self, req: Request) -> StreamEvent:
         """The last event of a request; frees its KV slots."""
         self._release(req)
+        if req.stopper.finish_reason in (FINISH_STOP, FINISH_LENGTH):
+            self.planner.record_output(len(req.stopper.generated), req.stopper.finish_reason == FINISH_STOP)
         req.stats.wall_time_s = time.perf_counter() - req.start if req.start else 0.0
         output = GenerationOutput(
             text=req.stopper.text(),

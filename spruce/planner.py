@@ -28,6 +28,7 @@ from spruce.costmodel import (
     TreePlan,
     catch_up_tokens,
     choose_ngram_budget,
+    expected_output_tokens,
     plan_tree,
 )
 from spruce.draft.tree import TokenTree
@@ -70,6 +71,9 @@ class Planner:
         # n-gram proposals over all requests: those tried (their parent was accepted) and accepted
         self.ngram_tried = 0.0
         self.ngram_accepted = 0.0
+        # ended requests: how many ended by EOS or a stop string, and the tokens all of them generated
+        self.outputs_stopped = 0
+        self.outputs_tokens = 0
         # this step's acceptance rates and confidence calibration (the profile changes only at commit)
         self._step_profile: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -133,7 +137,7 @@ class Planner:
         budget, window = plan.budget, 0
         lag = len(req.tokens) - req.draft_state.cached if req.draft_state is not None else 0
         if budget and lag > STEADY_LAG:
-            read = catch_up_tokens(lag, self.draft_token_s, req.stopper.remaining, plan, verify(1), batch)
+            read = catch_up_tokens(lag, self.draft_token_s, self.expected_remaining(req), plan, verify(1), batch)
             budget = budget if read else 0
             window = read if read < lag else 0
         if budget == 0 and req is self._explorer:
@@ -166,6 +170,18 @@ class Planner:
             return dataclasses.replace(spec, drafter="ngram")  # nothing measured yet: as configured
         k = choose_ngram_budget(self.ngram_rate(req), spec.ngram_budget, _BatchCurve(self.verify_costs, batch), PLAN_MARGIN)
         return dataclasses.replace(spec, drafter="ngram", ngram_budget=k) if k else None
+
+    def record_output(self, generated: int, stopped: bool) -> None:
+        """An ended request: its tokens, and whether EOS or a stop string ended it (not max_tokens)."""
+        self.outputs_tokens += generated
+        self.outputs_stopped += stopped
+
+    def expected_remaining(self, req: Any) -> float:
+        """The tokens this request can be expected to generate still: exactly its remaining budget
+        when nothing but max_tokens can end it, else from the measured output lengths."""
+        if req.params.ignore_eos and not req.params.stop:
+            return float(req.stopper.remaining)
+        return expected_output_tokens(req.stopper.remaining, self.outputs_stopped, self.outputs_tokens)
 
     def ngram_rate(self, req: Any) -> float:
         pooled = (self.ngram_accepted + PRIOR_WEIGHT * NGRAM_PRIOR_RATE) / (self.ngram_tried + PRIOR_WEIGHT)

@@ -333,6 +333,29 @@ def test_a_long_prompt_short_answer_drafts_from_a_window(tiny_target, tiny_draft
     assert windows and windows[0] == 0
 
 
+def test_expected_output_follows_how_answers_end(tiny_target, tiny_draft, tokenizer):
+    """The catch-up is priced on the tokens a request can be expected to generate: max_tokens caps it,
+    answers that end by EOS early (measured over ended requests) shorten it, ignore_eos makes it exact."""
+    from types import SimpleNamespace
+
+    from spruce.costmodel import PRIOR_OUTPUT_TOKENS, expected_output_tokens
+
+    h = 1 / PRIOR_OUTPUT_TOKENS
+    assert expected_output_tokens(40, 0, 0) == pytest.approx((1 - (1 - h) ** 40) / h)
+    assert 35 < expected_output_tokens(40, 0, 0) < 40 and expected_output_tokens(0, 0, 0) == 0
+    # 100 answers of 20 tokens ended by EOS: a 4000-token budget is expected to bring ~20 more
+    assert expected_output_tokens(4000, 100, 2000) == pytest.approx(2256 / 101, rel=1e-3)
+    # answers cut by max_tokens only: the estimate grows toward the budget
+    assert expected_output_tokens(40, 0, 100_000) > 39.9
+    engine = Engine(tiny_target, tokenizer, tiny_draft)
+    engine.generate([[5, 6, 7]], SamplingParams(max_tokens=8, ignore_eos=True), ADAPTIVE)
+    assert (engine.planner.outputs_stopped, engine.planner.outputs_tokens) == (0, 8)
+    for stop in (False, True):
+        params = SamplingParams(max_tokens=4000, ignore_eos=stop)
+        req = SimpleNamespace(params=params, stopper=SimpleNamespace(remaining=4000))
+        assert (engine.planner.expected_remaining(req) == 4000) == stop
+
+
 def test_plan_margin_keeps_plain_decoding_when_a_tree_barely_pays():
     rates = torch.full((MAX_DEPTH, MAX_RANK), 0.1)
     verify, draft = CostCurve(), CostCurve()
