@@ -359,17 +359,18 @@ def expected_output_tokens(
     return (1.0 - (1.0 - h) ** remaining) / h
 
 
-# a catch-up may spend at most this share of the saving its plan expects (the rest is the gain)
+# a draft that cannot read a whole prompt may read its latest tokens instead, spending at most this share
+# of the saving its plan expects (a windowed draft proposes worse than one that read everything)
 CATCH_UP_SHARE = 0.5
-# a windowed catch-up reads at least this many tokens (a draft with less context proposes poorly)
-MIN_DRAFT_WINDOW = 64
+# ... and at least this many tokens (with less context a draft proposes poorly)
+MIN_DRAFT_WINDOW = 256
 
 
 def catch_up_tokens(
     # committed tokens the draft has not seen (a prompt never drafted, or plain steps since it last ran)
     lag: int,
-    # the draft's seconds per token when it catches up (a prefill-like pass)
-    token_s: float,
+    # the draft's seconds to read n tokens it has not seen (a prefill-like pass), measured
+    catch_up_cost: PassCost,
     # tokens the request can be expected to generate still (``expected_output_tokens``)
     remaining: float,
     plan: TreePlan,
@@ -377,25 +378,30 @@ def catch_up_tokens(
     plain_token_s: float,
     # requests sharing each pass
     batch: int = 1,
+    margin: float = 0.0,
 ) -> int:
     """How many of the ``lag`` tokens the draft reads before it drafts for this request: all of them,
     only the latest (a window: ``SpeculationConfig.draft_window``), or none (0: decode plainly).
 
     In the batch's wall time the plan saves ``remaining x (plain s/token - planned s/token)``, a saving
     the ``batch`` requests make together (each step serves them all), so this request's share is that
-    / ``batch``; the catch-up pass, ``tokens x token_s``, stalls the whole batch. It may spend at most
-    ``CATCH_UP_SHARE`` of the share: everything if that is enough, else the latest tokens that fit,
-    if at least ``MIN_DRAFT_WINDOW`` do. Long prompts with short answers read a window or stay plain,
-    as do new requests joining a large batch."""
+    / ``batch``; the catch-up pass stalls the whole batch. The draft reads everything when that costs
+    less than the share (by ``margin``); else the latest tokens that cost at most ``CATCH_UP_SHARE`` of
+    it, if at least ``MIN_DRAFT_WINDOW`` do. Long prompts with short answers read a window or stay
+    plain, as do new requests joining a large batch."""
     saved = remaining * (plain_token_s - plan.expected_step_s / plan.expected_tokens) / batch
     if saved <= 0:
         return 0
-    if token_s <= 0:
+    if catch_up_cost(lag) * (1.0 + margin) <= saved:
         return lag
-    affordable = int(CATCH_UP_SHARE * saved / token_s)
-    if affordable >= lag:
-        return lag
-    return affordable if affordable >= MIN_DRAFT_WINDOW else 0
+    budget = CATCH_UP_SHARE * saved
+    if lag <= MIN_DRAFT_WINDOW or catch_up_cost(MIN_DRAFT_WINDOW) > budget:
+        return 0
+    lo, hi = MIN_DRAFT_WINDOW, lag  # cost(lo) fits, cost(hi) does not: the longest window that fits
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if catch_up_cost(mid) <= budget else (lo, mid)
+    return lo
 
 
 class StepPolicy:

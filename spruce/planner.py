@@ -18,7 +18,6 @@ import torch
 from spruce.config import SpeculationConfig
 from spruce.costmodel import (
     COST_EMA,
-    MIN_DRAFT_WINDOW,
     NGRAM_PRIOR_RATE,
     PLAN_MARGIN,
     PRIOR_WEIGHT,
@@ -40,8 +39,13 @@ STEADY_LAG = 8
 # Every this many engine steps in a row without a draft, one adaptive request drafts anyway (the profile
 # keeps learning).
 EXPLORE_EVERY = 16
+# ... reading at most this many of the tokens its draft has not seen
+EXPLORE_WINDOW = 64
 # Start-up cost measurement: a short synthetic prefix, and tree sizes to time (up to the budget + 1).
 CALIBRATION_PREFIX = 32
+# the draft's catch-up is also timed over this many tokens at start-up (a 32-token pass is mostly
+# per-pass overhead: per token it measured 2x a 512-token one)
+CATCH_UP_REFERENCE = 256
 _CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # timings per size at start-up; the fastest counts (the others met interference)
 _CALIBRATION_REPEATS = 2
@@ -61,7 +65,8 @@ class Planner:
         self.verify_costs = CostCurve()
         self.draft_costs_by_batch: dict[int, CostCurve] = {1: CostCurve()}
         self.draft_costs = self.draft_costs_by_batch[1]
-        self.draft_token_s = 0.0
+        # the draft's seconds to read n tokens it has not seen, by n (bucketed: ``observe_draft``)
+        self.draft_catch_up = CostCurve()
         # this step's plans by (budget, depth) bound, and the engine steps in a row that drafted nothing
         self._step_plans: dict[tuple[int, int], TreePlan] = {}
         self._steps_without_draft = 0
@@ -95,8 +100,14 @@ class Planner:
         if max(lags) <= STEADY_LAG:
             self.draft_costs_by_batch.setdefault(batch, CostCurve()).observe(levels, seconds)
         feed_s, fed = self.drafter.last_feed
-        if fed >= CALIBRATION_PREFIX:  # a catch-up pass: its own cost per token
-            self.draft_token_s += COST_EMA * (feed_s / fed - self.draft_token_s)
+        if fed >= CALIBRATION_PREFIX:  # a catch-up pass: its own cost curve
+            self.observe_catch_up(fed, feed_s)
+
+    def observe_catch_up(self, fed: int, seconds: float) -> None:
+        """A draft pass that read ``fed`` tokens, as a point of the catch-up curve at the nearest power
+        of two (its time scaled to that size: locally a catch-up costs in proportion to its tokens)."""
+        bucket = 2 ** round(math.log2(fed))
+        self.draft_catch_up.observe(bucket, seconds * bucket / fed)
 
     def telemetry(self) -> dict[str, Any]:
         return {
@@ -104,7 +115,8 @@ class Planner:
             "verify_cost_s_by_tree_tokens": self.verify_costs.to_dict(),
             "draft_cost_s_by_levels": self.draft_costs.to_dict(),
             "draft_cost_s_by_batch_and_levels": {str(b): c.to_dict() for b, c in sorted(self.draft_costs_by_batch.items()) if c.known},
-            "draft_catch_up_s_per_token": self.draft_token_s,
+            "draft_catch_up_s_per_token": self.draft_catch_up(CATCH_UP_REFERENCE) / CATCH_UP_REFERENCE if self.draft_catch_up.known else 0.0,
+            "draft_catch_up_s_by_tokens": self.draft_catch_up.to_dict(),
         }
 
     def plan(self, req: Any, spec: SpeculationConfig, batch: int) -> SpeculationConfig | None:
@@ -136,16 +148,16 @@ class Planner:
             plan = self._step_plans[key] = plan_tree(rates, verify, draft, spec.budget, spec.depth, margin=PLAN_MARGIN)
         budget, window = plan.budget, 0
         lag = len(req.tokens) - req.draft_state.cached if req.draft_state is not None else 0
-        if budget and lag > STEADY_LAG:
-            read = catch_up_tokens(lag, self.draft_token_s, self.expected_remaining(req), plan, verify(1), batch)
+        if budget and lag > STEADY_LAG and self.draft_catch_up.known:
+            read = catch_up_tokens(lag, self.draft_catch_up, self.expected_remaining(req), plan, verify(1), batch, PLAN_MARGIN)
             budget = budget if read else 0
             window = read if read < lag else 0
         if budget == 0 and req is self._explorer:
-            # now and then one request drafts anyway, so that the profile keeps learning (reading the
-            # least it can: a draft far behind reads the latest MIN_DRAFT_WINDOW tokens)
+            # now and then one request drafts anyway, so that the profile keeps learning (reading
+            # little: a draft far behind reads the latest EXPLORE_WINDOW tokens)
             plan = plan_tree(rates, verify, draft, spec.budget, spec.depth, min_budget=1)
             budget = plan.budget
-            window = MIN_DRAFT_WINDOW if lag > MIN_DRAFT_WINDOW else 0
+            window = EXPLORE_WINDOW if lag > EXPLORE_WINDOW else 0
         if window and not 0 < fixed.draft_window <= window:  # a request's own smaller window stands
             fixed = dataclasses.replace(fixed, draft_window=window)
         self._drafted_this_step |= budget > 0
@@ -230,10 +242,13 @@ class Planner:
             self.verify_costs.observe(size, min(timings))
         dslot = self.draft_calib_slot
         pool = self.drafter.pool
-        pool.lengths[dslot] = 0
-        t0 = time.perf_counter()
-        run_packed(self.drafter.model, pool, [Segment(dslot, prefix, positions, logits="last")])
-        self.draft_token_s = (time.perf_counter() - t0) / CALIBRATION_PREFIX
+        # the catch-up curve's first points (the first pass warms up), ending with the prefix in the slot
+        for i, n in enumerate((CALIBRATION_PREFIX, CATCH_UP_REFERENCE, CALIBRATION_PREFIX)):
+            pool.lengths[dslot] = 0
+            t0 = time.perf_counter()
+            run_packed(self.drafter.model, pool, [Segment(dslot, torch.arange(n) % vocab, torch.arange(n), logits="last")])
+            if i:
+                self.draft_catch_up.observe(n, time.perf_counter() - t0)
         timings = []
         for _ in range(_CALIBRATION_REPEATS):
             t0 = time.perf_counter()

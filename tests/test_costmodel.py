@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 
+from typing import Any
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -282,55 +284,70 @@ def test_step_policy_looks_past_a_step_in_the_verify_curve():
     assert not StepPolicy(calibration, rates * 0.3, verify, draft).expand([0.95], 0.95, 1)
 
 
-def test_catch_up_reads_what_half_the_expected_saving_pays_for():
+def test_catch_up_reads_everything_that_pays_else_a_window():
     from spruce.costmodel import CATCH_UP_SHARE, MIN_DRAFT_WINDOW, TreePlan, catch_up_tokens
 
-    assert CATCH_UP_SHARE == 0.5 and MIN_DRAFT_WINDOW == 64
+    assert CATCH_UP_SHARE == 0.5 and MIN_DRAFT_WINDOW == 256
     # the plan makes a token cost 0.2 s instead of 0.4 s: 0.2 s saved per remaining token
     plan = TreePlan(budget=4, depth=2, top_k=2, expected_tokens=2.0, expected_step_s=0.4)
-    # 40 tokens left: 8 s saved, 4 s may go to catching up = 400 tokens at 10 ms
-    assert catch_up_tokens(300, 0.01, 40, plan, 0.4) == 300  # all of a 300-token prompt
-    assert catch_up_tokens(1000, 0.01, 40, plan, 0.4) == 400  # the latest 400 of 1000
-    assert catch_up_tokens(1000, 0.01, 100, plan, 0.4) == 1000  # a longer answer pays for all
-    # in a batch of 4 the saving is shared: a quarter of it is this request's (100 tokens' worth)
-    assert catch_up_tokens(1000, 0.01, 40, plan, 0.4, batch=4) == 100
-    # a window shorter than MIN_DRAFT_WINDOW is not worth drafting from
-    assert catch_up_tokens(1000, 0.01, 40, plan, 0.4, batch=8) == 0
+
+    def cost(n: int) -> float:  # 0.1 s per pass + 10 ms a token
+        return 0.1 + 0.01 * n
+
+    # 40 tokens left: 8 s saved; everything costing under that is read
+    assert catch_up_tokens(700, cost, 40, plan, 0.4) == 700
+    # with a 10% margin 790 tokens (8.0 s) no longer fit: a window of what 4 s buys (390 tokens)
+    assert catch_up_tokens(790, cost, 40, plan, 0.4, margin=0.1) == 390
+    assert catch_up_tokens(2000, cost, 40, plan, 0.4) == 390
+    assert catch_up_tokens(2000, cost, 400, plan, 0.4) == 2000  # a longer answer pays for all
+    # in a batch of 4 the saving is shared: a quarter of it is this request's, 2 s: a 190-token window
+    # would be below MIN_DRAFT_WINDOW, so none, unless the whole lag fits
+    assert catch_up_tokens(1000, cost, 40, plan, 0.4, batch=4) == 0
+    assert catch_up_tokens(150, cost, 40, plan, 0.4, batch=4) == 150
     # a plan no faster than plain decoding never pays for catching up
     slow = TreePlan(budget=4, depth=2, top_k=2, expected_tokens=1.0, expected_step_s=0.4)
-    assert catch_up_tokens(10, 0.001, 1000, slow, 0.4) == 0
+    assert catch_up_tokens(10, cost, 1000, slow, 0.4) == 0
 
 
-def test_a_long_prompt_short_answer_drafts_from_a_window(tiny_target, tiny_draft, tokenizer, monkeypatch):
-    """The draft's catch-up is priced per token: a prompt whose full read costs more than half the
-    expected saving is read only in part (its latest tokens), one that costs little is read whole, and
-    the output stays the target's either way. Costs are set and frozen, not timed."""
+def test_a_long_prompt_short_answer_drafts_from_a_window(tokenizer, monkeypatch):
+    """The draft's catch-up is priced on its measured curve: a prompt whose full read costs more than
+    the expected saving is read only in part (its latest tokens), or not at all when even the shortest
+    window costs too much; one that costs little is read whole; the output stays the target's either
+    way. Costs are set and frozen, not timed."""
+    from spruce.config import EngineConfig
     from spruce.draft.model_drafter import ModelDrafter
-    from spruce.planner import Planner
 
-    engine = _engine_with_costs(tiny_target, tiny_draft, tokenizer, verify_s=0.01, draft_s=0.0001)
+    from conftest import build_tiny_model, perturbed_copy
+
+    tiny_target = build_tiny_model(seed=0, max_position_embeddings=2048)
+    tiny_draft = perturbed_copy(tiny_target, noise=0.1, seed=1)
     monkeypatch.setattr(CostCurve, "observe", lambda self, size, seconds: None)
-    monkeypatch.setattr(Planner, "observe_draft", lambda self, *args: None)
     windows: list[int] = []
     propose_batch = ModelDrafter.propose_batch
     monkeypatch.setattr(ModelDrafter, "propose_batch", lambda self, jobs: (windows.extend(j.config.draft_window for j in jobs), propose_batch(self, jobs))[1])
-    long_prompt = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(3)).tolist()
+    long_prompt = torch.randint(0, 256, (1000,), generator=torch.Generator().manual_seed(3)).tolist()
     params = SamplingParams(max_tokens=12, ignore_eos=True)
-    # 12 tokens save at most 12 x 0.01 s; at 1 ms a token half of that reads at most 60 < 64 tokens
-    engine.planner.draft_token_s = 1e-3
-    out = engine.generate([long_prompt], params, ADAPTIVE)[0]
-    assert out.stats.steps_by_planned_budget.get(0, 0) >= 1 and windows in ([], [64])  # plain (or one explorer)
-    assert out.token_ids == reference_greedy(tiny_target, long_prompt, 12, eos=None)
-    # at 0.2 ms a token it can read some of the prompt: a window between 64 and 199 tokens
-    windows.clear()
-    engine.planner.draft_token_s = 2e-4
-    out = engine.generate([long_prompt], params, ADAPTIVE)[0]
-    assert windows and 64 <= windows[0] < 200 and out.stats.drafted > 0
-    assert out.token_ids == reference_greedy(tiny_target, long_prompt, 12, eos=None)
+
+    def run(per_token_s: float, prompt: list[int]) -> tuple[list[int], Any]:
+        """A fresh engine (the prior acceptance profile), costs set; the windows its drafts read."""
+        windows.clear()
+        engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_seq_len=1100))
+        engine.verify_costs.points.update({size: 0.01 for size in range(1, 10)})
+        engine.draft_costs.points.update({1: 0.0001, 2: 0.0002})
+        engine.planner.draft_catch_up.points.update({n: per_token_s * n for n in (32, 1024)})
+        out = engine.generate([prompt], params, ADAPTIVE)[0]
+        assert out.token_ids == reference_greedy(tiny_target, prompt, 12, eos=None)
+        return windows[:], out
+
+    # 12 tokens save at most 12 x 0.01 s; at 1 ms a token half of that reads 60 < 256 tokens: plain
+    seen, out = run(1e-3, long_prompt)
+    assert out.stats.steps_by_planned_budget.get(0, 0) >= 1 and seen in ([], [64])  # (or one explorer)
+    # at 0.09 ms a token it can read some of the prompt: a window between 256 and 999 tokens
+    seen, out = run(9e-5, long_prompt)
+    assert seen and 256 <= seen[0] < 1000
     # a short prompt is read whole
-    windows.clear()
-    engine.generate([long_prompt[:20]], params, ADAPTIVE)
-    assert windows and windows[0] == 0
+    seen, out = run(9e-5, long_prompt[:200])
+    assert seen and seen[0] == 0
 
 
 def test_expected_output_follows_how_answers_end(tiny_target, tiny_draft, tokenizer):
