@@ -579,7 +579,7 @@ class Engine:
         t0 = time.perf_counter()
         batch = len(reqs)
         self.planner.begin_step(reqs)
-        specs = [self._step_spec(r, batch) for r in reqs]
+        specs = self.planner.settle(reqs, [self._step_spec(r, batch) for r in reqs])
         self.planner.end_step()
         if self.tp is not None:  # the plan rests on timings, which differ between ranks: rank 0's holds
             specs, policies = self.tp.broadcast((specs, [r.policy for r in reqs]))

@@ -73,6 +73,8 @@ class Planner:
         self._drafted_this_step = False
         # the one request that drafts on an exploration step
         self._explorer: Any = None
+        # this step's requests that plan a model tree (the explorer aside), with their plans (``settle``)
+        self._step_drafting: list[tuple[Any, TreePlan]] = []
         # n-gram proposals over all requests: those tried (their parent was accepted) and accepted
         self.ngram_tried = 0.0
         self.ngram_accepted = 0.0
@@ -87,6 +89,7 @@ class Planner:
         self._step_profile = None
         self._drafted_this_step = False
         self._explorer = None
+        self._step_drafting = []
         if self._steps_without_draft + 1 >= EXPLORE_EVERY:  # the adaptive request whose draft lags least
             lags = {id(r): len(r.tokens) - r.draft_state.cached for r in reqs if r.adaptive and r.draft_state is not None}
             self._explorer = min((r for r in reqs if id(r) in lags), key=lambda r: lags[id(r)], default=None)
@@ -164,6 +167,8 @@ class Planner:
         req.stats.record_plan(budget)
         if budget == 0:
             return self._ngram_only(req, fixed, batch) if spec.uses_ngram else None
+        if req is not self._explorer:
+            self._step_drafting.append((req, plan))
         if spec.uses_ngram:  # n-gram tokens on top of the model's tree: only as many as pay for their pass
             k = choose_ngram_budget(
                 self.ngram_rate(req), spec.ngram_budget, verify, PLAN_MARGIN, plan.expected_tokens, plan.budget, draft(plan.depth)
@@ -173,6 +178,36 @@ class Planner:
             return dataclasses.replace(fixed, depth=plan.depth, top_k=plan.top_k, budget=plan.budget)
         req.policy = StepPolicy(calibration, rates, verify, draft)
         return dataclasses.replace(fixed, top_k=plan.top_k)
+
+    def settle(self, reqs: list[Any], specs: list[SpeculationConfig | None]) -> list[SpeculationConfig | None]:
+        """The step as a whole. Each plan priced the batch as if every request drafted like it; when only
+        some of them draft (the others could not pay to bring their draft up to date, or are not
+        adaptive), the draft's levels still cost a pass each, for fewer requests' gain. Priced again with
+        the requests that do draft: if the step beats plain decoding of the whole batch by less than the
+        plan's margin, those requests decode plainly this step (the exploring request still drafts)."""
+        drafting, batch = self._step_drafting, len(reqs)
+        if not drafting or len(drafting) == batch:
+            return specs
+        verify = self.verify_costs
+        nodes = sum(plan.budget for _, plan in drafting)
+        seconds = self.draft_curve(len(drafting))(max(plan.depth for _, plan in drafting)) + verify(batch + nodes)
+        tokens = batch - len(drafting) + sum(plan.expected_tokens for _, plan in drafting)
+        if tokens / seconds >= (1.0 + PLAN_MARGIN) * batch / verify(batch):
+            return specs
+        index = {id(r): i for i, r in enumerate(reqs)}
+        for req, plan in drafting:
+            i = index[id(req)]
+            spec = specs[i]
+            req.policy = None
+            planned = req.stats.steps_by_planned_budget
+            planned[plan.budget] -= 1
+            if not planned[plan.budget]:
+                del planned[plan.budget]
+            req.stats.record_plan(0)
+            specs[i] = self._ngram_only(req, dataclasses.replace(spec, drafter="ngram"), batch) if spec is not None and spec.uses_ngram else None
+        explorer = index.get(id(self._explorer))
+        self._drafted_this_step = explorer is not None and specs[explorer] is not None
+        return specs
 
     def _ngram_only(self, req: Any, spec: SpeculationConfig, batch: int) -> SpeculationConfig | None:
         """No draft model this step: the n-gram tokens worth verifying, from the request's measured

@@ -408,6 +408,43 @@ def test_under_load_adaptive_plans_shrink_to_plain_decoding(tiny_target, tiny_dr
     assert all(out.stats.steps_by_planned_budget.get(0, 0) >= out.stats.steps - 2 for out in batch)
 
 
+def test_a_step_where_few_requests_draft_is_priced_again(tiny_target, tiny_draft, tokenizer):
+    """Plans price the batch as if every request drafted alike. When only one of four can (the others'
+    drafts are far behind and reading their prompts would not pay), the draft's levels cost the same for
+    one request's gain: the step is priced again and decodes plainly. All four drafting keep their plans."""
+    from types import SimpleNamespace
+
+    from spruce.config import EngineConfig
+    from spruce.stats import SpecStats
+
+    engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=4))
+    planner = engine.planner
+    planner.verify_costs.points.update({n: 0.01 for n in range(1, 65)})
+    for batch in (1, 4):
+        planner.draft_costs_by_batch.setdefault(batch, CostCurve()).points.update({1: 0.002, 2: 0.004})
+    planner.draft_catch_up.points.update({32: 1.0, 1024: 32.0})  # reading a prompt costs seconds
+
+    def req(lag: int) -> SimpleNamespace:
+        tokens = list(range(100))
+        return SimpleNamespace(
+            tokens=tokens, draft_state=SimpleNamespace(cached=len(tokens) - lag), sampling=None, policy=None,
+            stopper=SimpleNamespace(remaining=50), stats=SpecStats(), params=SamplingParams(max_tokens=50),
+        )
+
+    def step(reqs):
+        planner.begin_step(reqs)
+        specs = planner.settle(reqs, [planner.plan(r, ADAPTIVE, len(reqs)) for r in reqs])
+        planner.end_step()
+        return specs
+
+    steady = [req(1) for _ in range(4)]
+    assert all(spec is not None for spec in step(steady))
+    assert all(r.stats.steps_by_planned_budget.get(0) is None for r in steady)
+    mixed = [req(1)] + [req(100) for _ in range(3)]
+    assert step(mixed) == [None] * 4
+    assert all(r.stats.steps_by_planned_budget == {0: 1} for r in mixed)
+
+
 def test_ngram_budget_follows_acceptance_and_verify_cost():
     flat, steep = CostCurve(), CostCurve()
     for size in range(1, 9):
