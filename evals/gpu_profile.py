@@ -81,13 +81,15 @@ def pass_costs(
     model, batches: list[int], tokens: list[int], context: int, device: str, repeats: int, kernel: str | None = None
 ) -> dict:
     """Seconds of one packed pass: ``batch`` requests, each ``n`` tree tokens after ``context`` cached
-    ones (a chain-shaped tree; the mask's shape does not change the cost). ``kernel``: the verify pass
-    through that tree-attention backend (None: SDPA per request on views of the pool)."""
+    ones (a chain-shaped tree; the mask's shape does not change the cost), as the engine's greedy
+    verify runs it (logits stay on the device: before 2026-11-26's later stop every row's float32
+    logits were copied to the host). ``kernel``: the verify pass through that tree-attention backend
+    (None: SDPA per request on views of the pool)."""
     pool, slots = _random_pool(model, max(batches), context, 0.02)
     out: dict[str, dict[str, float]] = {}
     for b in batches:
         for n in tokens:
-            once = _pass(model, pool, slots[:b], n, context, kernel)
+            once = _pass(model, pool, slots[:b], n, context, kernel, greedy=True)
             out.setdefault(str(b), {})[str(n)] = _timed(once, device, repeats)
     return out
 
@@ -105,9 +107,10 @@ def _random_pool(model, slots: int, context: int, std: float):
     return pool, [pool.allocate() for _ in range(slots)]
 
 
-def _pass(model, pool, slots: list[int], n: int, context: int, kernel: str | None):
+def _pass(model, pool, slots: list[int], n: int, context: int, kernel: str | None, greedy: bool = False):
     """A callable running one verify pass of ``n`` chain tokens per slot after ``context`` positions;
-    returns the logits."""
+    returns the logits (float32, host), or with ``greedy`` what the engine's greedy verify takes: each
+    row's argmax, computed where the logits are (only token ids reach the host)."""
     from spruce.kvcache import Segment, run_packed
 
     gen = torch.Generator().manual_seed(n)
@@ -120,6 +123,8 @@ def _pass(model, pool, slots: list[int], n: int, context: int, kernel: str | Non
     def once() -> list[torch.Tensor]:
         for s in slots:
             pool.lengths[s] = context
+        if greedy:
+            return [rows.argmax(-1).cpu() for rows in run_packed(model, pool, segments, kernel, device_logits=True)]
         return run_packed(model, pool, segments, kernel)
 
     return once

@@ -590,7 +590,7 @@ class Engine:
         segments = [self._verify_segment(r, prop.tree) for r, prop in zip(reqs, proposals)]
         prefilling = [r for r in reqs if not r.prefilled]
         # a pass that prefills is no tree-attention pass (its prompt rows are causal queries)
-        logits = run_packed(self.target, self.kv, segments, None if prefilling else self.attention_backend)
+        logits = run_packed(self.target, self.kv, segments, None if prefilling else self.attention_backend, device_logits=True)
         t2 = time.perf_counter()
         if not prefilling:  # the verify curve is for tree passes alone
             self.planner.verify_costs.observe(sum(p.tree.num_nodes for p in proposals), t2 - t1)

@@ -246,10 +246,16 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype, device: torch.device) -
 
 @torch.inference_mode()
 def run_packed(
-    model: PreTrainedModel, cache: SlotKVCache, segments: list[Segment], kernel: str | None = None
+    model: PreTrainedModel,
+    cache: SlotKVCache,
+    segments: list[Segment],
+    kernel: str | None = None,
+    device_logits: bool = False,
 ) -> list[torch.Tensor]:
     """One forward of ``model`` over every segment; returns each segment's requested logits rows as
     float32 [rows, V] (CPU): all rows, the last one or last k, or none (an empty tensor).
+    ``device_logits``: the rows stay where the model ran, in its dtype (a verify pass over many trees
+    need not copy every row's logits to the host: greedy acceptance needs only their argmax).
 
     The model must have been switched to ``spruce.attention``'s attention function (``use_backend``).
     ``kernel``: a tree-attention backend name for a verify pass (tree segments only); None or "sdpa":
@@ -280,6 +286,9 @@ def run_packed(
         spruce_batch=meta,
         **{cache_kwarg(type(model)): cache},
     )
-    logits = out.logits[0].float().cpu() if rows else torch.zeros(0, 0)
+    if not rows:
+        logits = torch.zeros(0, 0)
+    else:
+        logits = out.logits[0] if device_logits else out.logits[0].float().cpu()
     return [logits[a:b] for a, b in spans]
 

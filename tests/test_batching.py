@@ -429,3 +429,28 @@ def test_windowed_drafts_stay_lossless(tiny_target, tiny_draft, tokenizer):
     plain = engine.generate(prompts, params, speculation=None)
     windowed = SpeculationConfig(depth=3, top_k=2, budget=4, draft_window=8)
     assert [o.token_ids for o in engine.generate(prompts, params, speculation=windowed)] == [o.token_ids for o in plain]
+
+
+def test_device_logits_are_the_same_rows_unconverted():
+    """``device_logits``: the verify rows stay in the model's dtype where it ran (no host copy); the
+    default returns them as float32 on the host: the same values, and greedy acceptance takes the
+    same argmax from either."""
+    from spruce.verify.accept import accept
+
+    model = build_tiny_model(seed=2).to(torch.bfloat16)
+    use_backend(model, "sdpa")
+    gen = torch.Generator().manual_seed(4)
+    tree = _random_tree(6, gen)
+    prefix = torch.randint(0, TINY_VOCAB, (9,), generator=gen)
+    rows = []
+    for device_logits in (False, True):
+        pool = SlotKVCache(model, 1, 32)
+        slot = pool.allocate()
+        run_packed(model, pool, [Segment(slot, prefix, torch.arange(9), logits="none")])
+        rows.append(run_packed(model, pool, [Segment(slot, tree.tokens, tree.depth + 9, tail=tree.ancestor_mask)], device_logits=device_logits)[0])
+    host, device = rows
+    assert host.dtype == torch.float32 and device.dtype == torch.bfloat16
+    assert torch.equal(host, device.float())
+    params = SamplingParams()
+    one, two = (accept(tree, x, None, params, torch.Generator()) for x in (host, device))
+    assert one.accepted_nodes.tolist() == two.accepted_nodes.tolist() and one.bonus_token == two.bonus_token
