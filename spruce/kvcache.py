@@ -82,7 +82,8 @@ class BatchAttention:
     # what a backend derives from this pass's layout once and reuses in every layer (flex: its block mask)
     derived: dict = field(default_factory=dict)
     # per segment: its leading query rows that are a plain causal prefill from the slot's first position
-    # (row i sees keys 0..i): SDPA's own causal path serves them without a mask (``packed_attention``)
+    # (row i sees keys 0..i): on a CPU, SDPA's own causal path serves them without a mask
+    # (``packed_attention``); 0 everywhere for pools on other devices
     causal_rows: tuple[int, ...] = ()
 
 
@@ -166,7 +167,7 @@ class SlotKVCache:
             slots.append(torch.full((n,), seg.slot, dtype=torch.long))
             poss.append(torch.arange(start, start + n))
             mask = _segment_mask(seg, start, n)
-            causal.append(_causal_rows(mask) if start == 0 and mask is not None else 0)
+            causal.append(_causal_rows(mask) if device.type == "cpu" and start == 0 and mask is not None else 0)
             parts.append((offset, n, seg.slot, start + n, None if mask is None else _additive(mask, dtype, device)))
             offset += n
         self._slot_index = torch.cat(slots).to(device)

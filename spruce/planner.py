@@ -198,13 +198,14 @@ class Planner:
         for req, plan in drafting:
             i = index[id(req)]
             spec = specs[i]
+            assert spec is not None  # a request that plans a model tree returned its spec
             req.policy = None
             planned = req.stats.steps_by_planned_budget
             planned[plan.budget] -= 1
             if not planned[plan.budget]:
                 del planned[plan.budget]
             req.stats.record_plan(0)
-            specs[i] = self._ngram_only(req, dataclasses.replace(spec, drafter="ngram"), batch) if spec is not None and spec.uses_ngram else None
+            specs[i] = self._ngram_only(req, spec, batch) if spec.uses_ngram else None
         explorer = index.get(id(self._explorer))
         self._drafted_this_step = explorer is not None and specs[explorer] is not None
         return specs
