@@ -157,7 +157,8 @@ class CostCurve:
     Robust to the spikes a shared machine produces: an update moves the average by at most
     ``COST_EMA`` of twice the current value, and a pass is never assumed to cost more than a measured
     larger one (cost is non-decreasing in size), so one slow sample cannot make a size look expensive
-    forever when the plan then avoids re-measuring it. Between points, linear interpolation.
+    forever when the plan then avoids re-measuring it. Between points, linear interpolation; beyond the
+    largest, the last segment's slope or the average slope over the measured range, whichever is steeper.
     """
 
     def __init__(self) -> None:
@@ -210,8 +211,12 @@ class CostCurve:
             return above[0][1]
         if len(below) == 1:
             return below[0][1]
+        # beyond the largest measured pass: the steeper of the last segment and the chord over the whole
+        # measured range (the monotone floor flattens a top segment whenever a larger pass happened to
+        # time faster; a flat slope would price a pass of 16 x 17 tokens like one of 17)
         (x0, y0), (x1, y1) = below[-2], below[-1]
-        return y1 + max(0.0, (y1 - y0) / (x1 - x0)) * (size - x1)
+        slope = max(0.0, (y1 - y0) / (x1 - x0), (y1 - below[0][1]) / (x1 - below[0][0]))
+        return y1 + slope * (size - x1)
 
     def to_dict(self) -> dict[str, float]:
         return {str(k): v for k, v in self._monotone()}

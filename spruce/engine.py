@@ -683,7 +683,7 @@ class Engine:
             t0 = time.perf_counter()
             drafted = self.drafter.propose_batch(jobs)
             seconds = time.perf_counter() - t0
-            self.planner.observe_draft(len(reqs), lags, max(job.state.levels for job in jobs), seconds)
+            self.planner.observe_draft(len(jobs), lags, max(job.state.levels for job in jobs), seconds)
             for i, job, prop in zip(owners, jobs, drafted):
                 proposals[i] = prop
                 reqs[i].model_nodes = prop.tree.num_nodes

@@ -99,7 +99,8 @@ class Planner:
             self._steps_without_draft = 0 if self._drafted_this_step else self._steps_without_draft + 1
 
     def observe_draft(self, batch: int, lags: list[int], levels: int, seconds: float) -> None:
-        """One batched propose: the curve by levels (steady steps) and the catch-up cost per token."""
+        """One batched propose of ``batch`` requests' trees (those that drafted, not the step's whole
+        batch): the curve by levels at that batch size (steady steps) and the catch-up curve."""
         if max(lags) <= STEADY_LAG:
             self.draft_costs_by_batch.setdefault(batch, CostCurve()).observe(levels, seconds)
         feed_s, fed = self.drafter.last_feed

@@ -454,3 +454,19 @@ def test_device_logits_are_the_same_rows_unconverted():
     params = SamplingParams()
     one, two = (accept(tree, x, None, params, torch.Generator()) for x in (host, device))
     assert one.accepted_nodes.tolist() == two.accepted_nodes.tolist() and one.bonus_token == two.bonus_token
+
+
+def test_draft_costs_are_keyed_by_the_requests_that_drafted(tiny_target, tiny_draft, tokenizer):
+    """Plans price a batch where every request drafts with the draft curve at that many requests: a
+    step where one of three requests drafts is a one-request draft pass, not a three-request one."""
+    engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=3))
+    planner = engine.planner
+    before = {b: dict(c.points) for b, c in planner.draft_costs_by_batch.items()}
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    drafting = engine.add_request([1, 2, 3], params, SPECS["tree"])
+    plain = [engine.add_request(p, params, None) for p in ([4, 5, 6], [7, 8])]
+    for _ in engine._drive([drafting, *plain]):
+        pass
+    assert drafting.output is not None and drafting.output.stats.drafted > 0
+    changed = {b for b, c in planner.draft_costs_by_batch.items() if c.points != before.get(b)}
+    assert changed == {1}

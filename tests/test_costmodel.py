@@ -266,6 +266,23 @@ def test_cost_curve_resists_spikes_and_stays_monotone():
     assert c(5) == pytest.approx(1.5)
 
 
+def test_cost_curve_beyond_its_largest_point_is_never_flat():
+    """A larger pass that timed faster flattens the top of the monotone curve; extrapolating that flat
+    segment priced a 16-request batch of 17-token trees (272 tokens) like one tree: the chord over the
+    measured range prices it instead."""
+    c = CostCurve()
+    for size, seconds in ((1, 0.37), (4, 0.60), (16, 0.95), (17, 0.93)):
+        c.observe(size, seconds)
+    assert c(16) == pytest.approx(0.93)  # the floor: 16 never costs more than a measured 17
+    chord = (0.93 - 0.37) / 16
+    assert c(272) == pytest.approx(0.93 + chord * 255)
+    assert c(272) > 8 * c(17)
+    steep = CostCurve()  # a last segment steeper than the chord keeps its own slope
+    for size, seconds in ((1, 0.3), (8, 0.31), (9, 0.5)):
+        steep.observe(size, seconds)
+    assert steep(11) == pytest.approx(0.5 + 2 * 0.19)
+
+
 def test_step_policy_looks_past_a_step_in_the_verify_curve():
     """One more level crosses the 2 -> 3 token step and does not pay alone; three more levels do."""
     rates = torch.full((MAX_DEPTH, MAX_RANK), 0.9, dtype=torch.float64)
@@ -497,3 +514,4 @@ def test_adaptive_model_and_ngram_drafting_is_lossless_either_way(tiny_target, t
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     prompt = [9, 8, 7, 6, 5] * 4
     assert engine.generate([prompt], params, spec)[0].token_ids == engine.generate([prompt], params, None)[0].token_ids
+
