@@ -638,11 +638,12 @@ class Engine:
         if req.model_nodes and self.drafter is not None and req.draft_state is not None:
             self.drafter.commit(req.draft_state, accepted_nodes)
             model_part = torch.arange(tree.num_nodes) < req.model_nodes
-            self.planner.profile.record(tree, accepted_nodes, ~model_part)
+            profile = self.planner.profile_for(req)
+            profile.record(tree, accepted_nodes, ~model_part)
             if tree.draft_logprobs is not None and not (req.sampling is not None and spec is not None and spec.sampled_children):
                 on_path = torch.zeros(req.model_nodes, dtype=torch.bool)
                 on_path[[n for n in accepted_nodes if n < req.model_nodes]] = True
-                self.planner.profile.record_confidence(path_logprobs(tree)[1 : req.model_nodes].exp(), on_path[1:])
+                profile.record_confidence(path_logprobs(tree)[1 : req.model_nodes].exp(), on_path[1:])
         if tree.num_nodes > max(req.model_nodes, 1):  # n-gram branches were verified
             self.planner.record_ngram(req, tree, accepted_nodes, req.model_nodes)
         emitted = result.emitted_tokens()

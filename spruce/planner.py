@@ -1,7 +1,7 @@
 """Adaptive speculation: what the engine measures (acceptance by position, pass costs) and, each step,
 the tree each adaptive request drafts (``spruce.costmodel`` does the math; this holds the state).
 
-Measured, engine-wide: the acceptance profile; the target's seconds per pass by tokens in the pass; the
+Measured, engine-wide: the acceptance profile (one for greedy requests, one for sampling); the target's seconds per pass by tokens in the pass; the
 draft's seconds by levels, per batch size; the draft's seconds per token when it catches up on tokens
 it has not seen. The first adaptive step times both models in calibration slots of their KV pools.
 """
@@ -61,14 +61,18 @@ class Planner:
         # calibration slots, held for the engine's life
         self.calib_slot = kv.allocate()
         self.draft_calib_slot = drafter.pool.allocate() if drafter is not None else -1
+        # acceptance is measured apart for greedy and for sampling requests: a sampled token is accepted
+        # with the target's probability of it, a greedy one when it is the target's argmax, so the rates
+        # (and the confidence calibration) differ; a server serving both would mix them otherwise
         self.profile = AcceptanceProfile()
+        self.sampling_profile = AcceptanceProfile()
         self.verify_costs = CostCurve()
         self.draft_costs_by_batch: dict[int, CostCurve] = {1: CostCurve()}
         self.draft_costs = self.draft_costs_by_batch[1]
         # the draft's seconds to read n tokens it has not seen, by n (bucketed: ``observe_draft``)
         self.draft_catch_up = CostCurve()
-        # this step's plans by (budget, depth) bound, and the engine steps in a row that drafted nothing
-        self._step_plans: dict[tuple[int, int], TreePlan] = {}
+        # this step's plans by (sampling, budget, depth bound), and the engine steps in a row that drafted nothing
+        self._step_plans: dict[tuple[bool, int, int], TreePlan] = {}
         self._steps_without_draft = 0
         self._drafted_this_step = False
         # the one request that drafts on an exploration step
@@ -81,12 +85,13 @@ class Planner:
         # ended requests: how many ended by EOS or a stop string, and the tokens all of them generated
         self.outputs_stopped = 0
         self.outputs_tokens = 0
-        # this step's acceptance rates and confidence calibration (the profile changes only at commit)
-        self._step_profile: tuple[torch.Tensor, torch.Tensor] | None = None
+        # this step's acceptance rates and confidence calibration, greedy and sampling (profiles change
+        # only at commit)
+        self._step_profiles: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def begin_step(self, reqs: list[Any]) -> None:
         self._step_plans.clear()
-        self._step_profile = None
+        self._step_profiles.clear()
         self._drafted_this_step = False
         self._explorer = None
         self._step_drafting = []
@@ -116,6 +121,7 @@ class Planner:
     def telemetry(self) -> dict[str, Any]:
         return {
             "acceptance_profile": self.profile.to_dict(),
+            "acceptance_profile_sampling": self.sampling_profile.to_dict(),
             "verify_cost_s_by_tree_tokens": self.verify_costs.to_dict(),
             "draft_cost_s_by_levels": self.draft_costs.to_dict(),
             "draft_cost_s_by_batch_and_levels": {str(b): c.to_dict() for b, c in sorted(self.draft_costs_by_batch.items()) if c.known},
@@ -142,11 +148,13 @@ class Planner:
             return self._ngram_only(req, fixed, batch) if spec.uses_ngram else fixed
         if not self.draft_costs.known:
             self.calibrate(fixed)
-        if self._step_profile is None:
-            self._step_profile = (self.profile.rates(), self.profile.calibration())
-        rates, calibration = self._step_profile
+        sampling = not req.params.greedy
+        if sampling not in self._step_profiles:
+            profile = self.profile_for(req)
+            self._step_profiles[sampling] = (profile.rates(), profile.calibration())
+        rates, calibration = self._step_profiles[sampling]
         verify, draft = _BatchCurve(self.verify_costs, batch), self.draft_curve(batch)
-        key = (spec.budget, spec.depth)
+        key = (sampling, spec.budget, spec.depth)
         plan = self._step_plans.get(key)
         if plan is None:
             plan = self._step_plans[key] = plan_tree(rates, verify, draft, spec.budget, spec.depth, margin=PLAN_MARGIN)
@@ -219,6 +227,10 @@ class Planner:
             return dataclasses.replace(spec, drafter="ngram")  # nothing measured yet: as configured
         k = choose_ngram_budget(self.ngram_rate(req), spec.ngram_budget, _BatchCurve(self.verify_costs, batch), PLAN_MARGIN)
         return dataclasses.replace(spec, drafter="ngram", ngram_budget=k) if k else None
+
+    def profile_for(self, req: Any) -> AcceptanceProfile:
+        """The acceptance profile a request's trees are planned with and recorded in (greedy or sampling)."""
+        return self.profile if req.params.greedy else self.sampling_profile
 
     def record_output(self, generated: int, stopped: bool) -> None:
         """An ended request: its tokens, and whether EOS or a stop string ended it (not max_tokens)."""

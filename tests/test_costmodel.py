@@ -515,3 +515,33 @@ def test_adaptive_model_and_ngram_drafting_is_lossless_either_way(tiny_target, t
     prompt = [9, 8, 7, 6, 5] * 4
     assert engine.generate([prompt], params, spec)[0].token_ids == engine.generate([prompt], params, None)[0].token_ids
 
+
+
+def test_greedy_and_sampling_requests_keep_their_own_acceptance_profiles(tiny_target, tiny_draft, tokenizer, monkeypatch):
+    """A sampled draft token is accepted with the target's probability of it, a greedy one when it is
+    the argmax: the engine measures the two apart, each request records into and plans from its own
+    mode's profile. With costs frozen so that only a likely tree pays, a greedy profile that measured
+    high acceptance drafts while a sampling profile that measured little decodes plainly."""
+    from spruce.config import EngineConfig
+
+    engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=2))
+    planner = engine.planner
+    spec = SpeculationConfig(depth=2, top_k=1, budget=2, adaptive=False)
+    engine.generate(prompts(1, 3), SamplingParams(max_tokens=8, ignore_eos=True), spec)
+    greedy_tried = float(planner.profile.tried.sum())
+    assert greedy_tried > 0 and float(planner.sampling_profile.tried.sum()) == 0
+    engine.generate(prompts(1, 4), SamplingParams(max_tokens=8, temperature=0.8, ignore_eos=True), spec)
+    assert float(planner.sampling_profile.tried.sum()) > 0 and float(planner.profile.tried.sum()) == greedy_tried
+    assert "acceptance_profile_sampling" in engine.speculation_telemetry()
+
+    for profile, rate in ((planner.profile, 0.95), (planner.sampling_profile, 0.05)):
+        profile.tried[:] = 1000.0
+        profile.accepted[:] = 1000.0 * rate
+    planner.verify_costs.points.clear()
+    planner.verify_costs.points.update({1: 0.01, 2: 0.012, 3: 0.014})
+    planner.draft_costs.points.update({1: 0.001, 2: 0.002})
+    monkeypatch.setattr(CostCurve, "observe", lambda self, size, seconds: None)
+    greedy = engine.generate(prompts(1, 5), SamplingParams(max_tokens=10, ignore_eos=True), ADAPTIVE)[0]
+    sampled = engine.generate(prompts(1, 6), SamplingParams(max_tokens=10, temperature=0.8, ignore_eos=True), ADAPTIVE)[0]
+    assert greedy.stats.steps_by_planned_budget.get(0, 0) == 0 and greedy.stats.drafted > 0
+    assert set(sampled.stats.steps_by_planned_budget) == {0}
