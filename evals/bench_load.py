@@ -3,16 +3,17 @@
 For each concurrency c, c clients each keep one request in flight (a client whose request ends sends its
 next one before the engine's next step) until ``max(min_requests, c * requests_per_client)`` requests
 have finished. Every configuration runs the same prompt sequence at each concurrency, one after the
-other in an order that rotates from one concurrency to the next, on one engine (so the adaptive cost
-model keeps what it measured, as a server would).
+other in an order that rotates from one run to the next (``--rounds`` runs of each, alternating), on
+one engine (so the adaptive cost model keeps what it measured, as a server would).
 
 Reported per configuration and concurrency:
 - output tokens/s: output tokens of the finished requests / wall time of the run (prefill included);
 - per-token latency p50 / p99: each engine step that gives a request k tokens after a gap of g seconds
   (since its previous tokens) counts k tokens of g / k each; the first tokens (TTFT) are left out and
   reported apart (p50);
-- ratio to plain decoding's tokens/s at the same concurrency, and, with greedy decoding, whether every
-  output equals plain decoding's.
+- ratio to plain decoding's tokens/s at the same concurrency (over all rounds, and per round: the spread
+  says how far one run's ratio can be trusted on a shared machine), and, with greedy decoding, whether
+  every output equals plain decoding's.
 
     python -m spruce.evals.bench_load --prompts question.jsonl --concurrency 1 2 4 8 16 \\
         --configs plain tree:3:2:4 auto --max-tokens 32 --out evals/results/load_cpu_float32.json
@@ -78,10 +79,33 @@ def closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, n_request
                 for budget, count in s.steps_by_planned_budget.items():
                     planned[str(budget)] += count
                 send()
-    wall = time.perf_counter() - start
-    tokens = sum(len(t) for t in outputs.values())
+    raw = {
+        "wall_s": time.perf_counter() - start,
+        "steps": steps,
+        "drafted": drafted,
+        "accepted": accepted,
+        "gaps": gaps,
+        "ttfts": ttfts,
+        "steps_by_planned_budget": dict(planned),
+        "outputs": [outputs[i] for i in sorted(outputs)],
+    }
+    return {**summarize([raw]), "outputs": raw["outputs"]}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One configuration's figures over several runs of the same phase (rounds): tokens over wall time
+    summed, latency quantiles over every run's per-token gaps."""
+    wall = sum(r["wall_s"] for r in runs)
+    tokens = sum(len(t) for r in runs for t in r["outputs"])
+    steps, drafted, accepted = (sum(r[k] for r in runs) for k in ("steps", "drafted", "accepted"))
+    gaps = [g for r in runs for g in r["gaps"]]
+    ttfts = [t for r in runs for t in r["ttfts"]]
+    planned: dict[str, int] = defaultdict(int)
+    for r in runs:
+        for budget, count in r["steps_by_planned_budget"].items():
+            planned[budget] += count
     return {
-        "requests": len(outputs),
+        "requests": sum(len(r["outputs"]) for r in runs),
         "output_tokens": tokens,
         "wall_s": wall,
         "tokens_per_s": tokens / wall,
@@ -91,7 +115,11 @@ def closed_loop(engine, prompt_ids: list[list[int]], concurrency: int, n_request
         "mean_accepted_length": tokens / steps if steps else 0.0,
         "acceptance_rate": accepted / drafted if drafted else 0.0,
         "steps_by_planned_budget": dict(planned),
-        "outputs": [outputs[i] for i in sorted(outputs)],
+        "steps": steps,
+        "drafted": drafted,
+        "accepted": accepted,
+        "gaps": gaps,
+        "ttfts": ttfts,
     }
 
 
@@ -122,23 +150,32 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for j, c in enumerate(args.concurrency):
         n = max(args.min_requests, c * args.requests_per_client)
-        order = names[j % len(names) :] + names[: j % len(names)]
-        results = {}
-        for name in order:
-            results[name] = closed_loop(engine, encoded, c, n, params, configs[name])
-            r = results[name]
-            print(
-                f"c={c:<3} {name:<14} {r['tokens_per_s']:6.2f} tok/s  p50 {r['latency_p50_s'] * 1000:7.1f} ms  "
-                f"p99 {r['latency_p99_s'] * 1000:7.1f} ms",
-                file=sys.stderr,
-                flush=True,
-            )
-        base = results[BASELINE]
-        base_outputs = base["outputs"]
+        runs: dict[str, list[dict]] = {name: [] for name in names}
+        for round_ in range(args.rounds):  # configurations alternate; the order rotates every run
+            shift = (j + round_) % len(names)
+            for name in names[shift:] + names[:shift]:
+                r = closed_loop(engine, encoded, c, n, params, configs[name])
+                runs[name].append(r)
+                print(
+                    f"c={c:<3} round {round_} {name:<14} {r['tokens_per_s']:6.2f} tok/s  "
+                    f"p50 {r['latency_p50_s'] * 1000:7.1f} ms  p99 {r['latency_p99_s'] * 1000:7.1f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        base = summarize(runs[BASELINE])
         for name in names:
-            r = results[name]
-            same = r.pop("outputs") == base_outputs if args.temperature == 0 else None
-            rows.append({"concurrency": c, "config": name, **r, "ratio_vs_plain": r["tokens_per_s"] / base["tokens_per_s"], "same_as_plain": same})
+            r = summarize(runs[name])
+            del r["gaps"], r["ttfts"]
+            pairs = list(zip(runs[name], runs[BASELINE]))
+            same = all(x["outputs"] == b["outputs"] for x, b in pairs) if args.temperature == 0 else None
+            rows.append({
+                "concurrency": c,
+                "config": name,
+                **r,
+                "ratio_vs_plain": r["tokens_per_s"] / base["tokens_per_s"],
+                "ratio_by_round": [x["tokens_per_s"] / b["tokens_per_s"] for x, b in pairs],
+                "same_as_plain": same,
+            })
     return {
         **report_header(args, engine),
         "prompts": {"source": args.prompts or "spruce_prompts.jsonl", "used": len(encoded), "skipped_too_long": skipped},
@@ -170,13 +207,14 @@ def markdown(report: dict) -> str:
         "",
         f"`{report['command']}`",
         "",
-        "| concurrency | config | tok/s | vs plain | p50 ms/token | p99 ms/token | TTFT p50 s | accepted length | same as plain |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| concurrency | config | tok/s | vs plain | per round | p50 ms/token | p99 ms/token | TTFT p50 s | accepted length | same as plain |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         same = "" if r["same_as_plain"] is None else ("yes" if r["same_as_plain"] else "NO")
+        rounds = " ".join(f"{x:.2f}" for x in r.get("ratio_by_round", []))
         lines.append(
-            f"| {r['concurrency']} | {r['config']} | {r['tokens_per_s']:.2f} | {r['ratio_vs_plain']:.2f}x | "
+            f"| {r['concurrency']} | {r['config']} | {r['tokens_per_s']:.2f} | {r['ratio_vs_plain']:.2f}x | {rounds} | "
             f"{r['latency_p50_s'] * 1000:.0f} | {r['latency_p99_s'] * 1000:.0f} | {r['ttft_p50_s']:.2f} | "
             f"{r['mean_accepted_length']:.2f} | {same} |"
         )
@@ -191,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", nargs="+", default=[BASELINE, "tree:3:2:4", "default"],
                    help="plain, default (the engine's: adaptive), or bench_spec's forms (chain:N, tree:D:K:B, auto, ...)")
     p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every configuration this many times per concurrency, alternating (ratios per round are reported)")
     p.add_argument("--min-requests", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="skip longer prompts (bounds the run time)")
