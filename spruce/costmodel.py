@@ -7,6 +7,11 @@ Terms.
   r is accepted" are disjoint among siblings, so a node's probability of being on the accepted path is the
   product of a[.][.] along its root path, and the expected tokens per step are 1 (the bonus or recovered
   token) plus the sum of those products over the tree (Sequoia, Chen et al. 2024).
+- context c: how sure the target has been of the request's recent tokens (a moving average of its
+  probability of its own top token over the last committed positions), in CONTEXT_BUCKETS buckets. The
+  profile is kept per context too, each cell shrunk toward the pooled one: acceptance follows context
+  (the draft agrees where the text is predictable), so a step plans with the rates of its request's
+  current context, not only the server's average.
 - verify cost V(n): seconds of one target pass over n tree tokens (the root included); draft cost D(d):
   seconds of the draft's work for a tree of d levels (one forward over the pending tokens plus d - 1).
 
@@ -39,6 +44,13 @@ MAX_RANK = 8
 PRIOR_RATE = 0.6
 PRIOR_DECAY = 0.4
 PRIOR_WEIGHT = 4.0
+# Contexts: buckets of equal width over the target's recent confidence (``context_bucket``), and the
+# weight of the newest position in its moving average. Measured on the embedded pair (teacher-forced
+# over its own greedy answers to 18 Spec-Bench prompts, 541 positions): the draft's first choice matched
+# the target's at 0.85-0.88 of positions whose recent confidence was above 0.8, 0.63-0.73 between 0.4
+# and 0.8; the request's own past acceptance predicted less (R^2 0.05 against 0.07-0.10).
+CONTEXT_BUCKETS = 5
+CONTEXT_EMA = 0.5
 # n-gram proposals: the prior of P(token accepted | parent accepted) before any is measured
 NGRAM_PRIOR_RATE = 0.3
 # Levels the expansion decision looks ahead.
@@ -66,6 +78,9 @@ class AcceptanceProfile:
         # probability, and how many of them ended on the accepted path
         self.conf_tried = torch.zeros(CONFIDENCE_BUCKETS, dtype=torch.float64)
         self.conf_accepted = torch.zeros(CONFIDENCE_BUCKETS, dtype=torch.float64)
+        # the same counts as tried / accepted, by the request's context when the tree was drafted
+        self.ctx_tried = torch.zeros(CONTEXT_BUCKETS, MAX_DEPTH, MAX_RANK, dtype=torch.float64)
+        self.ctx_accepted = torch.zeros(CONTEXT_BUCKETS, MAX_DEPTH, MAX_RANK, dtype=torch.float64)
 
     def record_confidence(
         self,
@@ -97,6 +112,8 @@ class AcceptanceProfile:
         accepted_nodes: list[int],
         # [N] bool nodes to leave out (n-gram proposals); None keeps all
         exclude: torch.Tensor | None = None,
+        # the request's context bucket when it drafted (``context_bucket``); None: pooled only
+        context: int | None = None,
     ) -> None:
         on_path = set(accepted_nodes)
         parents = tree.parents.tolist()
@@ -114,18 +131,27 @@ class AcceptanceProfile:
             for d, r, hit in cells:
                 self.tried[d, r] += 1
                 self.accepted[d, r] += hit
+                if context is not None:
+                    self.ctx_tried[context, d, r] += 1
+                    self.ctx_accepted[context, d, r] += hit
 
-    def rates(self) -> torch.Tensor:
-        """[MAX_DEPTH, MAX_RANK] smoothed a[d][r], non-increasing in r.
+    def rates(self, context: int | None = None) -> torch.Tensor:
+        """[MAX_DEPTH, MAX_RANK] smoothed a[d][r], non-increasing in r; with ``context``, the rates
+        measured in that context bucket.
 
         Each cell shrinks toward its rank's rate pooled over depths, which shrinks toward the prior, so a
-        depth never tried borrows what the shallower ones measured."""
+        depth never tried borrows what the shallower ones measured; a context's cell shrinks toward the
+        cell pooled over contexts (a context never measured plans with the server's rates)."""
         with self._lock:
             tried, accepted = self.tried.clone(), self.accepted.clone()
+            if context is not None:
+                ctx_tried, ctx_accepted = self.ctx_tried[context].clone(), self.ctx_accepted[context].clone()
         prior = PRIOR_RATE * PRIOR_DECAY ** torch.arange(MAX_RANK, dtype=torch.float64)
         pooled = (accepted.sum(0) + PRIOR_WEIGHT * prior) / (tried.sum(0) + PRIOR_WEIGHT)
-        rates = (accepted + PRIOR_WEIGHT * pooled) / (tried + PRIOR_WEIGHT)
-        return torch.cummin(rates, dim=1).values
+        rates = torch.cummin((accepted + PRIOR_WEIGHT * pooled) / (tried + PRIOR_WEIGHT), dim=1).values
+        if context is None:
+            return rates
+        return torch.cummin((ctx_accepted + PRIOR_WEIGHT * rates) / (ctx_tried + PRIOR_WEIGHT), dim=1).values
 
     def to_dict(self) -> dict[str, Any]:
         with self._lock:
@@ -136,7 +162,20 @@ class AcceptanceProfile:
             "tried_by_depth_rank": tried[:used].long().tolist(),
             "accepted_by_depth_rank": accepted[:used].long().tolist(),
             "rates_by_depth_rank": self.rates()[: max(used, 1)].tolist(),
+            # per context bucket (the target's recent confidence, low to high): first-choice nodes tried
+            # at depth 1, and the rate planned with there
+            "depth1_first_choice_by_context": [
+                [int(self.ctx_tried[c, 0, 0]), float(self.rates(c)[0, 0])] for c in range(CONTEXT_BUCKETS)
+            ],
         }
+
+
+def context_bucket(confidence: float | None) -> int | None:
+    """The context bucket of a request whose recent confidence (the target's probability of its own top
+    token, averaged) is ``confidence``; None before the target has scored any of its positions."""
+    if confidence is None:
+        return None
+    return min(int(confidence * CONTEXT_BUCKETS), CONTEXT_BUCKETS - 1)
 
 
 def _isotonic(values: list[float], weights: list[float]) -> list[float]:

@@ -38,9 +38,11 @@ from spruce.config import (
     fixed_speculation,
 )
 from spruce.costmodel import (
+    CONTEXT_EMA,
     AcceptanceProfile,
     CostCurve,
     StepPolicy,
+    context_bucket,
 )
 from spruce.draft.model_drafter import DraftJob, DraftSampling, DraftState, ModelDrafter
 from spruce.draft.ngram import add_ngram_branches
@@ -518,10 +520,10 @@ class Engine:
         if req.draft_state is not None and self.drafter is not None:
             st = req.draft_state
             draft = (st.cached, st.offset, dict(st.node_slots), st.committed, st.levels, self.drafter.pool.lengths[st.slot])
-        return (len(req.tokens), self.kv.lengths[req.slot] if req.slot is not None else 0, draft, req.generator.get_state())
+        return (len(req.tokens), self.kv.lengths[req.slot] if req.slot is not None else 0, draft, req.generator.get_state(), req.confidence)
 
     def _restore(self, req: Request, snap: tuple) -> None:
-        n_tokens, length, draft, gen_state = snap
+        n_tokens, length, draft, gen_state, req.confidence = snap
         del req.tokens[n_tokens:]
         if req.slot is not None:
             self.kv.lengths[req.slot] = length
@@ -633,19 +635,23 @@ class Engine:
             raise RuntimeError(f"the verify pass returned {logits.shape[0]} rows for {tree.num_nodes} tree nodes")
         result = accept(tree, logits, proposal.draft_probs, req.params, req.generator, proposal.deterministic)
         accepted_nodes = result.accepted_nodes.tolist()
+        context = context_bucket(req.confidence)  # the context this step was planned in
         assert req.slot is not None
         self.kv.keep(req.slot, prefix_len, accepted_nodes)
         if req.model_nodes and self.drafter is not None and req.draft_state is not None:
             self.drafter.commit(req.draft_state, accepted_nodes)
             model_part = torch.arange(tree.num_nodes) < req.model_nodes
             profile = self.planner.profile_for(req)
-            profile.record(tree, accepted_nodes, ~model_part)
+            profile.record(tree, accepted_nodes, ~model_part, context)
             if tree.draft_logprobs is not None and not (req.sampling is not None and spec is not None and spec.sampled_children):
                 on_path = torch.zeros(req.model_nodes, dtype=torch.bool)
                 on_path[[n for n in accepted_nodes if n < req.model_nodes]] = True
                 profile.record_confidence(path_logprobs(tree)[1 : req.model_nodes].exp(), on_path[1:])
         if tree.num_nodes > max(req.model_nodes, 1):  # n-gram branches were verified
             self.planner.record_ngram(req, tree, accepted_nodes, req.model_nodes)
+        if req.draft_state is not None:  # the target's confidence at each committed position
+            for top in torch.softmax(logits[result.accepted_nodes].float(), dim=-1).amax(dim=-1).tolist():
+                req.confidence = top if req.confidence is None else (1 - CONTEXT_EMA) * req.confidence + CONTEXT_EMA * top
         emitted = result.emitted_tokens()
         kept = req.stopper.extend(emitted)
         req.tokens.extend(emitted[:kept])
@@ -781,6 +787,9 @@ class Request:
     ngram_accepted: int = 0
     # this step's decisions for a dynamic tree (adaptive speculation)
     policy: StepPolicy | None = None
+    # the target's recent confidence: its probability of its own top token, a moving average over the
+    # committed positions (``spruce.costmodel.context_bucket``); None before its first verify pass
+    confidence: float | None = None
 
 
 def _check_tree_room(spec: SpeculationConfig) -> None:

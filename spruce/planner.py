@@ -27,6 +27,7 @@ from spruce.costmodel import (
     TreePlan,
     catch_up_tokens,
     choose_ngram_budget,
+    context_bucket,
     expected_output_tokens,
     plan_tree,
 )
@@ -71,8 +72,9 @@ class Planner:
         self.draft_costs = self.draft_costs_by_batch[1]
         # the draft's seconds to read n tokens it has not seen, by n (bucketed: ``observe_draft``)
         self.draft_catch_up = CostCurve()
-        # this step's plans by (sampling, budget, depth bound), and the engine steps in a row that drafted nothing
-        self._step_plans: dict[tuple[bool, int, int], TreePlan] = {}
+        # this step's plans by (sampling, context, budget, depth bound), and the engine steps in a row that
+        # drafted nothing
+        self._step_plans: dict[tuple[bool, int | None, int, int], TreePlan] = {}
         self._steps_without_draft = 0
         self._drafted_this_step = False
         # the one request that drafts on an exploration step
@@ -85,9 +87,9 @@ class Planner:
         # ended requests: how many ended by EOS or a stop string, and the tokens all of them generated
         self.outputs_stopped = 0
         self.outputs_tokens = 0
-        # this step's acceptance rates and confidence calibration, greedy and sampling (profiles change
+        # this step's acceptance rates and confidence calibration by (sampling, context) (profiles change
         # only at commit)
-        self._step_profiles: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._step_profiles: dict[tuple[bool, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def begin_step(self, reqs: list[Any]) -> None:
         self._step_plans.clear()
@@ -148,13 +150,13 @@ class Planner:
             return self._ngram_only(req, fixed, batch) if spec.uses_ngram else fixed
         if not self.draft_costs.known:
             self.calibrate(fixed)
-        sampling = not req.params.greedy
-        if sampling not in self._step_profiles:
+        sampling, context = not req.params.greedy, context_bucket(req.confidence)
+        if (sampling, context) not in self._step_profiles:
             profile = self.profile_for(req)
-            self._step_profiles[sampling] = (profile.rates(), profile.calibration())
-        rates, calibration = self._step_profiles[sampling]
+            self._step_profiles[sampling, context] = (profile.rates(context), profile.calibration())
+        rates, calibration = self._step_profiles[sampling, context]
         verify, draft = _BatchCurve(self.verify_costs, batch), self.draft_curve(batch)
-        key = (sampling, spec.budget, spec.depth)
+        key = (sampling, context, spec.budget, spec.depth)
         plan = self._step_plans.get(key)
         if plan is None:
             plan = self._step_plans[key] = plan_tree(rates, verify, draft, spec.budget, spec.depth, margin=PLAN_MARGIN)

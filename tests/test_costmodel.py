@@ -444,7 +444,7 @@ def test_a_step_where_few_requests_draft_is_priced_again(tiny_target, tiny_draft
     def req(lag: int) -> SimpleNamespace:
         tokens = list(range(100))
         return SimpleNamespace(
-            tokens=tokens, draft_state=SimpleNamespace(cached=len(tokens) - lag), sampling=None, policy=None,
+            tokens=tokens, draft_state=SimpleNamespace(cached=len(tokens) - lag), sampling=None, policy=None, confidence=None,
             stopper=SimpleNamespace(remaining=50), stats=SpecStats(), params=SamplingParams(max_tokens=50),
         )
 
@@ -545,3 +545,59 @@ def test_greedy_and_sampling_requests_keep_their_own_acceptance_profiles(tiny_ta
     sampled = engine.generate(prompts(1, 6), SamplingParams(max_tokens=10, temperature=0.8, ignore_eos=True), ADAPTIVE)[0]
     assert greedy.stats.steps_by_planned_budget.get(0, 0) == 0 and greedy.stats.drafted > 0
     assert set(sampled.stats.steps_by_planned_budget) == {0}
+
+
+def test_profile_by_context_shrinks_toward_the_pooled_rates():
+    from spruce.costmodel import CONTEXT_BUCKETS, context_bucket
+
+    assert context_bucket(None) is None and context_bucket(0.0) == 0 and context_bucket(1.0) == CONTEXT_BUCKETS - 1
+    chain = TokenTree.chain(0, [1, 2])
+    prof = AcceptanceProfile()
+    for _ in range(50):
+        prof.record(chain, [0, 1, 2], context=4)  # a sure context: both nodes accepted
+        prof.record(chain, [0], context=1)  # an unsure one: the first rejected
+    prof.record(chain, [0, 1], context=None)  # no context yet: pooled only
+    assert prof.ctx_tried.sum() == prof.tried.sum() - 2
+    pooled, sure, unsure, unseen = prof.rates(), prof.rates(4), prof.rates(1), prof.rates(2)
+    assert unsure[0, 0] < 0.1 < pooled[0, 0] < 0.9 < sure[0, 0]
+    assert torch.equal(unseen, pooled)  # a context never measured plans with the server's rates
+    assert (torch.diff(sure, dim=1) <= 0).all() and (torch.diff(unsure, dim=1) <= 0).all()
+    table = prof.to_dict()["depth1_first_choice_by_context"]
+    assert [t for t, _ in table] == [0, 50, 0, 0, 50]
+
+
+def test_plans_follow_the_requests_context(tiny_target, tiny_draft, tokenizer):
+    """The same server profile, two requests: one whose target has been sure of its recent tokens
+    drafts (the draft agrees there), one whose target has not decodes plainly; costs frozen so that only
+    likely trees pay. The engine tracks each request's confidence from its verify passes."""
+    from types import SimpleNamespace
+
+    from spruce.config import EngineConfig
+    from spruce.stats import SpecStats
+
+    engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=2))
+    out = engine.generate(prompts(1, 7), SamplingParams(max_tokens=6, ignore_eos=True), SpeculationConfig(depth=2, top_k=1, budget=2))[0]
+    prof = engine.planner.profile
+    assert out.stats.drafted > 0 and 0 < prof.ctx_tried.sum() < prof.tried.sum()  # the first step had no context
+
+    planner = engine.planner
+    planner.profile = prof = AcceptanceProfile()
+    chain = TokenTree.chain(0, [1, 2])
+    for _ in range(100):
+        prof.record(chain, [0, 1, 2], context=4)
+        prof.record(chain, [0], context=1)
+    planner.verify_costs.points.clear()
+    planner.verify_costs.points.update({1: 0.01, 2: 0.012, 3: 0.014})
+    planner.draft_costs.points.update({1: 0.001, 2: 0.002})
+
+    def req(confidence: float | None) -> SimpleNamespace:
+        tokens = list(range(20))
+        return SimpleNamespace(
+            tokens=tokens, draft_state=SimpleNamespace(cached=len(tokens)), sampling=None, policy=None, confidence=confidence,
+            stopper=SimpleNamespace(remaining=50), stats=SpecStats(), params=SamplingParams(max_tokens=50),
+        )
+
+    sure, unsure = req(0.95), req(0.3)
+    planner.begin_step([sure, unsure])
+    assert planner.plan(sure, ADAPTIVE, 1) is not None
+    assert planner.plan(unsure, ADAPTIVE, 1) is None
