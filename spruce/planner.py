@@ -1,9 +1,10 @@
 """Adaptive speculation: what the engine measures (acceptance by position, pass costs) and, each step,
 the tree each adaptive request drafts (``spruce.costmodel`` does the math; this holds the state).
 
-Measured, engine-wide: the acceptance profile (one for greedy requests, one for sampling); the target's seconds per pass by tokens in the pass; the
-draft's seconds by levels, per batch size; the draft's seconds per token when it catches up on tokens
-it has not seen. The first adaptive step times both models in calibration slots of their KV pools.
+Measured, engine-wide: the acceptance profile (one for greedy requests, one for sampling); the target's
+seconds per pass by tokens in the pass; the draft's seconds by levels, per batch size; the draft's
+seconds per token when it catches up on tokens it has not seen. The first adaptive step times both
+models in calibration slots of their KV pools.
 """
 
 from __future__ import annotations
