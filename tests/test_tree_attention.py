@@ -238,7 +238,10 @@ def test_kernel_bench_smoke_runs_every_backend(tmp_path):
     assert len(report["rows"]) == 2 and not report.get("partial")
     for row in report["rows"]:
         assert not row["failed"]
-        assert {"triton", "triton_slots", "triton_slots_m64", "triton_slots_nosplit", "gather_triton", "flex"} <= set(row["ms"])
+        assert {"triton", "triton_slots", "triton_slots_nosplit", "gather_triton", "flex", "flex_prebuilt"} <= set(row["ms"])
         assert row["max_abs_error"]["triton_slots_vs_triton"] == 0.0
+        # the prebuilt block mask gives the flex backend's own output (same error against the reference)
+        assert row["max_abs_error"]["flex_prebuilt"] == row["max_abs_error"]["flex"]
+        assert row["flex_mask_build_ms"] > 0
     assert report["sweep"] and all("ms" in r for r in report["sweep"])
     assert (tmp_path / "kernels.md").read_text().startswith("copy bandwidth")
