@@ -264,18 +264,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     draft_costs = section("draft_level_s_by_batch_and_tokens", lambda: pass_costs(draft, args.batches, [1, 4], args.context, args.device, args.repeats))
     kernels = [k for k in args.kernels if k != "sdpa"]
     by_kernel = {"sdpa": verify}
+    # the engine runs both models through the chosen backend: each kernel's prediction pairs its verify
+    # curve with its own draft level (until 2026-11-26's last GPU call, every prediction used SDPA's)
+    draft_by_kernel = {"sdpa": draft_costs}
     for kernel in kernels:
         by_kernel[kernel] = section(
             f"verify_{kernel}_s_by_batch_and_tokens",
             lambda kernel=kernel: pass_costs(target, args.batches, args.tokens, args.context, args.device, args.repeats, kernel),
+        )
+        draft_by_kernel[kernel] = section(
+            f"draft_level_{kernel}_s_by_batch_and_tokens",
+            lambda kernel=kernel: pass_costs(draft, args.batches, [1, 4], args.context, args.device, args.repeats, kernel),
         )
         section(f"{kernel}_vs_sdpa_logits", lambda kernel=kernel: kernel_agreement(target, min(4, max(args.batches)), 8, args.context, kernel))
     rates, source = rates_from(args.acceptance_from)
     report["acceptance_source"] = source
     section("step_overhead", lambda: [step_overhead(target, draft, b, args.overhead_tokens, args.context) for b in args.overhead_batches])
     section("prediction", lambda: {
-        kernel: predict(rates, curve, draft_costs, args.batches, args.budget, args.depth)
-        for kernel, curve in by_kernel.items() if "error" not in curve
+        kernel: predict(rates, curve, draft_by_kernel[kernel], args.batches, args.budget, args.depth)
+        for kernel, curve in by_kernel.items() if "error" not in curve and "error" not in draft_by_kernel[kernel]
     })
     return report
 

@@ -118,6 +118,8 @@ def test_gpu_profile_code_path_on_cpu(tmp_path):
     assert 0 < report["step_overhead"][0]["busy_fraction"] <= 1.0
     # the verify pass through the Triton kernel (interpreted here) agrees with the SDPA pass
     assert set(report["verify_triton_s_by_batch_and_tokens"]) == {"1", "2"}
+    # the draft level through the same kernel, which the kernel's prediction uses
+    assert set(report["draft_level_triton_s_by_batch_and_tokens"]) == {"1", "2"}
     agreement = report["triton_vs_sdpa_logits"]
     assert agreement["max_abs_logit_diff"] < 1e-3 * max(1.0, agreement["max_abs_logit"])
     assert agreement["same_argmax"] == agreement["rows"]
