@@ -84,6 +84,8 @@ def hf_generate(engine, text: str, params: SamplingParams, baseline: HFBaseline)
     not reported by HF: 0)."""
     ids = torch.tensor([engine.encode(text)])
     kwargs: dict = {"max_new_tokens": params.max_tokens, "do_sample": not params.greedy}
+    if params.ignore_eos:  # as the engine's ignore_eos: every answer max_tokens long
+        kwargs["min_new_tokens"] = params.max_tokens
     if not params.greedy:
         kwargs.update(temperature=params.temperature, top_k=params.top_k or None, top_p=params.top_p)
         torch.manual_seed(params.seed or 0)
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
         if name != BASELINE:
             configs[name] = parse_config(name, engine.default_speculation)
     prompts = load_prompts(args.prompts, per_category=args.per_category)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, ignore_eos=args.ignore_eos)
     names = list(configs)
 
     def generate(name: str, text: str, p: SamplingParams) -> tuple[list[int], dict]:
@@ -160,6 +162,7 @@ def report_header(args: argparse.Namespace, engine) -> dict:
         "draft_dtype": engine.config.draft_dtype,
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
+        "ignore_eos": getattr(args, "ignore_eos", False),
     }
 
 
@@ -205,7 +208,9 @@ def markdown(report: dict) -> str:
     cols = [*cats, "overall"]
     lines = [
         f"dtype {report['dtype']}, draft dtype {report['draft_dtype']}, max_tokens {report['max_tokens']}, "
-        f"temperature {report['temperature']}; speedup = plain time / config time over the same prompts "
+        f"temperature {report['temperature']}"
+        + (", every answer max_tokens long (--ignore-eos)" if report.get("ignore_eos") else "")
+        + "; speedup = plain time / config time over the same prompts "
         "(x), mean accepted length counts the bonus token (tokens per target pass).",
         "",
         "| config | " + " | ".join(cols) + " | tok/s overall | overall, decode only | lossless |",
@@ -242,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-category", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument(
+        "--ignore-eos", action="store_true",
+        help="every answer runs to --max-tokens (all rows decode the same number of tokens: with sampling, "
+        "answers otherwise differ in length between rows and prefill weighs differently)",
+    )
     p.add_argument(
         "--seed", type=int, default=None,
         help="per-request sampling seed (default none: sampling requests get adaptive trees, as unseeded "

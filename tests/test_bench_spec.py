@@ -31,3 +31,31 @@ def test_speedups_with_and_without_prefill():
     table = markdown({"summary": summary, "dtype": "float32", "draft_dtype": "bfloat16", "max_tokens": 40, "temperature": 0.7})
     assert "| default | 0.36x / 2.00 | 0.36x / 2.00 | 0.36 | 2.00x |" in table
     assert "| hf:assist |" in table and "| 1.33 | n/a |" in table
+
+
+def test_ignore_eos_runs_every_answer_to_max_tokens(tiny_engine, monkeypatch):
+    """--ignore-eos: spruce's rows and the HF baseline both decode max_tokens even when the model's first
+    token is its end of sequence (made so here), so rows compare equal lengths."""
+    from spruce.config import SamplingParams
+    from spruce.evals.bench_spec import HFBaseline, hf_generate
+
+    text = "abc"
+    first = tiny_engine.generate(text, SamplingParams(max_tokens=1))[0].token_ids[0]
+    monkeypatch.setattr(tiny_engine.target.generation_config, "eos_token_id", first)
+    monkeypatch.setattr(tiny_engine.target.generation_config, "pad_token_id", first)
+    stops, _ = hf_generate(tiny_engine, text, SamplingParams(max_tokens=9), HFBaseline("assist"))
+    assert stops == [first]  # the made-up end of sequence ends HF's answer at once
+    full, stats = hf_generate(tiny_engine, text, SamplingParams(max_tokens=9, ignore_eos=True), HFBaseline("assist"))
+    assert len(full) == 9 and stats["output_tokens"] == 9
+    monkeypatch.setattr(tiny_engine, "eos_ids", {first})
+    stops = tiny_engine.generate(text, SamplingParams(max_tokens=9))[0]
+    assert stops.token_ids == [first]
+    out = tiny_engine.generate(text, SamplingParams(max_tokens=9, ignore_eos=True))[0]
+    assert len(out.token_ids) == 9
+
+
+def test_header_names_ignore_eos():
+    records = [_record("plain", "qa", 8, 4.0, 1.0, 8), _record("default", "qa", 8, 2.0, 1.0, 4)]
+    report = {"summary": summarize(records, ["plain", "default"]), "dtype": "float32", "draft_dtype": "bfloat16",
+              "max_tokens": 8, "temperature": 0.7, "ignore_eos": True}
+    assert "every answer max_tokens long (--ignore-eos)" in markdown(report)
