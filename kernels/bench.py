@@ -1,7 +1,7 @@
 """Tree-attention backends on a GPU: correctness on fresh random data, then timings, in one call.
 
     python -m spruce.kernels.bench --out "$OUT/kernels.json"          # the issue's grid (GPU)
-    python -m spruce.kernels.bench --smoke                            # tiny shapes, CPU, checks the script
+    python -m spruce.kernels.bench --smoke                            # tiny shapes, checks the script
 
     python -m spruce.kernels.bench --sweep                            # + launch configurations (GPU)
 
@@ -343,13 +343,15 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the script)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (checks the script; on the GPU where there is one)")
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations of the in-place kernel")
     parser.add_argument("--no-grid", action="store_true", help="skip the backend grid (with --sweep: the sweep alone)")
     parser.add_argument("--out", help="write the JSON report here (and a .md beside it)")
     args = parser.parse_args(argv)
     if args.smoke:
-        shapes, device, h, hkv, d = [(2, 40, 16), (3, 0, 5)], "cpu", 4, 2, 32
+        # tiny shapes where the tests run: the CPU (Triton interpreted) or, on a GPU machine, the GPU
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        shapes, h, hkv, d = [(2, 40, 16), (3, 0, 5)], 4, 2, 32
         if args.no_grid:
             shapes = []
     else:

@@ -240,6 +240,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Host-side integer helpers. The launch runs once per layer of every pass, and its host time is the
+# kernel's floor at decode sizes (kernels/NOTES.md, v4: 145 us a call on an H200's host against ~35 us
+# for an SDPA call): ``triton.cdiv`` and ``triton.next_power_of_2`` are Triton constexpr functions there,
+# several microseconds a call in host code; these are plain Python.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def tree_attention(
     # [Tq, H, D] packed tree queries (last dim contiguous)
     q: torch.Tensor,
@@ -272,8 +285,9 @@ def tree_attention(
         raise ValueError(f"packed k and v must be [Tk, Hkv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
     max_k = max_seqlen_k if max_seqlen_k is not None else _longest(cu_seqlens_k)
     # packed keys as a pool of one slot: (slot, token, head) strides
-    k_strides = (0, k.stride(0), k.stride(1))
-    v_strides = (0, v.stride(0), v.stride(1))
+    ks, vs = k.stride(), v.stride()
+    k_strides = (0, ks[0], ks[1])
+    v_strides = (0, vs[0], vs[1])
     return _launch(q, k, v, k_strides, v_strides, tree_mask, cu_seqlens_q, cu_seqlens_k, None, max_k,
                    scale, block_m, block_n, num_splits, max_seqlen_q, num_warps, num_stages)
 
@@ -312,8 +326,9 @@ def tree_attention_slots(
     max_k = max_seqlen_k if max_seqlen_k is not None else (int(kv_lens.max()) if batch else 0)
     if max_k > k_pool.shape[2]:
         raise ValueError(f"a request reads {max_k} keys from slots of {k_pool.shape[2]} positions")
-    k_strides = (k_pool.stride(0), k_pool.stride(2), k_pool.stride(1))
-    v_strides = (v_pool.stride(0), v_pool.stride(2), v_pool.stride(1))
+    ks, vs = k_pool.stride(), v_pool.stride()
+    k_strides = (ks[0], ks[2], ks[1])
+    v_strides = (vs[0], vs[2], vs[1])
     return _launch(q, k_pool, v_pool, k_strides, v_strides, tree_mask, cu_seqlens_q, kv_lens, slots, max_k,
                    scale, block_m, block_n, num_splits, max_seqlen_q, num_warps, num_stages)
 
@@ -345,7 +360,8 @@ def _launch(
         raise ValueError(f"{h} query heads do not group over {hkv} key/value heads")
     if tree_mask.dtype != torch.int64 or tree_mask.shape[0] != tq:
         raise ValueError(f"tree_mask must be int64 [{tq}, W], got {tuple(tree_mask.shape)} {tree_mask.dtype}")
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+    q_strides = q.stride()
+    if q_strides[-1] != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("q, k and v need a contiguous last (head) dimension")
     batch = cu_seqlens_q.numel() - 1
     max_q = max_seqlen_q if max_seqlen_q is not None else _longest(cu_seqlens_q)
@@ -358,10 +374,10 @@ def _launch(
         # faster than 128-row ones with 8 warps at every measured shape once the tree part loads one
         # mask word per row (v2, before that change, had favoured 128 rows at T = 64)
         block_m = 64
-    row_blocks = triton.cdiv(max(max_q * group, 1), block_m)
+    row_blocks = _cdiv(max(max_q * group, 1), block_m)
     if num_splits is None:
         num_splits = _default_splits(q.device, batch * hkv * row_blocks, max_k, block_n)
-    split_len = triton.cdiv(triton.cdiv(max(max_k, 1), num_splits), block_n) * block_n
+    split_len = _cdiv(_cdiv(max(max_k, 1), num_splits), block_n) * block_n
     if num_splits == 1:
         out = torch.empty_like(q)[None]
         lse = torch.empty(1, tq, h, dtype=torch.float32, device=q.device)
@@ -376,15 +392,15 @@ def _launch(
     _tree_attn_kernel[grid](
         q, k, v, out, lse, tree_mask,
         cu_seqlens_q, keys, slots if slots is not None else keys,
-        q.stride(0), q.stride(1), *k_strides, *v_strides,
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        q_strides[0], q_strides[1], *k_strides, *v_strides,
+        *out.stride()[:3], *lse.stride()[:2],
         tree_mask.stride(0),
         scale * LOG2E,
         num_splits,
         split_len,
         GROUP=group,
         HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_D=max(16, _pow2(d)),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         UPCAST=_interpreting() or q.dtype == torch.float32,
@@ -410,7 +426,7 @@ def _merge_splits_kernel(
     total = torch.empty(tq, h, dtype=torch.float32, device=out.device)
     _merge_kernel[(tq * h,)](
         out, lse, merged, total, splits, out.stride(0), lse.stride(0),
-        HEAD_DIM=d, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=max(16, triton.next_power_of_2(d)),
+        HEAD_DIM=d, BLOCK_S=max(2, _pow2(splits)), BLOCK_D=max(16, _pow2(d)),
         num_warps=2,
     )
     return merged, total
@@ -456,5 +472,5 @@ def _default_splits(device: torch.device, programs: int, max_k: int, block_n: in
     sms = _SM_COUNT[index]
     if programs * _NO_SPLIT_DIVISOR >= sms:
         return 1
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, max(programs, 1))
-    return max(1, min(wanted, triton.cdiv(max_k, block_n * _MIN_BLOCKS_PER_SPLIT)))
+    wanted = _cdiv(_PROGRAMS_PER_SM * sms, max(programs, 1))
+    return max(1, min(wanted, _cdiv(max_k, block_n * _MIN_BLOCKS_PER_SPLIT)))

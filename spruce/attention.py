@@ -154,9 +154,12 @@ def _kernel_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
         assert meta.tree_mask is not None and meta.cu_seqlens_q is not None
         assert meta.slots is not None and meta.kv_lens is not None
+        longest = meta.derived.get("longest")
+        if longest is None:  # once per pass, not per layer (the launch's host time is the kernel's floor)
+            longest = meta.derived["longest"] = (max(n for _, n, *_ in meta.parts), max(length for *_, length, _ in meta.parts))
         out, _ = tree_attention_slots(
             query[0].transpose(0, 1), key, value, meta.tree_mask, meta.cu_seqlens_q, meta.slots, meta.kv_lens, scaling,
-            max_seqlen_q=max(n for _, n, *_ in meta.parts), max_seqlen_k=max(length for *_, length, _ in meta.parts),
+            max_seqlen_q=longest[0], max_seqlen_k=longest[1],
         )
         return out[None]
     return gathered_kernel_attention(query, key, value, meta, scaling)
