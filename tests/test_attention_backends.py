@@ -8,19 +8,19 @@ import copy
 
 import pytest
 import torch
-
 from conftest import assert_close, build_tiny_model
-from spruce.attention import tree_metadata
-from spruce.config import EngineConfig
 from spruce.draft.tree import TokenTree
-from spruce.engine import Engine
-from spruce.errors import InvalidRequestError
 from spruce.kernels import backend as kernel_backends
 from spruce.kernels.flash_backend import merge, split_tree_attention
 from spruce.kernels.reference import masked_attention, tree_attention_reference
-from spruce.modeling import forward_tokens, new_cache
 from spruce.verify.tree_verify import verify_tree
 from test_tree_attention import TOLERANCE, make_batch
+
+from spruce.attention import tree_metadata
+from spruce.config import EngineConfig
+from spruce.engine import Engine
+from spruce.errors import InvalidRequestError
+from spruce.modeling import forward_tokens, new_cache
 
 PORTABLE = ["triton", "flex", "sdpa"]
 

@@ -9,18 +9,18 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import TINY_VOCAB, assert_close, build_tiny_model, perturbed_copy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from spruce.draft.tree import ROOT_PARENT, TokenTree
+from spruce.verify.tree_verify import verify_tree
 
-from conftest import TINY_VOCAB, assert_close, build_tiny_model, perturbed_copy
 from spruce import Engine, SamplingParams, SpeculationConfig
 from spruce.attention import packed_attention, use_backend
 from spruce.config import EngineConfig
-from spruce.draft.tree import ROOT_PARENT, TokenTree
 from spruce.errors import InvalidRequestError
 from spruce.kvcache import PoolExhaustedError, Segment, SlotKVCache, run_packed
 from spruce.modeling import forward_tokens, new_cache
-from spruce.verify.tree_verify import verify_tree
 
 SPECS = {
     "plain": None,

@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import free_port
-from spruce import Engine
-from spruce.config import EngineConfig, ServeConfig
 from spruce.evals.harness import BenchPlan, GrpcKServe, GrpcSpruce, InProcess, run_bench
 from spruce.evals.prompts import load_prompts
 from spruce.evals.report import markdown, plots, summarize
 from spruce.server.app import start
+
+from spruce import Engine
+from spruce.config import EngineConfig, ServeConfig
 
 CATEGORIES = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
 

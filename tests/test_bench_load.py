@@ -3,9 +3,10 @@ request, and (greedy) gives every configuration plain decoding's outputs. No tim
 
 from __future__ import annotations
 
+from spruce.evals.bench_load import closed_loop, summarize
+
 from spruce import Engine, SamplingParams, SpeculationConfig
 from spruce.config import EngineConfig
-from spruce.evals.bench_load import closed_loop, summarize
 
 
 def test_closed_loop_runs_every_request_and_stays_lossless(tiny_target, tiny_draft, tokenizer):

@@ -4,7 +4,6 @@ the configuration's, prefill included; the decode-only ratio leaves each run's p
 from __future__ import annotations
 
 import pytest
-
 from spruce.evals.bench_spec import markdown, summarize
 
 
@@ -36,8 +35,9 @@ def test_speedups_with_and_without_prefill():
 def test_ignore_eos_runs_every_answer_to_max_tokens(tiny_engine, monkeypatch):
     """--ignore-eos: spruce's rows and the HF baseline both decode max_tokens even when the model's first
     token is its end of sequence (made so here), so rows compare equal lengths."""
-    from spruce.config import SamplingParams
     from spruce.evals.bench_spec import HFBaseline, hf_generate
+
+    from spruce.config import SamplingParams
 
     text = "abc"
     first = tiny_engine.generate(text, SamplingParams(max_tokens=1))[0].token_ids[0]

@@ -5,13 +5,14 @@ cannot pay)."""
 from __future__ import annotations
 
 import itertools
-
 from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from spruce.draft.tree import TokenTree
+from test_engine import prompts, reference_greedy
 
 from spruce import Engine, SamplingParams, SpeculationConfig
 from spruce.costmodel import (
@@ -19,14 +20,12 @@ from spruce.costmodel import (
     MAX_RANK,
     AcceptanceProfile,
     CostCurve,
-    best_shape,
     StepPolicy,
+    best_shape,
     choose_ngram_budget,
     choose_tree_size,
     plan_tree,
 )
-from spruce.draft.tree import TokenTree
-from test_engine import prompts, reference_greedy
 
 
 def _random_rates(seed: int) -> torch.Tensor:
@@ -331,10 +330,10 @@ def test_a_long_prompt_short_answer_drafts_from_a_window(tokenizer, monkeypatch)
     the expected saving is read only in part (its latest tokens), or not at all when even the shortest
     window costs too much; one that costs little is read whole; the output stays the target's either
     way. Costs are set and frozen, not timed."""
-    from spruce.config import EngineConfig
+    from conftest import build_tiny_model, perturbed_copy
     from spruce.draft.model_drafter import ModelDrafter
 
-    from conftest import build_tiny_model, perturbed_copy
+    from spruce.config import EngineConfig
 
     tiny_target = build_tiny_model(seed=0, max_position_embeddings=2048)
     tiny_draft = perturbed_copy(tiny_target, noise=0.1, seed=1)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from spruce.draft.model_drafter import DraftSampling, ModelDrafter
+from test_engine import prompts
 
 from spruce import SpeculationConfig
-from spruce.draft.model_drafter import DraftSampling, ModelDrafter
 from spruce.modeling import forward_tokens, new_cache
-from test_engine import prompts
 
 
 def _logq(model, seq: list[int]) -> torch.Tensor:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import EOS_ID, TINY_VOCAB, assert_close
-from spruce import Engine, SamplingParams, SpeculationConfig
 from spruce.draft.model_drafter import ModelDrafter
+from spruce.verify.greedy import greedy_accept
+
+from spruce import Engine, SamplingParams, SpeculationConfig
 from spruce.errors import InvalidRequestError
 from spruce.modeling import forward_tokens, new_cache
-from spruce.verify.greedy import greedy_accept
 
 SPECS = [
     SpeculationConfig.chain(1),
@@ -218,6 +218,7 @@ def test_draft_with_other_logits_width(tiny_target, tokenizer, draft_vocab):
 
 def test_sliding_window_models_are_rejected(tokenizer):
     from conftest import build_tiny_model
+
     from spruce.errors import IncompatibleModelsError
 
     model = build_tiny_model(seed=0, use_sliding_window=True, sliding_window=8, max_window_layers=0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY_MERGES, TINY_VOCAB, assert_close, build_tiny_model
+
 from spruce import Engine, SamplingParams
 from spruce.models import resolve_model_dir
 

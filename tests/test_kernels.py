@@ -8,10 +8,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import TINY_VOCAB, assert_close
-from spruce.kernels.cpu_linear import SMALL_ROWS_MAX, SmallRowsLinear, small_rows_linear, use_small_rows_linear
+from spruce.kernels.cpu_linear import (
+    SMALL_ROWS_MAX,
+    SmallRowsLinear,
+    small_rows_linear,
+    use_small_rows_linear,
+)
 from spruce.kernels.reference import masked_attention
+
 from spruce.modeling import forward_tokens, new_cache
 
 # float32 products of length <= 1024: only the summation order differs

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import save_model_dir
+
 from spruce import Engine, SamplingParams
 from spruce.errors import IncompatibleModelsError, ModelLoadError
 from spruce.models import EmbeddedModel, _chunk_files, join_chunks, resolve_model_dir

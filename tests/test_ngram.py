@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from spruce import Engine, SamplingParams, SpeculationConfig
 from spruce.draft.ngram import add_ngram_branches, merge_paths, ngram_continuations
 from spruce.draft.tree import Proposal, TokenTree
+
+from spruce import Engine, SamplingParams, SpeculationConfig
 
 
 def test_longest_suffix_wins_and_recent_first():

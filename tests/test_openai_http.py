@@ -10,11 +10,11 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from conftest import free_port
+from spruce.server.app import start
+
 from spruce import Engine, SamplingParams
 from spruce.config import EngineConfig, ServeConfig
-from spruce.server.app import start
 
 openai = pytest.importorskip("openai")
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_tree_sampling import P_VALUE_FLOOR, chi_square_p_value
 
 from spruce import Engine, SamplingParams, SpeculationConfig
 from spruce.modeling import forward_tokens, new_cache
 from spruce.sampling import sampling_probs
-from test_tree_sampling import P_VALUE_FLOOR, chi_square_p_value
 
 
 def test_temperature_scales_logits():

@@ -10,14 +10,14 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from conftest import free_port, wait_serving
-from spruce.config import EngineConfig, SamplingParams, ServeConfig
-from spruce.engine import Engine
-from spruce.server.app import start
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from spruce.server._gen.spruce.v1 import spruce_pb2 as pb
 from spruce.server._gen.spruce.v1 import spruce_pb2_grpc as pb_grpc
+from spruce.server.app import start
+
+from spruce.config import EngineConfig, SamplingParams, ServeConfig
+from spruce.engine import Engine
 
 MODEL = "tiny"
 

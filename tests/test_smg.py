@@ -20,15 +20,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import free_port, wait_serving
 from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
 from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
-
-from conftest import free_port, wait_serving
-from spruce import Engine, SamplingParams, SpeculationConfig
-from spruce.config import EngineConfig, ServeConfig
 from spruce.server._gen.spruce.v1 import spruce_pb2, spruce_pb2_grpc
 from spruce.server.app import start
+
+from spruce import Engine, SamplingParams, SpeculationConfig
+from spruce.config import EngineConfig, ServeConfig
 
 
 class FixedTreeEngine(Engine):

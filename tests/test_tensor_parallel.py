@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import build_tiny_model, free_port, save_model_dir, wait_serving
+
 from spruce import Engine, SamplingParams, SpeculationConfig
 from spruce.config import EngineConfig
 from spruce.errors import InvalidRequestError

@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from spruce.draft.tree import ROOT_PARENT, TokenTree
 
 

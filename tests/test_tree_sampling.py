@@ -15,13 +15,13 @@ import itertools
 
 import pytest
 import torch
-
 from spruce.draft.model_drafter import select_sampled
 from spruce.draft.ngram import merge_paths
 from spruce.draft.tree import ROOT_PARENT, TokenTree
-from spruce.sampling import sampling_probs
 from spruce.verify.greedy import VerifyResult
 from spruce.verify.tree_sampling import tree_rejection_sample
+
+from spruce.sampling import sampling_probs
 
 V = 5
 SAMPLES = 20_000
@@ -34,12 +34,12 @@ class ScriptedLM:
     def __init__(self, seed: int, sharpness: float) -> None:
         self.seed, self.sharpness = seed, sharpness
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def logits(self, context: tuple[int, ...]) -> torch.Tensor:
         gen = torch.Generator().manual_seed(hash((self.seed, context)) % (2**31))
         return torch.randn(V, generator=gen, dtype=torch.float64) * self.sharpness
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def probs(self, context: tuple[int, ...], temperature: float) -> torch.Tensor:
         return sampling_probs(self.logits(context)[None], temperature)[0]
 

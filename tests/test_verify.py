@@ -7,14 +7,14 @@ import copy
 
 import pytest
 import torch
+from conftest import TINY_VOCAB, assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from conftest import TINY_VOCAB, assert_close
 from spruce.draft.tree import ROOT_PARENT, TokenTree
-from spruce.modeling import forward_tokens, new_cache
 from spruce.verify.greedy import greedy_accept
 from spruce.verify.tree_verify import commit_accepted, verify_tree
+
+from spruce.modeling import forward_tokens, new_cache
 
 # float64 models: the tree pass and the sequential passes differ only by summation order
 F64_ATOL = 1e-9
