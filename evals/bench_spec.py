@@ -183,6 +183,9 @@ def summarize(records: list[dict], names: list[str]) -> dict:
             a["tokens"] += r["output_tokens"]
             a["steps"] += r["stats"]["steps"]
             a["differs"] += 0 if r["same_as_plain"] else 1
+            a["planned_steps"] += r["stats"].get("planned_steps", 0)
+            a["planned_expected"] += r["stats"].get("planned_expected_tokens", 0.0)
+            a["planned_emitted"] += r["stats"].get("planned_emitted_tokens", 0)
     first_diff = {}
     for r in records:
         if not r["same_as_plain"] and r["config"] not in first_diff:
@@ -196,6 +199,10 @@ def summarize(records: list[dict], names: list[str]) -> dict:
             "decode_speedup": None if a["untimed_prefill"] else (base["decode_s"] / base["tokens"]) / (a["decode_s"] / a["tokens"]),
             "mean_accepted_length": a["tokens"] / a["steps"] if a["steps"] else None,
             "outputs_differing_from_plain": int(a["differs"]),
+            # adaptive rows: tokens per pass the cost model's plans expected, and what those passes emitted
+            "planned_steps": int(a["planned_steps"]),
+            "planned_expected_per_step": a["planned_expected"] / a["planned_steps"] if a["planned_steps"] else None,
+            "planned_emitted_per_step": a["planned_emitted"] / a["planned_steps"] if a["planned_steps"] else None,
         }
     for name in names:
         out[name]["first_differing_question_id"] = first_diff.get(name)
@@ -227,6 +234,15 @@ def markdown(report: dict) -> str:
         decode = per["overall"].get("decode_speedup")
         decode_cell = "n/a" if decode is None else f"{decode:.2f}x"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {per['overall']['tokens_per_s']:.2f} | {decode_cell} | {lossless} |")
+    planned = [(name, per["overall"]) for name, per in summary.items() if per["overall"].get("planned_steps")]
+    if planned:
+        lines += ["", "Plans of the cost model (steps it planned a tree for; tokens per pass, bonus included):", ""]
+        for name, o in planned:
+            expected, emitted = o["planned_expected_per_step"], o["planned_emitted_per_step"]
+            lines.append(
+                f"- {name}: {o['planned_steps']} steps, expected {expected:.2f}, emitted {emitted:.2f} "
+                f"({emitted / expected:.2f} of expected)"
+            )
     return "\n".join(lines)
 
 

@@ -461,13 +461,18 @@ class StepPolicy:
         self._next_rate = rates[:, 0].tolist()
         self.verify_cost = verify_cost
         self.draft_cost = draft_cost
+        # tokens per pass the tree chosen by ``size`` is expected to emit (bonus included); None until then
+        self.chosen_expected: float | None = None
 
     def accept_prob(self, draft_prob: float) -> float:
         bucket = min(int(draft_prob * CONFIDENCE_BUCKETS), CONFIDENCE_BUCKETS - 1)
         return self._calibration[bucket]
 
     def size(self, best_probs: list[float], levels: int) -> int:
-        return choose_tree_size([self.accept_prob(p) for p in best_probs], self.draft_cost(levels), self.verify_cost)
+        accept = [self.accept_prob(p) for p in best_probs]
+        n = choose_tree_size(accept, self.draft_cost(levels), self.verify_cost)
+        self.chosen_expected = 1.0 + sum(accept[:n])
+        return n
 
     def expand(self, best_probs: list[float], frontier_prob: float, levels: int) -> bool:
         accept = [self.accept_prob(p) for p in best_probs]

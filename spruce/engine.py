@@ -655,6 +655,8 @@ class Engine:
         emitted = result.emitted_tokens()
         kept = req.stopper.extend(emitted)
         req.tokens.extend(emitted[:kept])
+        if req.policy is not None and req.policy.chosen_expected is not None:
+            req.stats.refine_plan(req.policy.chosen_expected)
         req.stats.record_step(tree.max_depth, tree.num_draft_nodes, min(kept, result.num_accepted), kept)
 
     def _step_spec(self, req: Request, batch: int) -> SpeculationConfig | None:

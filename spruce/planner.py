@@ -176,7 +176,7 @@ class Planner:
         if window and not 0 < fixed.draft_window <= window:  # a request's own smaller window stands
             fixed = dataclasses.replace(fixed, draft_window=window)
         self._drafted_this_step |= budget > 0
-        req.stats.record_plan(budget)
+        req.stats.record_plan(budget, plan.expected_tokens)
         if budget == 0:
             return self._ngram_only(req, fixed, batch) if spec.uses_ngram else None
         if req is not self._explorer:

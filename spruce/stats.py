@@ -11,6 +11,12 @@ Definitions (one place; every sink, from JSON to gRPC to Prometheus, uses these)
 - acceptance rate: accepted / drafted (for a tree, the denominator counts every branch).
 - steps by tree size: how many steps verified a tree of n draft nodes (0: plain decoding); with adaptive
   speculation, ``steps_by_planned_budget`` counts the cost model's choices (n-gram nodes come on top).
+- plan calibration (adaptive speculation): over the steps the cost model planned a tree for,
+  ``planned_expected_tokens`` sums what the verified tree was expected to emit (bonus included) and
+  ``planned_emitted_tokens`` what those passes emitted; their ratio says whether the acceptance
+  estimates hold. The expectation is the plan's where the tree is built to the plan's shape (sampled
+  children), and the dynamic policy's where it cut a greedy tree to size from the draft's confidences.
+  n-gram nodes added on top count in the emitted tokens, not in the expectation.
 - by depth: ``drafted_by_depth[d-1]`` counts steps whose tree reached depth d, ``accepted_by_depth[d-1]``
   the steps in which a node at depth d was accepted; their ratio is the acceptance rate at depth d.
 Output truncation at a stop condition removes tokens from ``accepted`` (they were not emitted).
@@ -32,6 +38,11 @@ class SpecStats:
     accepted_by_depth: list[int] = field(default_factory=list)
     steps_by_tree_size: dict[int, int] = field(default_factory=dict)
     steps_by_planned_budget: dict[int, int] = field(default_factory=dict)
+    planned_steps: int = 0
+    planned_expected_tokens: float = 0.0
+    planned_emitted_tokens: int = 0
+    # the expectation of the plan made for the coming step (0: no tree planned); not a counter
+    _pending_expected: float = field(default=0.0, repr=False, compare=False)
     prefill_time_s: float = 0.0
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
@@ -44,6 +55,11 @@ class SpecStats:
         self.accepted += emitted_draft_tokens
         self.output_tokens += emitted
         self.steps_by_tree_size[num_drafted] = self.steps_by_tree_size.get(num_drafted, 0) + 1
+        if self._pending_expected:
+            self.planned_steps += 1
+            self.planned_expected_tokens += self._pending_expected
+            self.planned_emitted_tokens += emitted
+            self._pending_expected = 0.0
         _grow(self.drafted_by_depth, tree_depth)
         _grow(self.accepted_by_depth, tree_depth)
         for d in range(tree_depth):
@@ -57,6 +73,9 @@ class SpecStats:
         self.drafted += other.drafted
         self.accepted += other.accepted
         self.output_tokens += other.output_tokens
+        self.planned_steps += other.planned_steps
+        self.planned_expected_tokens += other.planned_expected_tokens
+        self.planned_emitted_tokens += other.planned_emitted_tokens
         for mine, theirs in ((self.drafted_by_depth, other.drafted_by_depth), (self.accepted_by_depth, other.accepted_by_depth)):
             _grow(mine, len(theirs))
             for i, count in enumerate(theirs):
@@ -68,8 +87,17 @@ class SpecStats:
             for key, count in theirs_d.items():
                 mine_d[key] = mine_d.get(key, 0) + count
 
-    def record_plan(self, budget: int) -> None:
+    def record_plan(self, budget: int, expected_tokens: float = 0.0) -> None:
+        """The cost model's choice for the coming step: a tree of ``budget`` nodes (0: plain decoding)
+        expected to emit ``expected_tokens`` (bonus included), settled by the step's ``record_step``."""
         self.steps_by_planned_budget[budget] = self.steps_by_planned_budget.get(budget, 0) + 1
+        self._pending_expected = expected_tokens if budget else 0.0
+
+    def refine_plan(self, expected_tokens: float) -> None:
+        """The verified tree differs from the plan's (a dynamic policy cut it to size): its own
+        expectation replaces the plan's for the coming step, if a tree was planned."""
+        if self._pending_expected:
+            self._pending_expected = expected_tokens
 
     @property
     def mean_accepted_length(self) -> float:
@@ -101,6 +129,9 @@ class SpecStats:
             "accepted_by_depth": list(self.accepted_by_depth),
             "steps_by_tree_size": {str(k): v for k, v in sorted(self.steps_by_tree_size.items())},
             "steps_by_planned_budget": {str(k): v for k, v in sorted(self.steps_by_planned_budget.items())},
+            "planned_steps": self.planned_steps,
+            "planned_expected_tokens": self.planned_expected_tokens,
+            "planned_emitted_tokens": self.planned_emitted_tokens,
             "prefill_time_s": self.prefill_time_s,
             "draft_time_s": self.draft_time_s,
             "verify_time_s": self.verify_time_s,

@@ -54,6 +54,20 @@ def test_ignore_eos_runs_every_answer_to_max_tokens(tiny_engine, monkeypatch):
     assert len(out.token_ids) == 9
 
 
+def test_plans_expected_against_emitted():
+    """The table's note on the cost model's plans: tokens per planned pass expected and emitted."""
+    plain = _record("plain", "qa", 8, 4.0, 1.0, 8)
+    default = _record("default", "qa", 8, 2.0, 1.0, 4)
+    default["stats"].update(planned_steps=3, planned_expected_tokens=7.5, planned_emitted_tokens=6)
+    summary = summarize([plain, default], ["plain", "default"])
+    assert summary["default"]["overall"]["planned_expected_per_step"] == 2.5
+    assert summary["default"]["overall"]["planned_emitted_per_step"] == 2.0
+    assert summary["plain"]["overall"]["planned_expected_per_step"] is None
+    table = markdown({"summary": summary, "dtype": "float32", "draft_dtype": "bfloat16", "max_tokens": 8, "temperature": 0.0})
+    assert "- default: 3 steps, expected 2.50, emitted 2.00 (0.80 of expected)" in table
+    assert "- plain:" not in table
+
+
 def test_header_names_ignore_eos():
     records = [_record("plain", "qa", 8, 4.0, 1.0, 8), _record("default", "qa", 8, 2.0, 1.0, 4)]
     report = {"summary": summarize(records, ["plain", "default"]), "dtype": "float32", "draft_dtype": "bfloat16",

@@ -171,8 +171,33 @@ def test_adaptive_greedy_is_lossless_and_reports_its_plans(tiny_target, tiny_dra
         assert sum(out.stats.steps_by_planned_budget.values()) == out.stats.steps
         assert sum(out.stats.steps_by_tree_size.values()) == out.stats.steps
         assert out.stats.drafted > 0
+        # every step planned with a tree settles its plan's expectation against what the pass emitted
+        stats = out.stats
+        assert stats.planned_steps == sum(n for budget, n in stats.steps_by_planned_budget.items() if budget > 0) > 0
+        assert stats.planned_expected_tokens >= stats.planned_steps  # a plan expects the bonus token at least
+        assert stats.planned_steps <= stats.planned_emitted_tokens <= stats.output_tokens
     profile = engine.speculation_telemetry()["acceptance_profile"]
     assert sum(map(sum, profile["tried_by_depth_rank"])) > 0
+
+
+def test_step_policy_remembers_the_expectation_of_the_tree_it_chose():
+    """``size`` keeps 1 + the acceptance estimates of the nodes it chose: what the step's tree is expected
+    to emit, settled against the pass in the request's plan calibration."""
+    from spruce.costmodel import CONFIDENCE_BUCKETS, CostCurve, StepPolicy
+
+    calibration = torch.linspace(0.05, 0.95, CONFIDENCE_BUCKETS)
+    verify, draft = CostCurve(), CostCurve()
+    for n, s in ((1, 1.0), (2, 1.0), (4, 1.0), (8, 1.0), (16, 1.6)):
+        verify.observe(n, s)
+    draft.observe(1, 0.01)
+    draft.observe(2, 0.02)
+    policy = StepPolicy(calibration, torch.full((10, 8), 0.5), verify, draft)
+    assert policy.chosen_expected is None
+    probs = [0.99, 0.9, 0.5, 0.02]
+    n = policy.size(probs, 2)
+    accept = [policy.accept_prob(p) for p in probs]
+    assert 0 < n <= len(probs)
+    assert policy.chosen_expected == pytest.approx(1.0 + sum(accept[:n]))
 
 
 def test_first_adaptive_step_measures_the_costs(tiny_target, tiny_draft, tokenizer):

@@ -305,11 +305,37 @@ def test_stats_merge_adds_counters():
 
     a, b, both = SpecStats(), SpecStats(), SpecStats()
     for stats, steps in ((a, [(2, 3, 1, 2), (1, 1, 0, 1)]), (b, [(3, 4, 3, 4)])):
+        stats.record_plan(4, 2.5)  # settled by the first step that follows
+        both.record_plan(4, 2.5)
         for step in steps:
             stats.record_step(*step)
             both.record_step(*step)
-        stats.record_plan(4)
-        both.record_plan(4)
     a.merge(b)
-    for key in ("steps", "drafted", "accepted", "output_tokens", "drafted_by_depth", "accepted_by_depth", "steps_by_tree_size", "steps_by_planned_budget"):
+    assert a.planned_steps == 2 and a.planned_emitted_tokens == 6
+    for key in ("steps", "drafted", "accepted", "output_tokens", "drafted_by_depth", "accepted_by_depth", "steps_by_tree_size",
+                "steps_by_planned_budget", "planned_steps", "planned_expected_tokens", "planned_emitted_tokens"):
         assert a.to_dict()[key] == both.to_dict()[key], key
+
+
+def test_plan_calibration_settles_each_plan_with_its_step():
+    """A plan's expectation counts against the next step's emitted tokens; a plain step (budget 0) and a
+    step with no plan count in neither."""
+    from spruce.stats import SpecStats
+
+    stats = SpecStats()
+    stats.record_plan(6, 2.75)
+    stats.record_step(3, 6, 2, 3)  # the planned tree: 3 tokens emitted
+    stats.record_plan(0, 1.0)
+    stats.record_step(0, 0, 0, 1)  # planned plain decoding
+    stats.record_step(0, 0, 0, 1)  # no plan (fixed speculation)
+    stats.record_plan(2, 1.5)
+    stats.record_step(2, 2, 0, 1)
+    d = stats.to_dict()
+    assert (d["planned_steps"], d["planned_expected_tokens"], d["planned_emitted_tokens"]) == (2, 4.25, 4)
+    # a dynamic policy cut the planned tree: its expectation replaces the plan's; without a plan, nothing
+    stats.record_plan(9, 4.0)
+    stats.refine_plan(1.8)
+    stats.record_step(1, 1, 1, 2)
+    stats.refine_plan(3.0)
+    stats.record_step(0, 0, 0, 1)
+    assert (stats.planned_steps, stats.planned_expected_tokens, stats.planned_emitted_tokens) == (3, 6.05, 6)
