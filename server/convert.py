@@ -86,6 +86,10 @@ def spec_stats(stats: SpecStats) -> pb.SpeculationStats:
         verify_time_s=stats.verify_time_s,
         wall_time_s=stats.wall_time_s,
         steps_by_tree_size=stats.steps_by_tree_size,
+        steps_by_planned_budget=stats.steps_by_planned_budget,
+        planned_steps=stats.planned_steps,
+        planned_expected_tokens=stats.planned_expected_tokens,
+        planned_emitted_tokens=stats.planned_emitted_tokens,
     )
 
 

@@ -86,6 +86,25 @@ def test_generate_matches_the_engine(server, stub):
     assert got.finish_reason == pb.FINISH_REASON_LENGTH and got.completion_tokens == 6
     assert got.stats.steps >= 1 and got.stats.mean_accepted_length >= 1.0
     assert got.request_id
+    # the cost model's choices and its plans' calibration travel with the stats
+    assert sum(got.stats.steps_by_planned_budget.values()) == got.stats.steps
+    planned = sum(n for budget, n in got.stats.steps_by_planned_budget.items() if budget > 0)
+    assert got.stats.planned_steps == planned
+    assert got.stats.planned_expected_tokens >= planned and got.stats.planned_emitted_tokens >= planned
+
+
+def test_stats_message_carries_every_counter():
+    from spruce.server.convert import spec_stats
+    from spruce.stats import SpecStats
+
+    stats = SpecStats()
+    stats.record_plan(5, 2.5)
+    stats.record_step(2, 5, 1, 2)
+    stats.record_plan(0)
+    stats.record_step(0, 0, 0, 1)
+    msg = spec_stats(stats)
+    assert dict(msg.steps_by_planned_budget) == {5: 1, 0: 1} and dict(msg.steps_by_tree_size) == {5: 1, 0: 1}
+    assert (msg.planned_steps, msg.planned_expected_tokens, msg.planned_emitted_tokens) == (1, 2.5, 2)
 
 
 def test_stream_in_order_adds_up(stub):

@@ -91,8 +91,15 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., apply_chat_template: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., speculation: _Optional[_Union[SpeculationOptions, _Mapping]] = ...) -> None: ...
 
 class SpeculationStats(_message.Message):
-    __slots__ = ("steps", "draft_tokens", "accepted_tokens", "mean_accepted_length", "acceptance_rate", "acceptance_by_depth", "drafted_by_depth", "accepted_by_depth", "prefill_time_s", "draft_time_s", "verify_time_s", "wall_time_s", "steps_by_tree_size")
+    __slots__ = ("steps", "draft_tokens", "accepted_tokens", "mean_accepted_length", "acceptance_rate", "acceptance_by_depth", "drafted_by_depth", "accepted_by_depth", "prefill_time_s", "draft_time_s", "verify_time_s", "wall_time_s", "steps_by_tree_size", "steps_by_planned_budget", "planned_steps", "planned_expected_tokens", "planned_emitted_tokens")
     class StepsByTreeSizeEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    class StepsByPlannedBudgetEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +119,10 @@ class SpeculationStats(_message.Message):
     VERIFY_TIME_S_FIELD_NUMBER: _ClassVar[int]
     WALL_TIME_S_FIELD_NUMBER: _ClassVar[int]
     STEPS_BY_TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_BY_PLANNED_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_EXPECTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_EMITTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     steps: int
     draft_tokens: int
     accepted_tokens: int
@@ -125,7 +136,11 @@ class SpeculationStats(_message.Message):
     verify_time_s: float
     wall_time_s: float
     steps_by_tree_size: _containers.ScalarMap[int, int]
-    def __init__(self, steps: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., acceptance_by_depth: _Optional[_Iterable[float]] = ..., drafted_by_depth: _Optional[_Iterable[int]] = ..., accepted_by_depth: _Optional[_Iterable[int]] = ..., prefill_time_s: _Optional[float] = ..., draft_time_s: _Optional[float] = ..., verify_time_s: _Optional[float] = ..., wall_time_s: _Optional[float] = ..., steps_by_tree_size: _Optional[_Mapping[int, int]] = ...) -> None: ...
+    steps_by_planned_budget: _containers.ScalarMap[int, int]
+    planned_steps: int
+    planned_expected_tokens: float
+    planned_emitted_tokens: int
+    def __init__(self, steps: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., acceptance_by_depth: _Optional[_Iterable[float]] = ..., drafted_by_depth: _Optional[_Iterable[int]] = ..., accepted_by_depth: _Optional[_Iterable[int]] = ..., prefill_time_s: _Optional[float] = ..., draft_time_s: _Optional[float] = ..., verify_time_s: _Optional[float] = ..., wall_time_s: _Optional[float] = ..., steps_by_tree_size: _Optional[_Mapping[int, int]] = ..., steps_by_planned_budget: _Optional[_Mapping[int, int]] = ..., planned_steps: _Optional[int] = ..., planned_expected_tokens: _Optional[float] = ..., planned_emitted_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens", "stats")
