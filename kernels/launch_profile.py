@@ -16,13 +16,12 @@ import functools
 import importlib.util
 import io
 import pstats
-import time
 
 import torch
 import triton
 import triton.language as tl
 from spruce.kernels import tree_attention
-from spruce.kernels.bench import HEAD_DIM, HEADS, KV_HEADS, make_inputs, slotted
+from spruce.kernels.bench import HEAD_DIM, HEADS, KV_HEADS, host_us, make_inputs, slotted
 
 
 @triton.jit
@@ -33,14 +32,9 @@ def _empty_kernel(X, n):
 
 
 def _host_us(fn, calls: int) -> float:
+    """``bench.host_us`` after one warm-up call (the first call of a launch compiles it)."""
     fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+    return host_us(fn, calls)
 
 
 def _load(path: str):

@@ -468,16 +468,19 @@ class StepPolicy:
         bucket = min(int(draft_prob * CONFIDENCE_BUCKETS), CONFIDENCE_BUCKETS - 1)
         return self._calibration[bucket]
 
-    def size(self, best_probs: list[float], levels: int) -> int:
+    def _choose(self, best_probs: list[float], levels: int) -> tuple[int, float]:
+        """How many of the best candidates to verify after ``levels`` draft levels, and the tokens that
+        tree is expected to emit (bonus included)."""
         accept = [self.accept_prob(p) for p in best_probs]
         n = choose_tree_size(accept, self.draft_cost(levels), self.verify_cost)
-        self.chosen_expected = 1.0 + sum(accept[:n])
+        return n, 1.0 + sum(accept[:n])
+
+    def size(self, best_probs: list[float], levels: int) -> int:
+        n, self.chosen_expected = self._choose(best_probs, levels)
         return n
 
     def expand(self, best_probs: list[float], frontier_prob: float, levels: int) -> bool:
-        accept = [self.accept_prob(p) for p in best_probs]
-        n = choose_tree_size(accept, self.draft_cost(levels), self.verify_cost)
-        expected = 1.0 + sum(accept[:n])
+        n, expected = self._choose(best_probs, levels)
         seconds = self.draft_cost(levels) + self.verify_cost(n + 1)
         # look ahead up to LOOKAHEAD levels: verify costs are not convex (on a CPU a 3-token pass can
         # cost 1.4x a 2-token one, and 5 tokens barely more than 3), so one level may not pay where two do
