@@ -155,4 +155,7 @@ def server_stats(worker: Any) -> pb.ServerStats:
         steps_by_planned_budget=s.steps_by_planned_budget,
         kv_cache_tokens=worker.engine.kv_usage()["positions_used"],
         speculation_telemetry_json=json.dumps(worker.engine.speculation_telemetry()),
+        planned_steps=s.planned_steps,
+        planned_expected_tokens=s.planned_expected_tokens,
+        planned_emitted_tokens=s.planned_emitted_tokens,
     )

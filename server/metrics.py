@@ -6,7 +6,8 @@ the gap between two consecutive steps of a request (one observation per step; a 
 one or more tokens); end-to-end = arrival to the last token. Speculation counters follow vLLM's spec
 decode metrics: drafts = steps that verified at least one draft token; draft tokens; accepted tokens
 (the bonus token not counted); accepted tokens per position = accepted draft tokens at tree depth
-``position`` (0-based). All come from the host-side step records: no device synchronization is added.
+``position`` (0-based). spruce's own (``spruce:`` prefix): the plan calibration counters of
+``spruce.stats``. All come from the host-side step records: no device synchronization is added.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ class Metrics:
             "vllm:spec_decode_num_accepted_tokens_per_pos", "Accepted draft tokens by tree depth (0-based).",
             [*labels, "position"], registry=reg,
         )
+        # spruce's own: plan calibration of adaptive speculation (``spruce.stats``), summed over
+        # finished requests; expected / emitted near 1 means the cost model's acceptance estimates hold
+        self.planned_steps = Counter("spruce:planned_steps", "Steps the cost model planned a draft tree for.", labels, registry=reg)
+        self.planned_expected = Counter(
+            "spruce:planned_expected_tokens", "Tokens the planned trees were expected to emit (bonus included).", labels, registry=reg
+        )
+        self.planned_emitted = Counter("spruce:planned_emitted_tokens", "Tokens the planned trees emitted.", labels, registry=reg)
         for gauge in (self.running, self.waiting, self.kv_usage):
             gauge.labels(model_name).set(0)
 
@@ -54,3 +62,6 @@ class Metrics:
         self.accepted_tokens.labels(m).inc(stats.accepted)
         for pos, count in enumerate(stats.accepted_by_depth):
             self.accepted_per_pos.labels(m, str(pos)).inc(count)
+        self.planned_steps.labels(m).inc(stats.planned_steps)
+        self.planned_expected.labels(m).inc(stats.planned_expected_tokens)
+        self.planned_emitted.labels(m).inc(stats.planned_emitted_tokens)

@@ -206,13 +206,25 @@ def test_health_and_metrics(server, stub):
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     health = health_pb2_grpc.HealthStub(channel)
     assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+    before = stub.GetStats(pb.GetStatsRequest())
     # adaptive speculation decides from measured timings whether to draft: ask until a draft was accepted
-    for prompt in ("hello", "abcabcabc", "the the the", "12121212", "xyz"):
-        stub.Generate(_req(text=prompt, max_tokens=12))
-        if stub.GetStats(pb.GetStatsRequest()).accepted_tokens > 0:
+    replies = []
+    for prompt in ("hello", "abcabcabc", "the the the", "12121212", "xyz", "hello hello", "aaaaaaaa", "0101010101"):
+        replies.append(stub.Generate(_req(text=prompt, max_tokens=12)))
+        if sum(r.stats.accepted_tokens for r in replies) > 0 and sum(r.stats.planned_steps for r in replies) > 0:
             break
-    assert stub.GetStats(pb.GetStatsRequest()).accepted_tokens > 0
+    after = stub.GetStats(pb.GetStatsRequest())
+    assert after.accepted_tokens - before.accepted_tokens == sum(r.stats.accepted_tokens for r in replies) > 0
+    # the server-wide plan calibration counters sum the requests' own
+    assert after.planned_steps - before.planned_steps == sum(r.stats.planned_steps for r in replies) > 0
+    assert after.planned_emitted_tokens - before.planned_emitted_tokens == sum(r.stats.planned_emitted_tokens for r in replies)
+    expected = sum(r.stats.planned_expected_tokens for r in replies)
+    assert after.planned_expected_tokens - before.planned_expected_tokens == pytest.approx(expected)
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.config.http_port}/metrics").read().decode()
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in body.splitlines() if line.startswith("spruce:")}
+    assert samples['spruce:planned_steps_total{model_name="tiny"}'] == after.planned_steps
+    assert samples['spruce:planned_emitted_tokens_total{model_name="tiny"}'] == after.planned_emitted_tokens
+    assert samples['spruce:planned_expected_tokens_total{model_name="tiny"}'] == pytest.approx(after.planned_expected_tokens)
     for name in (
         "vllm:time_to_first_token_seconds_bucket",
         "vllm:inter_token_latency_seconds_bucket",

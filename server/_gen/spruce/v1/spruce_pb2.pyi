@@ -227,7 +227,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("requests_finished", "requests_failed", "requests_aborted", "requests_running", "requests_waiting", "steps", "draft_tokens", "accepted_tokens", "output_tokens", "mean_accepted_length", "acceptance_rate", "acceptance_by_depth", "drafted_by_depth", "accepted_by_depth", "steps_by_tree_size", "steps_by_planned_budget", "kv_cache_tokens", "speculation_telemetry_json")
+    __slots__ = ("requests_finished", "requests_failed", "requests_aborted", "requests_running", "requests_waiting", "steps", "draft_tokens", "accepted_tokens", "output_tokens", "mean_accepted_length", "acceptance_rate", "acceptance_by_depth", "drafted_by_depth", "accepted_by_depth", "steps_by_tree_size", "steps_by_planned_budget", "kv_cache_tokens", "speculation_telemetry_json", "planned_steps", "planned_expected_tokens", "planned_emitted_tokens")
     class StepsByTreeSizeEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +260,9 @@ class ServerStats(_message.Message):
     STEPS_BY_PLANNED_BUDGET_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SPECULATION_TELEMETRY_JSON_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_EXPECTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_EMITTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     requests_finished: int
     requests_failed: int
     requests_aborted: int
@@ -278,4 +281,7 @@ class ServerStats(_message.Message):
     steps_by_planned_budget: _containers.ScalarMap[int, int]
     kv_cache_tokens: int
     speculation_telemetry_json: str
-    def __init__(self, requests_finished: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_aborted: _Optional[int] = ..., requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., steps: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., acceptance_by_depth: _Optional[_Iterable[float]] = ..., drafted_by_depth: _Optional[_Iterable[int]] = ..., accepted_by_depth: _Optional[_Iterable[int]] = ..., steps_by_tree_size: _Optional[_Mapping[int, int]] = ..., steps_by_planned_budget: _Optional[_Mapping[int, int]] = ..., kv_cache_tokens: _Optional[int] = ..., speculation_telemetry_json: _Optional[str] = ...) -> None: ...
+    planned_steps: int
+    planned_expected_tokens: float
+    planned_emitted_tokens: int
+    def __init__(self, requests_finished: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_aborted: _Optional[int] = ..., requests_running: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., steps: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., acceptance_by_depth: _Optional[_Iterable[float]] = ..., drafted_by_depth: _Optional[_Iterable[int]] = ..., accepted_by_depth: _Optional[_Iterable[int]] = ..., steps_by_tree_size: _Optional[_Mapping[int, int]] = ..., steps_by_planned_budget: _Optional[_Mapping[int, int]] = ..., kv_cache_tokens: _Optional[int] = ..., speculation_telemetry_json: _Optional[str] = ..., planned_steps: _Optional[int] = ..., planned_expected_tokens: _Optional[float] = ..., planned_emitted_tokens: _Optional[int] = ...) -> None: ...
