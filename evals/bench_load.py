@@ -29,7 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 
 
-from spruce.config import DTYPES, SamplingParams, SpeculationConfig
+from spruce.config import DRAFT_DTYPES, DTYPES, SamplingParams, SpeculationConfig
 from spruce.evals.bench_spec import BASELINE, parse_spec, report_header
 from spruce.evals.prompts import load_prompts
 from spruce.evals.report import quantile
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target")
     p.add_argument("--draft")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
-    p.add_argument("--draft-dtype", choices=DTYPES)
+    p.add_argument("--draft-dtype", choices=DRAFT_DTYPES)
     p.add_argument("--out", help="write the JSON report here (and a .md table next to it)")
     args = p.parse_args(argv)
     args.command_line = "python -m spruce.evals.bench_load " + " ".join(argv if argv is not None else sys.argv[1:])

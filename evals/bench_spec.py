@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from spruce.config import DTYPES, EngineConfig, SamplingParams, SpeculationConfig, parse_tree_paths
+from spruce.config import DRAFT_DTYPES, DTYPES, EngineConfig, SamplingParams, SpeculationConfig, parse_tree_paths
 from spruce.evals.prompts import load_prompts
 
 BASELINE = "plain"
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target")
     p.add_argument("--draft")
     p.add_argument("--dtype", default=EngineConfig().dtype, choices=DTYPES)
-    p.add_argument("--draft-dtype", choices=DTYPES)
+    p.add_argument("--draft-dtype", choices=DRAFT_DTYPES)
     p.add_argument("--prompts", help="Spec-Bench format JSONL (default: spruce's own prompt set)")
     p.add_argument("--per-category", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=64)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from spruce.config import (
+    DRAFT_DTYPES,
     DRAFTERS,
     DTYPES,
     EngineConfig,
@@ -121,7 +122,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", default=_ENGINE.drafter, choices=DRAFTERS, help="ngram loads no draft model")
     p.add_argument("--device", default=_ENGINE.device)
     p.add_argument("--dtype", default=_ENGINE.dtype, choices=DTYPES)
-    p.add_argument("--draft-dtype", default=_ENGINE.draft_dtype, choices=DTYPES, help="default: auto")
+    p.add_argument(
+        "--draft-dtype", default=_ENGINE.draft_dtype, choices=DRAFT_DTYPES,
+        help="default: auto (bfloat16 on CPUs with native bfloat16, else --dtype); int8: int8 weights, CPU only",
+    )
     p.add_argument(
         "--attention-backend", default=_ENGINE.attention_backend, choices=("auto", *BACKENDS),
         help="tree attention: auto picks flash, then triton on a GPU, else sdpa",

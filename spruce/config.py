@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from spruce.errors import InvalidRequestError
 
 DTYPES = ("float32", "bfloat16")
+# the draft may also keep its linear layers' weights in int8 (one scale per output row, bfloat16
+# activations; CPU only: ``spruce.kernels.cpu_int8``): it only proposes, the target verifies
+DRAFT_DTYPES = (*DTYPES, "int8")
 
 
 @dataclass(frozen=True)
@@ -227,8 +230,13 @@ class EngineConfig:
             raise InvalidRequestError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.drafter not in DRAFTERS:
             raise InvalidRequestError(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
-        if self.draft_dtype is not None and self.draft_dtype not in DTYPES:
-            raise InvalidRequestError(f"draft_dtype must be one of {DTYPES}, got {self.draft_dtype!r}")
+        if self.draft_dtype is not None and self.draft_dtype not in DRAFT_DTYPES:
+            raise InvalidRequestError(f"draft_dtype must be one of {DRAFT_DTYPES}, got {self.draft_dtype!r}")
+        if self.draft_dtype == "int8" and self.device != "cpu":
+            raise InvalidRequestError(
+                f"draft_dtype int8 runs on CPU only (torch's CPU kernel for int8 weights), not on {self.device!r}: "
+                "use bfloat16 there"
+            )
         if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
             raise InvalidRequestError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
         if not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:

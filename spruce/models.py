@@ -211,11 +211,18 @@ def resolve_model_dir(spec: str | os.PathLike[str] | None, role: str) -> Path:
 
 
 def load_causal_lm(
-    model_dir: Path, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, tensor_parallel: bool = False
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    trust_remote_code: bool = False,
+    tensor_parallel: bool = False,
+    int8_weights: bool = False,
 ):
     """Load a causal LM for inference (eval mode, no grad) with the SDPA attention implementation.
 
     On CPU its linear layers take the small-rows fast path (``spruce.kernels.cpu_linear``).
+    ``int8_weights`` (CPU): every linear layer keeps int8 weights with per-row scales, ``dtype`` activations
+    (``spruce.kernels.cpu_int8``; for a draft, whose output the target verifies).
     ``tensor_parallel``: shard it over the running process group with transformers' plan for the
     architecture (``spruce.parallel``); the shards are placed by the plan, on this rank's device.
     """
@@ -244,6 +251,12 @@ def load_causal_lm(
     model.eval().requires_grad_(False)
     if device.type == "cpu" and not tensor_parallel:  # the fast path knows plain tensors, not shards
         use_small_rows_linear(model)
+    if int8_weights:
+        from spruce.kernels.cpu_int8 import use_int8_weights
+
+        if device.type != "cpu" or tensor_parallel:
+            raise ValueError("int8 weights are a CPU path for an unsharded model")
+        use_int8_weights(model)
     return model
 
 

@@ -55,7 +55,8 @@ def cpu_has_native_bf16() -> bool | None:
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    """The torch dtype a model loads in: an int8 draft computes in bfloat16 (its weights are int8)."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}[name]
 
 
 def eos_ids(model: PreTrainedModel, tokenizer) -> set[int]:

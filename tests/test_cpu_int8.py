@@ -1,0 +1,122 @@
+"""Int8 draft weights (``spruce.kernels.cpu_int8``): the fast path against its reference twin and the
+exact product on fresh random inputs, the model switch, and an int8 draft keeping speculation lossless."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_VOCAB, assert_close
+from spruce.kernels.cpu_int8 import (
+    INT8_ROWS_MAX,
+    Int8Linear,
+    dequantize_int8,
+    int8_linear,
+    int8_linear_reference,
+    quantize_int8,
+    uses_int8_kernel,
+)
+
+from spruce import Engine, SamplingParams, SpeculationConfig
+from spruce.config import EngineConfig
+from spruce.errors import InvalidRequestError
+from spruce.modeling import forward_tokens, new_cache
+
+
+def _exact(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ (q * scales)^T + bias in float64."""
+    out = x.double() @ (q.double() * scales.double()[:, None]).t()
+    return out if bias is None else out + bias.double()
+
+
+def test_quantize_round_trip_within_half_a_step():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 70, generator=gen) * torch.rand(37, 1, generator=gen) * 3
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and scales.shape == (37,) and int(q.abs().max()) <= 127
+    err = (dequantize_int8(q, scales, torch.float32) - w).abs()
+    assert bool((err <= scales[:, None] / 2 + 1e-6).all())
+    # every row uses the full range: its largest weight maps to +-127
+    assert bool((q.abs().amax(dim=1) == 127).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [64, 96, 24, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, INT8_ROWS_MAX, INT8_ROWS_MAX + 1, 9])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_matches_reference_and_exact(dtype, k, rows, bias):
+    gen = torch.Generator().manual_seed(rows * 100 + k + bias)
+    q, scales = quantize_int8(torch.randn(50, k, generator=gen), dtype)
+    x = torch.randn(2, rows, k, generator=gen).to(dtype)
+    b = torch.randn(50, generator=gen).to(dtype) if bias else None
+    got = int8_linear(x, q, scales, b)
+    assert got.shape == (2, rows, 50) and got.dtype == dtype
+    exact = _exact(x.reshape(-1, k), q, scales, b).reshape(2, rows, 50)
+    # bfloat16 outputs and dequantized weights round to 8 bits of mantissa
+    tol = 1e-4 if dtype == torch.float32 else 0.02 * float(exact.abs().max())
+    assert_close(got.double(), exact, atol=tol, what="int8_linear vs exact")
+    assert_close(got.double(), int8_linear_reference(x, q, scales, b).double(), atol=2 * tol, what="int8_linear vs reference")
+    # the kernel takes few rows of a supported width; the rest goes the reference way
+    assert uses_int8_kernel(x, q) == (rows * 2 <= INT8_ROWS_MAX and k % 32 == 0)
+
+
+def test_many_rows_take_the_float_weight_when_kept():
+    gen = torch.Generator().manual_seed(3)
+    linear = torch.nn.Linear(64, 30)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(30, 64, generator=gen))
+    layer = Int8Linear(linear, keep_float=True)
+    x = torch.randn(INT8_ROWS_MAX + 3, 64, generator=gen)
+    # more rows than the kernel takes: the float weight, exactly F.linear
+    assert torch.equal(layer(x), F.linear(x, linear.weight, linear.bias))
+    # few rows: the int8 weight
+    few = x[:2]
+    assert_close(layer(few).double(), _exact(few, layer.qweight, layer.scales, linear.bias), atol=1e-4, what="few rows")
+    assert Int8Linear(linear, keep_float=False).weight is None
+
+
+def test_model_with_int8_weights_tracks_the_float_model(tiny_target):
+    from spruce.kernels.cpu_int8 import use_int8_weights
+
+    model = copy.deepcopy(tiny_target).to(torch.bfloat16)
+    reference = copy.deepcopy(model)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert use_int8_weights(model) == linears
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, TINY_VOCAB, (12,), generator=gen)
+    for t in (1, 3):  # decode-sized passes: the int8 kernel
+        a_cache, b_cache = new_cache(model), new_cache(reference)
+        forward_tokens(model, a_cache, ids[:-t], torch.arange(12 - t), None)
+        forward_tokens(reference, b_cache, ids[:-t], torch.arange(12 - t), None)
+        got = forward_tokens(model, a_cache, ids[-t:], torch.arange(12 - t, 12), None).float()
+        want = forward_tokens(reference, b_cache, ids[-t:], torch.arange(12 - t, 12), None).float()
+        # int8 weights move the logits a little (they are a draft's), not the ranking of clear winners
+        assert float((got - want).abs().max()) < 0.1 * float(want.abs().max())
+        assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 2 / 3
+
+
+def test_int8_draft_keeps_greedy_lossless(tiny_dirs):
+    target_dir, draft_dir = tiny_dirs
+    engine = Engine.from_pretrained(target=target_dir, draft=draft_dir, draft_dtype="int8")
+    assert engine.config.draft_dtype == "int8"
+    assert engine.drafter is not None
+    assert any(isinstance(m, Int8Linear) for m in engine.drafter.model.modules())
+    assert not any(isinstance(m, Int8Linear) for m in engine.target.modules())
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(3):
+        prompt = torch.randint(0, 256, (int(torch.randint(3, 15, (1,), generator=gen)),), generator=gen).tolist()
+        plain = engine.generate([prompt], params, speculation=None)[0]
+        spec = engine.generate([prompt], params, SpeculationConfig(depth=3, top_k=2, budget=6))[0]
+        assert spec.token_ids == plain.token_ids
+        assert spec.stats.drafted > 0
+
+
+def test_int8_draft_dtype_is_checked():
+    with pytest.raises(InvalidRequestError, match="CPU only"):
+        EngineConfig(device="cuda", draft_dtype="int8")
+    with pytest.raises(InvalidRequestError, match="draft_dtype must be one of"):
+        EngineConfig(draft_dtype="int4")
