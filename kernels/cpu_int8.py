@@ -32,6 +32,11 @@ INT8_K_MULTIPLE = 32
 _KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 
+def int8_kernel_available() -> bool:
+    """Whether this torch has the CPU weight-only int8 kernel ``int8_linear`` uses."""
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
 def quantize_int8(
     # [N, K] float weight
     weight: torch.Tensor,
