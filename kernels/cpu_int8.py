@@ -105,6 +105,11 @@ class Int8Linear(torch.nn.Module):
     """A linear layer with int8 weights and per-row scales (inference only). ``keep_float``: keep the
     float weight too, for passes over more than ``INT8_ROWS_MAX`` rows (memory: 1.5x the float layer)."""
 
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+    weight: torch.Tensor | None
+
     def __init__(self, linear: torch.nn.Linear, keep_float: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
