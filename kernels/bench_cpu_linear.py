@@ -54,11 +54,10 @@ def main() -> None:
     p.add_argument("--in-features", type=int, default=896)
     p.add_argument("--int8", action="store_true", help="bfloat16 against int8 weights, cache-cold")
     args = p.parse_args()
+    print(f"threads {torch.get_num_threads()}, weight [{args.out_features} x {args.in_features}]\n")
     if args.int8:
-        print(f"threads {torch.get_num_threads()}, weight [{args.out_features} x {args.in_features}]\n")
         int8_table(args.out_features, args.in_features)
         return
-    print(f"threads {torch.get_num_threads()}, weight [{args.out_features} x {args.in_features}]\n")
     print("| dtype | rows | F.linear ms | small-rows ms |")
     print("|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):

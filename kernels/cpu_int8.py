@@ -13,10 +13,11 @@ Layout: ``qweight`` [N, K] int8 and ``scales`` [N] in the activations' dtype, W 
 (``aten::_weight_int8pack_mm``, the one gpt-fast and torchao's CPU path call) for up to
 ``INT8_ROWS_MAX`` rows, where it reads the int8 weights once (measured, cache-cold weights, one row:
 1.7x faster than bfloat16 at [4864 x 896], 1.7x at the [151936 x 896] output layer; at 8 rows it is
-slower than bfloat16, its cost grows with the rows); more rows (a prefill, a catch-up) dequantize and
-take ``F.linear`` (compute-bound there, the dequantization is small beside it). The kernel returned
-wrong values for K = 24 and crashed for K = 7 (torch 2.13, bfloat16): it is used only where
-``K % INT8_K_MULTIPLE == 0``, the reference path elsewhere. ``int8_linear_reference`` is its twin
+slower than bfloat16, its cost grows with the rows). More rows (a prefill, a catch-up) take the float
+weight an ``Int8Linear`` keeps beside the int8 one (``F.linear`` on the flattened rows); without it
+they dequantize per call (measured 10x slower than bfloat16 at the output layer: a fallback, not a
+path for models). The kernel returned wrong values for K = 24 and crashed for K = 7 (torch 2.13,
+bfloat16): it is used only where ``K % INT8_K_MULTIPLE == 0``, the reference path elsewhere. ``int8_linear_reference`` is its twin
 (dequantize, then ``F.linear``): outputs agree to the rounding of the activations' dtype.
 """
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Row counts at or below this take the int8 kernel; above it, dequantize and F.linear.
+# Row counts at or below this take the int8 kernel; above it, the kept float weight (or dequantization).
 INT8_ROWS_MAX = 4
 # the kernel is used only for inner dimensions that are a multiple of this (see the module docstring)
 INT8_K_MULTIPLE = 32
