@@ -1,7 +1,11 @@
 """Microbenchmark: F.linear vs the small-rows path on CPU, by row count and dtype (median of repeats);
-with ``--int8``, bfloat16 F.linear vs int8 weights (``spruce.kernels.cpu_int8``) with cache-cold weights.
+with ``--int8``, bfloat16 F.linear vs int8 weights (``spruce.kernels.cpu_int8``) with cache-cold weights;
+with ``--onednn``, float32 F.linear vs the small-rows path vs oneDNN with prepacked weights, cache-cold;
+with ``--model target|draft``, one forward of T tokens after a 300-token prefix through the embedded
+model in float32, by linear path (its layers switched in place between timings).
 
-    python -m spruce.kernels.bench_cpu_linear [--out-features 4864] [--in-features 896] [--int8]
+    python -m spruce.kernels.bench_cpu_linear [--out-features 4864] [--in-features 896] [--int8 | --onednn]
+    python -m spruce.kernels.bench_cpu_linear --model target
 
 Prints one Markdown table; the figures measured on the development machine are in kernels/NOTES.md.
 """
@@ -14,7 +18,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from spruce.kernels.cpu_linear import small_rows_linear
 
 ROWS = (1, 2, 3, 4, 8, 16, 32)
@@ -48,15 +51,89 @@ def int8_table(out_features: int, in_features: int, weights_mb: int = 400) -> No
         print(f"| {rows} | {ref:.3f} | {fast:.3f} | {rows <= INT8_ROWS_MAX} | {gbs:.1f} |")
 
 
+def onednn_table(out_features: int, in_features: int, weights_mb: int = 400) -> None:
+    """float32 ``F.linear``, ``small_rows_linear`` and ``onednn_linear`` (prepacked) by rows, each call on
+    the next of enough distinct weights to fill ``weights_mb``."""
+    from spruce.kernels.cpu_linear import onednn_linear, onednn_pack
+
+    count = max(2, weights_mb * 2**20 // (4 * out_features * in_features))
+    ws = [torch.randn(out_features, in_features) for _ in range(count)]
+    packed = [onednn_pack(w) for w in ws]
+    print(f"| rows | F.linear ms | small-rows ms | oneDNN packed ms | oneDNN GB/s |  ({count} weights cycled)")
+    print("|---|---|---|---|---|")
+    for rows in (1, 2, 3, 4, 5, 6, 8, 12, 16, 32):
+        x = torch.randn(rows, in_features)
+        ref = median_ms(lambda x=x: [F.linear(x, w) for w in ws], repeats=7) / count
+        small = median_ms(lambda x=x: [small_rows_linear(x, w, None) for w in ws], repeats=7) / count
+        fast = median_ms(lambda x=x: [onednn_linear(x, p, None, out_features) for p in packed], repeats=7) / count
+        gbs = 4 * out_features * in_features / (fast * 1e-3) / 1e9
+        print(f"| {rows} | {ref:.3f} | {small:.3f} | {fast:.3f} | {gbs:.1f} |")
+
+
+def model_table(role: str, prefix: int = 300, sizes: tuple[int, ...] = (1, 2, 3, 4, 8, 16, 32)) -> None:
+    """One forward of T new tokens after a ``prefix``-token prompt through the embedded ``role`` model in
+    float32, by linear path (switched in place, alternating, median of 3), with the largest logit
+    difference from ``F.linear``'s. Holds the dense and the packed weights at once (2x the model)."""
+    import copy
+
+    from spruce.kernels.cpu_linear import onednn_linear, onednn_linear_available, onednn_pack
+    from transformers import AutoModelForCausalLM
+
+    from spruce.models import resolve_model_dir
+
+    if not onednn_linear_available():
+        raise SystemExit("torch has no working oneDNN matmul here: nothing to compare")
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_dir(None, role), dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
+    ).eval()
+    layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    packed = {id(m): onednn_pack(m.weight) for m in layers}
+    paths = {
+        "F.linear": lambda m: (lambda x: F.linear(x, m.weight, m.bias)),
+        "small-rows": lambda m: (lambda x: small_rows_linear(x, m.weight, m.bias)),
+        "oneDNN packed": lambda m: (lambda x: onednn_linear(x, packed[id(m)], m.bias, m.out_features)),
+    }
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    print(f"| T | {' | '.join(f'{name} ms' for name in paths)} | max logit diff oneDNN vs F.linear |")
+    print("|---|" + "---|" * (len(paths) + 1))
+    with torch.inference_mode():
+        cache = model(torch.randint(0, vocab, (1, prefix), generator=gen), use_cache=True).past_key_values
+        for t in sizes:
+            ids = torch.randint(0, vocab, (1, t), generator=gen)
+            times: dict[str, list[float]] = {name: [] for name in paths}
+            logits = {}
+            for _ in range(3):
+                for name, make in paths.items():
+                    for m in layers:
+                        m.forward = make(m)
+                    c = copy.deepcopy(cache)
+                    start = time.perf_counter()
+                    logits[name] = model(ids, past_key_values=c).logits
+                    times[name].append((time.perf_counter() - start) * 1e3)
+            diff = (logits["oneDNN packed"] - logits["F.linear"]).abs().max().item()
+            cells = " | ".join(f"{statistics.median(v):.0f}" for v in times.values())
+            print(f"| {t} | {cells} | {diff:.1e} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out-features", type=int, default=4864)
     p.add_argument("--in-features", type=int, default=896)
     p.add_argument("--int8", action="store_true", help="bfloat16 against int8 weights, cache-cold")
+    p.add_argument("--onednn", action="store_true", help="float32: F.linear, small rows, oneDNN, cache-cold")
+    p.add_argument("--model", choices=("target", "draft"), help="whole passes of the embedded model, float32")
     args = p.parse_args()
+    if args.model:
+        print(f"threads {torch.get_num_threads()}, embedded {args.model}, float32\n")
+        model_table(args.model)
+        return
     print(f"threads {torch.get_num_threads()}, weight [{args.out_features} x {args.in_features}]\n")
     if args.int8:
         int8_table(args.out_features, args.in_features)
+        return
+    if args.onednn:
+        onednn_table(args.out_features, args.in_features)
         return
     print("| dtype | rows | F.linear ms | small-rows ms |")
     print("|---|---|---|---|")

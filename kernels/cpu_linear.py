@@ -11,6 +11,15 @@ to float rounding: only the summation order differs). It also flattens inputs to
 bfloat16 input with the strides of a slice (as ``logits_to_keep=1`` produces) took 520 ms through
 ``F.linear`` against a [151936 x 896] weight, the same data as [1, K] 21 ms. ``use_small_rows_linear`` switches a model's
 ``nn.Linear`` modules to it in place (weights shared, nothing copied).
+
+Faster still where torch has oneDNN (``torch.backends.mkldnn``): float32 ``F.linear`` on CPU goes to MKL's
+GEMM, which on the development machine's AMD CPU reads a [8960 x 1536] weight at ~12 GB/s for one row and
+costs 2-3x that for 2-16 rows, while oneDNN's matmul over the same weight, prepacked once into its blocked
+layout, costs about the same for 1 to 16 rows. ``use_onednn_linear`` swaps a float32 model's linear layers
+for ``OneDnnLinear`` (weights prepacked, the dense copy freed); a whole 1.5B target pass over 8 tokens then
+costs ~0.32 s instead of ~0.83 s (``kernels/NOTES.md``). ``onednn_linear`` has ``F.linear`` as its
+reference twin; ``onednn_linear_available`` checks the private operators against it once per process and
+the loader falls back to the small-rows path where they are missing or wrong.
 """
 
 from __future__ import annotations
@@ -64,6 +73,116 @@ def use_small_rows_linear(model: torch.nn.Module) -> int:
             module.__class__ = SmallRowsLinear
             count += 1
     return count
+
+
+# Rows the prepacked oneDNN layout is chosen for (a tree verification pass); any row count works with it.
+ONEDNN_PACK_ROWS = 16
+# Measured on the development CPU (kernels/NOTES.md), for every weight shape of the 1.5B target: with
+# prepacked weights 5-6 rows cost the least (1 row 1.4x, 2 rows 1.8x as much), and each row's result is
+# the same whatever the other rows (bitwise, for 2 rows or more). Fewer rows are padded up to this.
+ONEDNN_MIN_ROWS = 5
+
+
+def onednn_pack(weight: torch.Tensor, rows_hint: int = ONEDNN_PACK_ROWS) -> torch.Tensor:
+    """``weight`` [N, K] float32 in oneDNN's blocked layout (an opaque ``torch._mkldnn`` tensor, a copy)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
+
+
+def onednn_linear(
+    # [..., K] float32 on CPU
+    x: torch.Tensor,
+    # [N, K]: dense, or packed by onednn_pack
+    weight: torch.Tensor,
+    # [N] or None
+    bias: torch.Tensor | None,
+    out_features: int,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` through oneDNN's matmul; [..., N]. Fewer than ``ONEDNN_MIN_ROWS`` rows
+    are padded with zero rows up to it (those rows' outputs are dropped)."""
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    if n < ONEDNN_MIN_ROWS:
+        rows = torch.cat([rows, rows.new_zeros(ONEDNN_MIN_ROWS - n, rows.shape[1])])
+    out = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), weight, bias, "none", [], "")
+    return out[:n].reshape(*x.shape[:-1], out_features)
+
+
+_ONEDNN_OK: bool | None = None
+
+
+def onednn_linear_available() -> bool:
+    """Whether ``onednn_linear`` runs and agrees with ``F.linear`` here (dense and packed weights, a few
+    row counts; checked once per process on fresh random data)."""
+    global _ONEDNN_OK
+    if _ONEDNN_OK is None:
+        _ONEDNN_OK = _onednn_self_test()
+    return _ONEDNN_OK
+
+
+def _onednn_self_test() -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(80, 64, generator=gen)
+    b = torch.randn(80, generator=gen)
+    try:
+        packed = onednn_pack(w)
+        for rows in (1, 3, ONEDNN_PACK_ROWS + 1):
+            x = torch.randn(rows, 64, generator=gen)
+            want = F.linear(x.double(), w.double(), b.double())
+            for weight in (w, packed):
+                got = onednn_linear(x, weight, b, 80)
+                if got.shape != want.shape or not torch.allclose(got.double(), want, atol=1e-3, rtol=1e-4):
+                    return False
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return True
+
+
+class OneDnnLinear(torch.nn.Module):
+    """A float32 linear layer computed by oneDNN (inference only). Its weight is prepacked and the dense
+    copy dropped, unless another module shares it (a tied output embedding): then the shared dense weight
+    is used as is, which is slower than packed but still faster than MKL here."""
+
+    weight: torch.nn.Parameter | None
+    bias: torch.nn.Parameter | None
+
+    def __init__(self, linear: torch.nn.Linear, shared: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = None if linear.bias is None else linear.bias
+        self.weight = linear.weight if shared else None
+        # a plain attribute, not a buffer: opaque tensors do not go into a state dict or through .to()
+        self.packed = None if shared else onednn_pack(linear.weight)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight = self.packed if self.packed is not None else self.weight
+        assert weight is not None
+        return onednn_linear(input, weight, self.bias, self.out_features)
+
+    def extra_repr(self) -> str:
+        kind = "packed" if self.packed is not None else "shared dense weight"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, oneDNN {kind}"
+
+
+def use_onednn_linear(model: torch.nn.Module) -> int:
+    """Replace every float32 ``nn.Linear`` of ``model`` by a ``OneDnnLinear`` built from it; returns how many.
+    Call only where ``onednn_linear_available()``; the model must stay on the CPU afterwards."""
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    names = [
+        name
+        for name, module in model.named_modules()
+        if type(module) in (torch.nn.Linear, SmallRowsLinear) and module.weight.dtype == torch.float32
+    ]
+    for name in names:  # one layer at a time, so that each dense weight is freed before the next is packed
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module = getattr(parent, child)
+        setattr(parent, child, OneDnnLinear(module, shared=uses[id(module.weight)] > 1))
+        del module
+    return len(names)
 
 
 def bf16_speedup(in_features: int, out_features: int, repeats: int = 5) -> float:

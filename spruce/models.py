@@ -220,7 +220,8 @@ def load_causal_lm(
 ):
     """Load a causal LM for inference (eval mode, no grad) with the SDPA attention implementation.
 
-    On CPU its linear layers take the small-rows fast path (``spruce.kernels.cpu_linear``).
+    On CPU its linear layers take a fast path (``spruce.kernels.cpu_linear``): oneDNN with prepacked weights
+    for float32 where torch has it, else the small-rows path.
     ``int8_weights`` (CPU): every linear layer keeps int8 weights with per-row scales, ``dtype`` activations
     (``spruce.kernels.cpu_int8``; for a draft, whose output the target verifies).
     ``tensor_parallel``: shard it over the running process group with transformers' plan for the
@@ -228,7 +229,7 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
-    from spruce.kernels.cpu_linear import use_small_rows_linear
+    from spruce.kernels.cpu_linear import onednn_linear_available, use_onednn_linear, use_small_rows_linear
 
     extra: dict = {}
     if tensor_parallel:
@@ -249,8 +250,12 @@ def load_causal_lm(
     if not tensor_parallel:
         model.to(device)  # type: ignore[arg-type]  # transformers' decorator hides the signature
     model.eval().requires_grad_(False)
-    if device.type == "cpu" and not tensor_parallel:  # the fast path knows plain tensors, not shards
-        use_small_rows_linear(model)
+    if device.type == "cpu" and not tensor_parallel:  # the fast paths know plain tensors, not shards
+        if dtype == torch.float32 and not int8_weights and onednn_linear_available():
+            use_onednn_linear(model)
+            _own_storage(model)
+        else:
+            use_small_rows_linear(model)
     if int8_weights:
         from spruce.kernels.cpu_int8 import use_int8_weights
 
@@ -258,6 +263,15 @@ def load_causal_lm(
             raise ValueError("int8 weights are a CPU path for an unsharded model")
         use_int8_weights(model)
     return model
+
+
+def _own_storage(model: torch.nn.Module) -> None:
+    """Copy the parameters and buffers still backed by the memory-mapped checkpoint into memory of their
+    own, so that the mapping (whose pages the packing step read, all of them) is released: for the float32
+    target, 7.6 GB resident instead of 12.9 GB."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
 
 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):

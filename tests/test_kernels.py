@@ -10,9 +10,15 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_VOCAB, assert_close
 from spruce.kernels.cpu_linear import (
+    ONEDNN_MIN_ROWS,
     SMALL_ROWS_MAX,
+    OneDnnLinear,
     SmallRowsLinear,
+    onednn_linear,
+    onednn_linear_available,
+    onednn_pack,
     small_rows_linear,
+    use_onednn_linear,
     use_small_rows_linear,
 )
 from spruce.kernels.reference import masked_attention
@@ -68,6 +74,78 @@ def test_model_with_small_rows_linear_matches_original(tiny_target):
         got = forward_tokens(fast, a_cache, ids[-t:], torch.arange(12 - t, 12), None)
         want = forward_tokens(tiny_target, b_cache, ids[-t:], torch.arange(12 - t, 12), None)
         assert_close(got, want, atol=F32_LINEAR_ATOL * 10, what=f"logits T={t}")
+
+
+needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="torch has no working oneDNN matmul here")
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 2, ONEDNN_MIN_ROWS - 1, ONEDNN_MIN_ROWS, 7, 16, 17, 40])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("lead", [(), (2,)])
+def test_onednn_linear_matches_f_linear(rows, bias, packed, lead):
+    gen = torch.Generator().manual_seed(1000 + rows * 8 + 4 * bias + 2 * packed + len(lead))
+    x = torch.randn(*lead, rows, 96, generator=gen)
+    w = torch.randn(200, 96, generator=gen)
+    b = torch.randn(200, generator=gen) if bias else None
+    got = onednn_linear(x, onednn_pack(w) if packed else w, b, 200)
+    assert got.shape == (*lead, rows, 200)
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert_close(got.double(), want, atol=F32_LINEAR_ATOL, what="onednn_linear")
+
+
+@needs_onednn
+def test_onednn_linear_on_strided_slice():
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(1, 3, 32, generator=gen)
+    w = torch.randn(50, 32, generator=gen)
+    got = onednn_linear(hidden[:, -1:, :], onednn_pack(w), None, 50)
+    assert got.shape == (1, 1, 50)
+    assert_close(got, F.linear(hidden[:, -1:, :], w), atol=F32_LINEAR_ATOL, what="slice")
+
+
+@needs_onednn
+def test_model_with_onednn_linear_matches_original(tiny_target):
+    fast = copy.deepcopy(tiny_target)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in tiny_target.modules())
+    assert use_onednn_linear(fast) == linears
+    assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
+    assert all(m.packed is not None and m.weight is None for m in fast.modules() if isinstance(m, OneDnnLinear))
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, TINY_VOCAB, (12,), generator=gen)
+    for t in (1, 3, 6):
+        a_cache, b_cache = new_cache(fast), new_cache(tiny_target)
+        forward_tokens(fast, a_cache, ids[:-t], torch.arange(12 - t), None)
+        forward_tokens(tiny_target, b_cache, ids[:-t], torch.arange(12 - t), None)
+        got = forward_tokens(fast, a_cache, ids[-t:], torch.arange(12 - t, 12), None)
+        want = forward_tokens(tiny_target, b_cache, ids[-t:], torch.arange(12 - t, 12), None)
+        assert_close(got, want, atol=F32_LINEAR_ATOL * 10, what=f"logits T={t}")
+
+
+@needs_onednn
+def test_onednn_linear_keeps_a_tied_output_layer_dense():
+    from conftest import build_tiny_model
+
+    model = build_tiny_model(seed=4, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, TINY_VOCAB, (1, 7), generator=torch.Generator().manual_seed(6))
+    want = model(ids).logits
+    use_onednn_linear(model)
+    head = model.lm_head
+    assert isinstance(head, OneDnnLinear) and head.packed is None
+    assert head.weight is model.model.embed_tokens.weight
+    assert_close(model(ids).logits, want, atol=F32_LINEAR_ATOL * 10, what="tied logits")
+
+
+def test_loader_picks_the_linear_path_by_dtype(tiny_dirs):
+    from spruce.models import load_causal_lm
+
+    f32 = load_causal_lm(tiny_dirs[0], torch.float32, torch.device("cpu"))
+    bf16 = load_causal_lm(tiny_dirs[0], torch.bfloat16, torch.device("cpu"))
+    want = OneDnnLinear if onednn_linear_available() else SmallRowsLinear
+    assert all(isinstance(m, want) for m in f32.model.layers.modules() if hasattr(m, "in_features"))
+    assert all(type(m) is SmallRowsLinear for m in bf16.modules() if isinstance(m, torch.nn.Linear))
 
 
 @pytest.mark.parametrize("h,hkv", [(4, 4), (4, 2), (6, 1)])
