@@ -70,10 +70,12 @@ def onednn_table(out_features: int, in_features: int, weights_mb: int = 400) -> 
         print(f"| {rows} | {ref:.3f} | {small:.3f} | {fast:.3f} | {gbs:.1f} |")
 
 
-def model_table(role: str, prefix: int = 300, sizes: tuple[int, ...] = (1, 2, 3, 4, 8, 16, 32)) -> None:
+def model_table(
+    role: str, dtype: torch.dtype, prefix: int = 300, sizes: tuple[int, ...] = (1, 2, 3, 4, 8, 16, 32)
+) -> None:
     """One forward of T new tokens after a ``prefix``-token prompt through the embedded ``role`` model in
-    float32, by linear path (switched in place, alternating, median of 3), with the largest logit
-    difference from ``F.linear``'s. Holds the dense and the packed weights at once (2x the model)."""
+    ``dtype``, by linear path (switched in place, alternating, median of 3), with the largest logit
+    difference from ``F.linear``'s. Holds every path's weights at once (2-3.5x the model)."""
     import copy
 
     from spruce.kernels.cpu_linear import onednn_linear, onednn_linear_available, onednn_pack
@@ -81,10 +83,10 @@ def model_table(role: str, prefix: int = 300, sizes: tuple[int, ...] = (1, 2, 3,
 
     from spruce.models import resolve_model_dir
 
-    if not onednn_linear_available():
+    if not onednn_linear_available(dtype):
         raise SystemExit("torch has no working oneDNN matmul here: nothing to compare")
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_dir(None, role), dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
+        resolve_model_dir(None, role), dtype=dtype, attn_implementation="sdpa", local_files_only=True
     ).eval()
     layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
     packed = {id(m): onednn_pack(m.weight) for m in layers}
@@ -93,12 +95,24 @@ def model_table(role: str, prefix: int = 300, sizes: tuple[int, ...] = (1, 2, 3,
         "small-rows": lambda m: (lambda x: small_rows_linear(x, m.weight, m.bias)),
         "oneDNN packed": lambda m: (lambda x: onednn_linear(x, packed[id(m)], m.bias, m.out_features)),
     }
+    if dtype == torch.bfloat16:
+        from spruce.kernels.cpu_int8 import int8_linear, quantize_int8
+
+        quantized = {id(m): quantize_int8(m.weight) for m in layers}
+        paths["int8 (float above 4 rows)"] = lambda m: (
+            lambda x: int8_linear(x, *quantized[id(m)], m.bias, m.weight)
+        )
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     print(f"| T | {' | '.join(f'{name} ms' for name in paths)} | max logit diff oneDNN vs F.linear |")
     print("|---|" + "---|" * (len(paths) + 1))
     with torch.inference_mode():
         cache = model(torch.randint(0, vocab, (1, prefix), generator=gen), use_cache=True).past_key_values
+        for make in paths.values():  # first calls build kernels: one untimed pass per path and size
+            for m in layers:
+                m.forward = make(m)
+            for t in sizes:
+                model(torch.randint(0, vocab, (1, t), generator=gen), past_key_values=copy.deepcopy(cache))
         for t in sizes:
             ids = torch.randint(0, vocab, (1, t), generator=gen)
             times: dict[str, list[float]] = {name: [] for name in paths}
@@ -122,11 +136,12 @@ def main() -> None:
     p.add_argument("--in-features", type=int, default=896)
     p.add_argument("--int8", action="store_true", help="bfloat16 against int8 weights, cache-cold")
     p.add_argument("--onednn", action="store_true", help="float32: F.linear, small rows, oneDNN, cache-cold")
-    p.add_argument("--model", choices=("target", "draft"), help="whole passes of the embedded model, float32")
+    p.add_argument("--model", choices=("target", "draft"), help="whole passes of the embedded model, by path")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="with --model")
     args = p.parse_args()
     if args.model:
-        print(f"threads {torch.get_num_threads()}, embedded {args.model}, float32\n")
-        model_table(args.model)
+        print(f"threads {torch.get_num_threads()}, embedded {args.model}, {args.dtype}\n")
+        model_table(args.model, getattr(torch, args.dtype))
         return
     print(f"threads {torch.get_num_threads()}, weight [{args.out_features} x {args.in_features}]\n")
     if args.int8:

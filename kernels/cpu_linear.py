@@ -84,12 +84,13 @@ ONEDNN_MIN_ROWS = 5
 
 
 def onednn_pack(weight: torch.Tensor, rows_hint: int = ONEDNN_PACK_ROWS) -> torch.Tensor:
-    """``weight`` [N, K] float32 in oneDNN's blocked layout (an opaque ``torch._mkldnn`` tensor, a copy)."""
+    """``weight`` [N, K] (float32 or bfloat16) in oneDNN's blocked layout (an opaque ``torch._mkldnn``
+    tensor, a copy)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows_hint)
 
 
 def onednn_linear(
-    # [..., K] float32 on CPU
+    # [..., K] on CPU, the weight's dtype
     x: torch.Tensor,
     # [N, K]: dense, or packed by onednn_pack
     weight: torch.Tensor,
@@ -107,32 +108,36 @@ def onednn_linear(
     return out[:n].reshape(*x.shape[:-1], out_features)
 
 
-_ONEDNN_OK: bool | None = None
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+_ONEDNN_OK: dict[torch.dtype, bool] = {}
 
 
-def onednn_linear_available() -> bool:
-    """Whether ``onednn_linear`` runs and agrees with ``F.linear`` here (dense and packed weights, a few
-    row counts; checked once per process on fresh random data)."""
-    global _ONEDNN_OK
-    if _ONEDNN_OK is None:
-        _ONEDNN_OK = _onednn_self_test()
-    return _ONEDNN_OK
+def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether ``onednn_linear`` runs in ``dtype`` and agrees with ``F.linear`` here (dense and packed
+    weights, a few row counts; checked once per process and dtype, on fresh random data)."""
+    if dtype not in _ONEDNN_OK:
+        _ONEDNN_OK[dtype] = dtype in ONEDNN_DTYPES and _onednn_self_test(dtype)
+    return _ONEDNN_OK[dtype]
 
 
-def _onednn_self_test() -> bool:
+def _onednn_self_test(dtype: torch.dtype) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(80, 64, generator=gen)
-    b = torch.randn(80, generator=gen)
+    w = torch.randn(80, 64, generator=gen).to(dtype)
+    b = torch.randn(80, generator=gen).to(dtype)
+    # bfloat16 rounds inputs and output to 8 bits of mantissa: |error| <~ 2^-8 of a sum of magnitude ~8
+    atol, rtol = (1e-3, 1e-4) if dtype == torch.float32 else (0.1, 0.02)
     try:
         packed = onednn_pack(w)
         for rows in (1, 3, ONEDNN_PACK_ROWS + 1):
-            x = torch.randn(rows, 64, generator=gen)
+            x = torch.randn(rows, 64, generator=gen).to(dtype)
             want = F.linear(x.double(), w.double(), b.double())
             for weight in (w, packed):
                 got = onednn_linear(x, weight, b, 80)
-                if got.shape != want.shape or not torch.allclose(got.double(), want, atol=1e-3, rtol=1e-4):
+                if got.shape != want.shape or got.dtype != dtype:
+                    return False
+                if not torch.allclose(got.double(), want, atol=atol, rtol=rtol):
                     return False
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
@@ -140,7 +145,7 @@ def _onednn_self_test() -> bool:
 
 
 class OneDnnLinear(torch.nn.Module):
-    """A float32 linear layer computed by oneDNN (inference only). Its weight is prepacked and the dense
+    """A float32 or bfloat16 linear layer computed by oneDNN (inference only). Its weight is prepacked and the dense
     copy dropped, unless another module shares it (a tied output embedding): then the shared dense weight
     is used as is, which is slower than packed but still faster than MKL here."""
 
@@ -166,15 +171,16 @@ class OneDnnLinear(torch.nn.Module):
 
 
 def use_onednn_linear(model: torch.nn.Module) -> int:
-    """Replace every float32 ``nn.Linear`` of ``model`` by a ``OneDnnLinear`` built from it; returns how many.
-    Call only where ``onednn_linear_available()``; the model must stay on the CPU afterwards."""
+    """Replace every float32 or bfloat16 ``nn.Linear`` of ``model`` by a ``OneDnnLinear`` built from it;
+    returns how many. Call only where ``onednn_linear_available(dtype)`` holds for the model's dtypes; the
+    model must stay on the CPU afterwards."""
     uses: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         uses[id(param)] = uses.get(id(param), 0) + 1
     names = [
         name
         for name, module in model.named_modules()
-        if type(module) in (torch.nn.Linear, SmallRowsLinear) and module.weight.dtype == torch.float32
+        if type(module) in (torch.nn.Linear, SmallRowsLinear) and module.weight.dtype in ONEDNN_DTYPES
     ]
     for name in names:  # one layer at a time, so that each dense weight is freed before the next is packed
         parent_name, _, child = name.rpartition(".")

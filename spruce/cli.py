@@ -124,7 +124,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=_ENGINE.dtype, choices=DTYPES)
     p.add_argument(
         "--draft-dtype", default=_ENGINE.draft_dtype, choices=DRAFT_DTYPES,
-        help="default: auto (int8 weights on CPUs with native bfloat16, else --dtype); int8: CPU only",
+        help="default: auto (bfloat16 on CPUs with native bfloat16, else --dtype); int8: CPU only",
     )
     p.add_argument(
         "--attention-backend", default=_ENGINE.attention_backend, choices=("auto", *BACKENDS),

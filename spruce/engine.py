@@ -156,7 +156,8 @@ class Engine:
         """Load target and draft. ``target=None`` and ``draft=None``: the embedded default pair.
 
         A user-given target with ``draft=None`` loads no draft model (plain decoding unless a draft is
-        given). ``draft_dtype=None`` picks int8 weights on CPUs where bfloat16 is fast, else ``dtype``
+        given). ``draft_dtype=None`` picks bfloat16 on CPUs where bfloat16 is fast (int8 weights there if torch lacks
+        oneDNN), else ``dtype``
         (the draft's precision never changes the output); "int8" keeps the draft's linear weights in int8
         (CPU: a draft step reads half the bytes; ``spruce.kernels.cpu_int8``). ``drafter`` picks what the default speculation
         uses: "model", "ngram" (prompt lookup; no draft model is loaded) or "both".

@@ -221,7 +221,7 @@ def load_causal_lm(
     """Load a causal LM for inference (eval mode, no grad) with the SDPA attention implementation.
 
     On CPU its linear layers take a fast path (``spruce.kernels.cpu_linear``): oneDNN with prepacked weights
-    for float32 where torch has it, else the small-rows path.
+    (float32, bfloat16) where torch has it, else the small-rows path.
     ``int8_weights`` (CPU): every linear layer keeps int8 weights with per-row scales, ``dtype`` activations
     (``spruce.kernels.cpu_int8``; for a draft, whose output the target verifies).
     ``tensor_parallel``: shard it over the running process group with transformers' plan for the
@@ -251,7 +251,7 @@ def load_causal_lm(
         model.to(device)  # type: ignore[arg-type]  # transformers' decorator hides the signature
     model.eval().requires_grad_(False)
     if device.type == "cpu" and not tensor_parallel:  # the fast paths know plain tensors, not shards
-        if dtype == torch.float32 and not int8_weights and onednn_linear_available():
+        if not int8_weights and onednn_linear_available(dtype):
             use_onednn_linear(model)
             _own_storage(model)
         else:

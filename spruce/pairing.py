@@ -20,14 +20,16 @@ _BF16_DRAFT_MIN_SPEEDUP = 1.3
 
 def pick_draft_dtype(device: torch.device, dtype: str, draft_dir: Path) -> str:
     """The draft's dtype when not given. On a CPU where bfloat16 is fast (native dot products, or
-    measured clearly faster): int8 weights with bfloat16 activations where torch has its weight-only
-    int8 kernel (``spruce.kernels.cpu_int8``), else bfloat16. Elsewhere, the target's ``dtype``.
+    measured clearly faster): bfloat16 where torch's oneDNN matmul runs it with prepacked weights
+    (``spruce.kernels.cpu_linear``), else int8 weights with bfloat16 activations where torch has its
+    weight-only int8 kernel (``spruce.kernels.cpu_int8``), else bfloat16. Elsewhere, the target's ``dtype``.
 
     The target's verification keeps the output exact whatever the draft computes in, so the draft may
     trade precision for speed. Measured on the embedded pair (evals/results/): a bfloat16 draft kept
     the same acceptance and made float32 speculation 1.33x instead of 1.12x faster than plain decoding;
-    int8 weights then cut a draft level from 0.14 to 0.085 s, and a bfloat16 target's greedy
-    speculation went from 1.18x to 1.37x (2 prompts per category, same machine and session).
+    int8 weights then cut a draft level from 0.14 to 0.085 s. With prepacked oneDNN weights a bfloat16
+    level costs about what the int8 one does for 1 token and less for 2 or more (60 / 62 / 69 ms for 1 /
+    4 / 8 tokens against 55 / 84 / 121 ms, kernels/NOTES.md), in exact bfloat16 and 1x the memory.
     """
     if device.type != "cpu":
         return dtype
@@ -45,7 +47,11 @@ def pick_draft_dtype(device: torch.device, dtype: str, draft_dir: Path) -> str:
         fast_bf16 = bf16_speedup(hidden, inner) >= _BF16_DRAFT_MIN_SPEEDUP
     if not fast_bf16:
         return dtype
-    return "int8" if int8_kernel_available() else "bfloat16"
+    from spruce.kernels.cpu_linear import onednn_linear_available
+
+    if onednn_linear_available(torch.bfloat16) or not int8_kernel_available():
+        return "bfloat16"
+    return "int8"
 
 
 def cpu_has_native_bf16() -> bool | None:

@@ -123,17 +123,21 @@ def test_int8_draft_dtype_is_checked():
 
 
 def test_draft_dtype_pick(monkeypatch, tiny_dirs):
-    """Left out, the draft's dtype is int8 on a CPU with fast bfloat16 (and torch's int8 kernel), else
-    the target's; off the CPU always the target's."""
+    """Left out, the draft's dtype on a CPU with fast bfloat16 is bfloat16 where oneDNN runs it, else int8
+    (with torch's int8 kernel), else bfloat16; on other CPUs and off the CPU the target's."""
     from spruce import pairing
-    from spruce.kernels import cpu_int8
+    from spruce.kernels import cpu_int8, cpu_linear
 
     _, draft_dir = tiny_dirs
     cpu = torch.device("cpu")
     monkeypatch.setattr(pairing, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(cpu_linear, "onednn_linear_available", lambda dtype=torch.float32: True)
+    for dtype in ("float32", "bfloat16"):
+        assert pairing.pick_draft_dtype(cpu, dtype, draft_dir) == "bfloat16"
+        assert pairing.pick_draft_dtype(torch.device("cuda"), dtype, draft_dir) == dtype
+    monkeypatch.setattr(cpu_linear, "onednn_linear_available", lambda dtype=torch.float32: False)
     for dtype in ("float32", "bfloat16"):
         assert pairing.pick_draft_dtype(cpu, dtype, draft_dir) == "int8"
-        assert pairing.pick_draft_dtype(torch.device("cuda"), dtype, draft_dir) == dtype
     monkeypatch.setattr(cpu_int8, "int8_kernel_available", lambda: False)
     assert pairing.pick_draft_dtype(cpu, "float32", draft_dir) == "bfloat16"
     monkeypatch.setattr(pairing, "cpu_has_native_bf16", lambda: False)
