@@ -183,6 +183,9 @@ def test_deadline_stops_generation(slow_server, slow_stub):
 
 def test_overload_is_resource_exhausted(slow_server, slow_stub):
     server, stub = slow_server, slow_stub
+    # start from an idle server: requests of an earlier test on it (cancelled, not yet reaped) would
+    # otherwise count as ours below and then finish, leaving room for the request meant to be refused
+    _wait_idle(server.worker)
     long = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), sampling=pb.SamplingOptions(max_tokens=64, ignore_eos=True), speculation=_OFF)
     streams = [stub.GenerateStream(long) for _ in range(3)]  # one runs, two wait: the queue (2) is full
     end = time.monotonic() + 10
@@ -196,10 +199,14 @@ def test_overload_is_resource_exhausted(slow_server, slow_stub):
     for s in streams:
         s.cancel()
     assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED]
-    end = time.monotonic() + 20
-    while (server.worker.running or server.worker.waiting) and time.monotonic() < end:
-        time.sleep(0.05)
+    _wait_idle(server.worker)
     assert server.worker.waiting == 0 and server.worker.running == 0
+
+
+def _wait_idle(worker, timeout_s: float = 20) -> None:
+    end = time.monotonic() + timeout_s
+    while (worker.running or worker.waiting) and time.monotonic() < end:
+        time.sleep(0.05)
 
 
 def test_health_and_metrics(server, stub):
