@@ -204,9 +204,11 @@ class CostCurve:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.points: dict[int, float] = {}
-        # the monotone envelope of ``points`` (sizes, seconds), rebuilt after an observation: a plan
-        # prices tens of thousands of sizes per second under load (profiled: 60% of planning time)
+        # the monotone envelope of ``points`` (sizes, seconds), rebuilt when the points differ from those
+        # it was built from: a plan prices tens of thousands of sizes per second under load (profiled:
+        # rebuilding it on every lookup was 60% of planning time)
         self._envelope: tuple[list[int], list[float]] | None = None
+        self._envelope_of: tuple[tuple[int, float], ...] = ()
 
     def __getstate__(self) -> dict:
         """A snapshot without the lock (tensor-parallel ranks receive rank 0's curves pickled)."""
@@ -225,7 +227,6 @@ class CostCurve:
                 self.points[size] = seconds
             else:
                 self.points[size] = (1 - COST_EMA) * old + COST_EMA * min(seconds, SPIKE_FACTOR * old)
-            self._envelope = None
 
     @property
     def known(self) -> bool:
@@ -237,7 +238,9 @@ class CostCurve:
 
     def _envelope_now(self) -> tuple[list[int], list[float]]:
         with self._lock:
-            if self._envelope is None:
+            points = tuple(self.points.items())  # also catches points set directly (tests, tools)
+            if self._envelope is None or points != self._envelope_of:
+                self._envelope_of = points
                 floor, sizes, seconds = float("inf"), [], []
                 for size, cost in sorted(self.points.items(), reverse=True):
                     floor = min(floor, cost)
