@@ -149,8 +149,8 @@ class OneDnnLinear(torch.nn.Module):
     copy dropped, unless another module shares it (a tied output embedding): then the shared dense weight
     is used as is, which is slower than packed but still faster than MKL here."""
 
-    weight: torch.nn.Parameter | None
-    bias: torch.nn.Parameter | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
 
     def __init__(self, linear: torch.nn.Linear, shared: bool) -> None:
         super().__init__()
