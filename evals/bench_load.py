@@ -30,7 +30,7 @@ from pathlib import Path
 
 
 from spruce.config import DRAFT_DTYPES, DTYPES, SamplingParams, SpeculationConfig
-from spruce.evals.bench_spec import BASELINE, parse_spec, report_header
+from spruce.evals.bench_spec import BASELINE, markdown_path, parse_spec, report_header
 from spruce.evals.prompts import load_prompts
 from spruce.evals.report import quantile
 
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1) + "\n")
-        out.with_suffix(".md").write_text(table)
+        markdown_path(out).write_text(table)
     return 0
 
 

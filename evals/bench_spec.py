@@ -152,6 +152,13 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def markdown_path(out: Path) -> Path:
+    """The summary table's path beside the JSON report ``out``: its name with ``.json`` replaced by (or,
+    without it, followed by) ``.md``; a dot inside the name (``..._t0.7_...``) is not a suffix."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".json") + ".md")
+
+
 def report_header(args: argparse.Namespace, engine) -> dict:
     """What every benchmark report starts with: the command, machine, date and the run's settings."""
     return {
@@ -287,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(f"`{report['command']}`\n\n{table}\n")
+        markdown_path(args.out).write_text(f"`{report['command']}`\n\n{table}\n")
     return 0
 
 

@@ -73,3 +73,11 @@ def test_header_names_ignore_eos():
     report = {"summary": summarize(records, ["plain", "default"]), "dtype": "float32", "draft_dtype": "bfloat16",
               "max_tokens": 8, "temperature": 0.7, "ignore_eos": True}
     assert "every answer max_tokens long (--ignore-eos)" in markdown(report)
+
+
+def test_markdown_path_keeps_dots_inside_the_name(tmp_path):
+    from spruce.evals.bench_spec import markdown_path
+
+    assert markdown_path(tmp_path / "specbench_t0.7_v1.json") == tmp_path / "specbench_t0.7_v1.md"
+    assert markdown_path(tmp_path / "specbench_t0.7_v1") == tmp_path / "specbench_t0.7_v1.md"
+    assert markdown_path(tmp_path / "load.json") == tmp_path / "load.md"
