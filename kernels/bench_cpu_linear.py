@@ -65,7 +65,7 @@ def onednn_table(out_features: int, in_features: int, weights_mb: int = 400) -> 
         x = torch.randn(rows, in_features)
         ref = median_ms(lambda x=x: [F.linear(x, w) for w in ws], repeats=7) / count
         small = median_ms(lambda x=x: [small_rows_linear(x, w, None) for w in ws], repeats=7) / count
-        fast = median_ms(lambda x=x: [onednn_linear(x, p, None, out_features) for p in packed], repeats=7) / count
+        fast = median_ms(lambda x=x: [onednn_linear(x, p, None) for p in packed], repeats=7) / count
         gbs = 4 * out_features * in_features / (fast * 1e-3) / 1e9
         print(f"| {rows} | {ref:.3f} | {small:.3f} | {fast:.3f} | {gbs:.1f} |")
 
@@ -93,7 +93,7 @@ def model_table(
     paths = {
         "F.linear": lambda m: (lambda x: F.linear(x, m.weight, m.bias)),
         "small-rows": lambda m: (lambda x: small_rows_linear(x, m.weight, m.bias)),
-        "oneDNN packed": lambda m: (lambda x: onednn_linear(x, packed[id(m)], m.bias, m.out_features)),
+        "oneDNN packed": lambda m: (lambda x: onednn_linear(x, packed[id(m)], m.bias)),
     }
     if dtype == torch.bfloat16:
         from spruce.kernels.cpu_int8 import int8_linear, quantize_int8

@@ -15,9 +15,9 @@ bfloat16 input with the strides of a slice (as ``logits_to_keep=1`` produces) to
 Faster still where torch has oneDNN (``torch.backends.mkldnn``): float32 ``F.linear`` on CPU goes to MKL's
 GEMM, which on the development machine's AMD CPU reads a [8960 x 1536] weight at ~12 GB/s for one row and
 costs 2-3x that for 2-16 rows, while oneDNN's matmul over the same weight, prepacked once into its blocked
-layout, costs about the same for 1 to 16 rows. ``use_onednn_linear`` swaps a float32 model's linear layers
-for ``OneDnnLinear`` (weights prepacked, the dense copy freed); a whole 1.5B target pass over 8 tokens then
-costs ~0.32 s instead of ~0.83 s (``kernels/NOTES.md``). ``onednn_linear`` has ``F.linear`` as its
+layout, costs about the same for 1 to 16 rows (bfloat16 too). ``use_onednn_linear`` swaps a float32 or
+bfloat16 model's linear layers for ``OneDnnLinear`` (weights prepacked, the dense copy freed); a whole 1.5B
+float32 target pass over 8 tokens then costs ~0.3 s instead of ~0.83 s (``kernels/NOTES.md``). ``onednn_linear`` has ``F.linear`` as its
 reference twin; ``onednn_linear_available`` checks the private operators against it once per process and
 the loader falls back to the small-rows path where they are missing or wrong.
 """
@@ -96,7 +96,6 @@ def onednn_linear(
     weight: torch.Tensor,
     # [N] or None
     bias: torch.Tensor | None,
-    out_features: int,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` through oneDNN's matmul; [..., N]. Fewer than ``ONEDNN_MIN_ROWS`` rows
     are padded with zero rows up to it (those rows' outputs are dropped)."""
@@ -105,7 +104,7 @@ def onednn_linear(
     if n < ONEDNN_MIN_ROWS:
         rows = torch.cat([rows, rows.new_zeros(ONEDNN_MIN_ROWS - n, rows.shape[1])])
     out = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), weight, bias, "none", [], "")
-    return out[:n].reshape(*x.shape[:-1], out_features)
+    return out[:n].reshape(*x.shape[:-1], out.shape[-1])
 
 
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -134,7 +133,7 @@ def _onednn_self_test(dtype: torch.dtype) -> bool:
             x = torch.randn(rows, 64, generator=gen).to(dtype)
             want = F.linear(x.double(), w.double(), b.double())
             for weight in (w, packed):
-                got = onednn_linear(x, weight, b, 80)
+                got = onednn_linear(x, weight, b)
                 if got.shape != want.shape or got.dtype != dtype:
                     return False
                 if not torch.allclose(got.double(), want, atol=atol, rtol=rtol):
@@ -155,7 +154,7 @@ class OneDnnLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, shared: bool) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bias = None if linear.bias is None else linear.bias
+        self.bias = linear.bias
         self.weight = linear.weight if shared else None
         # a plain attribute, not a buffer: opaque tensors do not go into a state dict or through .to()
         self.packed = None if shared else onednn_pack(linear.weight)
@@ -163,7 +162,7 @@ class OneDnnLinear(torch.nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight = self.packed if self.packed is not None else self.weight
         assert weight is not None
-        return onednn_linear(input, weight, self.bias, self.out_features)
+        return onednn_linear(input, weight, self.bias)
 
     def extra_repr(self) -> str:
         kind = "packed" if self.packed is not None else "shared dense weight"

@@ -204,11 +204,10 @@ class CostCurve:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.points: dict[int, float] = {}
-        # the monotone envelope of ``points`` (sizes, seconds), rebuilt when the points differ from those
-        # it was built from: a plan prices tens of thousands of sizes per second under load (profiled:
-        # rebuilding it on every lookup was 60% of planning time)
-        self._envelope: tuple[list[int], list[float]] | None = None
-        self._envelope_of: tuple[tuple[int, float], ...] = ()
+        # (the points it was built from, sizes, monotone seconds): rebuilt when ``points`` differ from
+        # them; a plan prices tens of thousands of sizes per second under load (profiled: rebuilding the
+        # envelope on every lookup was 60% of planning time)
+        self._envelope: tuple[tuple[tuple[int, float], ...], list[int], list[float]] = ((), [], [])
 
     def __getstate__(self) -> dict:
         """A snapshot without the lock (tensor-parallel ranks receive rank 0's curves pickled)."""
@@ -218,7 +217,7 @@ class CostCurve:
     def __setstate__(self, state: dict) -> None:
         self._lock = threading.Lock()
         self.points = state["points"]
-        self._envelope = None
+        self._envelope = ((), [], [])
 
     def observe(self, size: int, seconds: float) -> None:
         with self._lock:
@@ -239,15 +238,14 @@ class CostCurve:
     def _envelope_now(self) -> tuple[list[int], list[float]]:
         with self._lock:
             points = tuple(self.points.items())  # also catches points set directly (tests, tools)
-            if self._envelope is None or points != self._envelope_of:
-                self._envelope_of = points
+            if points != self._envelope[0]:
                 floor, sizes, seconds = float("inf"), [], []
-                for size, cost in sorted(self.points.items(), reverse=True):
+                for size, cost in sorted(points, reverse=True):
                     floor = min(floor, cost)
                     sizes.append(size)
                     seconds.append(floor)
-                self._envelope = (sizes[::-1], seconds[::-1])
-            return self._envelope
+                self._envelope = (points, sizes[::-1], seconds[::-1])
+            return self._envelope[1], self._envelope[2]
 
     def __call__(self, size: int) -> float:
         sizes, seconds = self._envelope_now()

@@ -61,19 +61,25 @@ def test_small_rows_linear_on_strided_slice(dtype):
     assert_close(got.float(), F.linear(x, w).float(), atol=F32_LINEAR_ATOL if dtype == torch.float32 else 0.1, what="slice")
 
 
+def assert_same_logits(fast, model, seed: int, sizes: tuple[int, ...]) -> None:
+    """``fast`` (a copy of ``model`` on another linear path) gives ``model``'s logits for passes of each
+    size in ``sizes`` after a cached prefix, on fresh random tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, TINY_VOCAB, (12,), generator=gen)
+    for t in sizes:
+        a_cache, b_cache = new_cache(fast), new_cache(model)
+        forward_tokens(fast, a_cache, ids[:-t], torch.arange(12 - t), None)
+        forward_tokens(model, b_cache, ids[:-t], torch.arange(12 - t), None)
+        got = forward_tokens(fast, a_cache, ids[-t:], torch.arange(12 - t, 12), None)
+        want = forward_tokens(model, b_cache, ids[-t:], torch.arange(12 - t, 12), None)
+        assert_close(got, want, atol=F32_LINEAR_ATOL * 10, what=f"logits T={t}")
+
+
 def test_model_with_small_rows_linear_matches_original(tiny_target):
     fast = copy.deepcopy(tiny_target)
     assert use_small_rows_linear(fast) == sum(isinstance(m, torch.nn.Linear) for m in tiny_target.modules())
     assert all(type(m) is SmallRowsLinear for m in fast.modules() if isinstance(m, torch.nn.Linear))
-    gen = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, TINY_VOCAB, (12,), generator=gen)
-    for t in (1, 3, 5):
-        a_cache, b_cache = new_cache(fast), new_cache(tiny_target)
-        forward_tokens(fast, a_cache, ids[:-t], torch.arange(12 - t), None)
-        forward_tokens(tiny_target, b_cache, ids[:-t], torch.arange(12 - t), None)
-        got = forward_tokens(fast, a_cache, ids[-t:], torch.arange(12 - t, 12), None)
-        want = forward_tokens(tiny_target, b_cache, ids[-t:], torch.arange(12 - t, 12), None)
-        assert_close(got, want, atol=F32_LINEAR_ATOL * 10, what=f"logits T={t}")
+    assert_same_logits(fast, tiny_target, seed=2, sizes=(1, 3, 5))
 
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="torch has no working oneDNN matmul here")
@@ -89,7 +95,7 @@ def test_onednn_linear_matches_f_linear(rows, bias, packed, lead):
     x = torch.randn(*lead, rows, 96, generator=gen)
     w = torch.randn(200, 96, generator=gen)
     b = torch.randn(200, generator=gen) if bias else None
-    got = onednn_linear(x, onednn_pack(w) if packed else w, b, 200)
+    got = onednn_linear(x, onednn_pack(w) if packed else w, b)
     assert got.shape == (*lead, rows, 200)
     want = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert_close(got.double(), want, atol=F32_LINEAR_ATOL, what="onednn_linear")
@@ -100,7 +106,7 @@ def test_onednn_linear_on_strided_slice():
     gen = torch.Generator().manual_seed(5)
     hidden = torch.randn(1, 3, 32, generator=gen)
     w = torch.randn(50, 32, generator=gen)
-    got = onednn_linear(hidden[:, -1:, :], onednn_pack(w), None, 50)
+    got = onednn_linear(hidden[:, -1:, :], onednn_pack(w), None)
     assert got.shape == (1, 1, 50)
     assert_close(got, F.linear(hidden[:, -1:, :], w), atol=F32_LINEAR_ATOL, what="slice")
 
@@ -112,15 +118,7 @@ def test_model_with_onednn_linear_matches_original(tiny_target):
     assert use_onednn_linear(fast) == linears
     assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())
     assert all(m.packed is not None and m.weight is None for m in fast.modules() if isinstance(m, OneDnnLinear))
-    gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, TINY_VOCAB, (12,), generator=gen)
-    for t in (1, 3, 6):
-        a_cache, b_cache = new_cache(fast), new_cache(tiny_target)
-        forward_tokens(fast, a_cache, ids[:-t], torch.arange(12 - t), None)
-        forward_tokens(tiny_target, b_cache, ids[:-t], torch.arange(12 - t), None)
-        got = forward_tokens(fast, a_cache, ids[-t:], torch.arange(12 - t, 12), None)
-        want = forward_tokens(tiny_target, b_cache, ids[-t:], torch.arange(12 - t, 12), None)
-        assert_close(got, want, atol=F32_LINEAR_ATOL * 10, what=f"logits T={t}")
+    assert_same_logits(fast, tiny_target, seed=3, sizes=(1, 3, 6))
 
 
 @needs_onednn
