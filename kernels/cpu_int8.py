@@ -19,6 +19,12 @@ they dequantize per call (measured 10x slower than bfloat16 at the output layer:
 path for models). The kernel returned wrong values for K = 24 and crashed for K = 7 (torch 2.13,
 bfloat16): it is used only where ``K % INT8_K_MULTIPLE == 0``, the reference path elsewhere. ``int8_linear_reference`` is its twin
 (dequantize, then ``F.linear``): outputs agree to the rounding of the activations' dtype.
+
+float32 activations (a draft on a CPU without native bfloat16, where a bfloat16 model's other layers
+are slow): the kernel still runs in bfloat16 (the few rows rounded to it, the result back in float32);
+torch's float32 variant of the kernel measured 4.5x slower per draft pass than its bfloat16 one on an
+AVX2 CPU (516 vs 114 ms, the 0.5B draft, one token; kernels/NOTES.md). More rows take the kept float
+weight through oneDNN, prepacked (``spruce.kernels.cpu_linear``), where torch has it.
 """
 
 from __future__ import annotations
@@ -26,11 +32,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from spruce.kernels.cpu_linear import onednn_linear, onednn_linear_available, onednn_pack
+
 # Row counts at or below this take the int8 kernel; above it, the kept float weight (or dequantization).
 INT8_ROWS_MAX = 4
 # the kernel is used only for inner dimensions that are a multiple of this (see the module docstring)
 INT8_K_MULTIPLE = 32
 _KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+# what the kernel computes in, by the activations' dtype (float32 rows are rounded to bfloat16 for it)
+_KERNEL_COMPUTE = {torch.bfloat16: torch.bfloat16, torch.float32: torch.bfloat16}
 
 
 def int8_kernel_available() -> bool:
@@ -84,18 +94,22 @@ def int8_linear(
     scales: torch.Tensor,
     # [N] or None
     bias: torch.Tensor | None,
-    # [N, K] the float weight the int8 one was quantized from, for passes over many rows; None: dequantize
+    # [N, K] the float weight the int8 one was quantized from, dense or packed by ``onednn_pack``, for
+    # passes over many rows; None: dequantize
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[..., N] = x @ W^T + bias: W the int8 weight (``qweight * scales[:, None]``) for up to
-    ``INT8_ROWS_MAX`` rows; for more, the float ``weight`` when given (a prefill is compute-bound: its
-    weights are read once for many rows), else the dequantized int8 weight."""
+    ``INT8_ROWS_MAX`` rows (computed in bfloat16 for float32 ``x``); for more, the float ``weight`` when
+    given (a prefill is compute-bound: its weights are read once for many rows), else the dequantized
+    int8 weight."""
     rows = x.reshape(-1, x.shape[-1])
     n = qweight.shape[0]
     if rows.shape[0] > INT8_ROWS_MAX and weight is not None:
-        return F.linear(rows, weight, bias).reshape(*x.shape[:-1], n)
+        out = onednn_linear(rows, weight, bias) if weight.is_mkldnn else F.linear(rows, weight, bias)
+        return out.reshape(*x.shape[:-1], n)
     if uses_int8_kernel(x, qweight):
-        out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), qweight, scales.to(x.dtype))
+        compute = _KERNEL_COMPUTE[x.dtype]
+        out = torch.ops.aten._weight_int8pack_mm(rows.to(compute).contiguous(), qweight, scales.to(compute)).to(x.dtype)
         if bias is not None:
             out = out + bias.to(x.dtype)
         return out.reshape(*x.shape[:-1], n)
@@ -104,36 +118,89 @@ def int8_linear(
 
 class Int8Linear(torch.nn.Module):
     """A linear layer with int8 weights and per-row scales (inference only). ``keep_float``: keep the
-    float weight too, for passes over more than ``INT8_ROWS_MAX`` rows (memory: 1.5x the float layer)."""
+    float weight too, for passes over more than ``INT8_ROWS_MAX`` rows (memory: 1.5x the float layer);
+    prepacked for oneDNN where torch runs it in that dtype, unless ``shared`` (another module holds the
+    same weight, a tied output embedding: kept dense, not copied)."""
 
     qweight: torch.Tensor
     scales: torch.Tensor
     bias: torch.Tensor | None
     weight: torch.Tensor | None
 
-    def __init__(self, linear: torch.nn.Linear, keep_float: bool = True) -> None:
+    def __init__(self, linear: torch.nn.Linear, keep_float: bool = True, shared: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scales = quantize_int8(linear.weight)
+        w = linear.weight.detach()
+        # the scales in the dtype the kernel computes in (bfloat16 for a float32 layer)
+        q, scales = quantize_int8(w, _KERNEL_COMPUTE.get(w.dtype, w.dtype))
         self.register_buffer("qweight", q)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
-        self.register_buffer("weight", linear.weight.detach() if keep_float else None)
+        pack = keep_float and not shared and w.device.type == "cpu" and onednn_linear_available(w.dtype)
+        self.register_buffer("weight", w if keep_float and not pack else None)
+        # a plain attribute, not a buffer: opaque tensors do not go into a state dict or through .to()
+        self.packed = onednn_pack(w) if pack else None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return int8_linear(input, self.qweight, self.scales, self.bias, self.weight)
+        weight = self.packed if self.packed is not None else self.weight
+        return int8_linear(input, self.qweight, self.scales, self.bias, weight)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+        many = "oneDNN packed" if self.packed is not None else "dense" if self.weight is not None else "dequantized"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8, many rows: {many}"
 
 
 def use_int8_weights(model: torch.nn.Module, keep_float: bool = True) -> int:
     """Replace every ``nn.Linear`` of ``model`` (its output layer included, tied or not) by an
     ``Int8Linear`` quantized from it; returns how many. Without ``keep_float`` the float weights of
     replaced layers are freed unless something else holds them (a tied input embedding keeps its own)."""
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear(module, keep_float))
+        setattr(parent, child, Int8Linear(module, keep_float, shared=uses.get(id(module.weight), 1) > 1))
     return len(targets)
+
+
+def int8_speedup(in_features: int, out_features: int, dtype: torch.dtype = torch.float32, weights_mb: int = 256) -> float:
+    """Measured time of a 1-row linear in ``dtype`` (oneDNN-prepacked where torch runs it, else
+    ``F.linear``) / the same through ``int8_linear``, on this CPU: median over several distinct weights
+    of ``[out_features, in_features]`` (``weights_mb`` of them in ``dtype``, so that they come from memory
+    as a model's do, not from cache).
+
+    Decides whether a draft should keep int8 weights here (``spruce.pairing.pick_draft_dtype``): a
+    draft's step reads its weights for a few rows, so what counts is the bytes read per row.
+    """
+    import statistics
+    import time
+
+    gen = torch.Generator().manual_seed(0)
+    count = max(2, weights_mb * 2**20 // (in_features * out_features * torch.finfo(dtype).bits // 8))
+    weights = [torch.randn(out_features, in_features, generator=gen).to(dtype) for _ in range(count)]
+    packed = onednn_linear_available(dtype)
+    floats = [onednn_pack(w) if packed else w for w in weights]
+    quantized = [quantize_int8(w, _KERNEL_COMPUTE.get(dtype, dtype)) for w in weights]
+    del weights
+    x = torch.randn(1, in_features, generator=gen).to(dtype)
+
+    def float_pass() -> None:
+        for w in floats:
+            onednn_linear(x, w, None) if packed else F.linear(x, w)
+
+    def int8_pass() -> None:
+        for q, s in quantized:
+            int8_linear(x, q, s, None)
+
+    def median_s(fn) -> float:
+        fn()  # first calls build kernels
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    return median_s(float_pass) / median_s(int8_pass)

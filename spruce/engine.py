@@ -606,6 +606,7 @@ class Engine:
             else:
                 r.stats.prefill_time_s = time.perf_counter() - t1
                 r.prefilled = True
+        self.planner.observe_step(time.perf_counter() - t0)
 
     def _verify_segment(self, req: Request, tree: TokenTree) -> Segment:
         """The request's part of the target pass: its tree after its committed tokens. A new request's

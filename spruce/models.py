@@ -250,18 +250,19 @@ def load_causal_lm(
     if not tensor_parallel:
         model.to(device)  # type: ignore[arg-type]  # transformers' decorator hides the signature
     model.eval().requires_grad_(False)
+    if int8_weights and (device.type != "cpu" or tensor_parallel):
+        raise ValueError("int8 weights are a CPU path for an unsharded model")
     if device.type == "cpu" and not tensor_parallel:  # the fast paths know plain tensors, not shards
-        if not int8_weights and onednn_linear_available(dtype):
+        if int8_weights:
+            from spruce.kernels.cpu_int8 import use_int8_weights
+
+            use_int8_weights(model)  # (its float weights for many rows prepacked where oneDNN runs them)
+            _own_storage(model)
+        elif onednn_linear_available(dtype):
             use_onednn_linear(model)
             _own_storage(model)
         else:
             use_small_rows_linear(model)
-    if int8_weights:
-        from spruce.kernels.cpu_int8 import use_int8_weights
-
-        if device.type != "cpu" or tensor_parallel:
-            raise ValueError("int8 weights are a CPU path for an unsharded model")
-        use_int8_weights(model)
     return model
 
 

@@ -16,13 +16,19 @@ if TYPE_CHECKING:
 
 # A bfloat16 draft must be at least this much faster per row than float32 to be chosen automatically.
 _BF16_DRAFT_MIN_SPEEDUP = 1.3
+# ... and an int8 one, where bfloat16 is not native, this much faster than the target's dtype (a wide
+# margin: a machine near it would pick differently from run to run, and the draft shapes seeded trees)
+_INT8_DRAFT_MIN_SPEEDUP = 1.5
 
 
 def pick_draft_dtype(device: torch.device, dtype: str, draft_dir: Path) -> str:
     """The draft's dtype when not given. On a CPU where bfloat16 is fast (native dot products, or
     measured clearly faster): bfloat16 where torch's oneDNN matmul runs it with prepacked weights
     (``spruce.kernels.cpu_linear``), else int8 weights with bfloat16 activations where torch has its
-    weight-only int8 kernel (``spruce.kernels.cpu_int8``), else bfloat16. Elsewhere, the target's ``dtype``.
+    weight-only int8 kernel (``spruce.kernels.cpu_int8``), else bfloat16. On a CPU where bfloat16 is
+    emulated: int8 weights (float32 activations, the int8 products in bfloat16) where one row through
+    them is measured at least ``_INT8_DRAFT_MIN_SPEEDUP`` times faster than in the target's dtype, else
+    the target's dtype. Off the CPU, the target's ``dtype``.
 
     The target's verification keeps the output exact whatever the draft computes in, so the draft may
     trade precision for speed. Measured on the embedded pair (evals/results/): a bfloat16 draft kept
@@ -30,6 +36,8 @@ def pick_draft_dtype(device: torch.device, dtype: str, draft_dir: Path) -> str:
     int8 weights then cut a draft level from 0.14 to 0.085 s. With prepacked oneDNN weights a bfloat16
     level costs about what the int8 one does for 1 token and less for 2 or more (60 / 62 / 69 ms for 1 /
     4 / 8 tokens against 55 / 84 / 121 ms, kernels/NOTES.md), in exact bfloat16 and 1x the memory.
+    On an AVX2 CPU without bfloat16 dot products, a float32 draft pass costs 295 / 302 / 340 ms for
+    1 / 4 / 8 tokens, with int8 weights 114 / 151 ms for 1 / 4 (kernels/NOTES.md).
     """
     if device.type != "cpu":
         return dtype
@@ -37,21 +45,34 @@ def pick_draft_dtype(device: torch.device, dtype: str, draft_dir: Path) -> str:
 
     fast_bf16 = cpu_has_native_bf16()
     if fast_bf16 is None:
-        from transformers import AutoConfig
-
-        from spruce.kernels.cpu_linear import bf16_speedup
-
-        cfg = AutoConfig.from_pretrained(draft_dir, local_files_only=True)
-        hidden = int(getattr(cfg, "hidden_size", 1024))
-        inner = int(getattr(cfg, "intermediate_size", 4 * hidden))
-        fast_bf16 = bf16_speedup(hidden, inner) >= _BF16_DRAFT_MIN_SPEEDUP
+        fast_bf16 = _draft_speedup(draft_dir, "bfloat16", "float32") >= _BF16_DRAFT_MIN_SPEEDUP
     if not fast_bf16:
+        # bfloat16 is emulated here, but torch's int8 kernel still reads a quarter of float32's bytes
+        if int8_kernel_available() and _draft_speedup(draft_dir, "int8", dtype) >= _INT8_DRAFT_MIN_SPEEDUP:
+            return "int8"
         return dtype
     from spruce.kernels.cpu_linear import onednn_linear_available
 
     if onednn_linear_available(torch.bfloat16) or not int8_kernel_available():
         return "bfloat16"
     return "int8"
+
+
+def _draft_speedup(draft_dir: Path, candidate: str, baseline: str) -> float:
+    """How much faster one row goes through the draft's MLP-sized linear layer in ``candidate``
+    ("bfloat16" or "int8") than in ``baseline``, measured on this CPU."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(draft_dir, local_files_only=True)
+    hidden = int(getattr(cfg, "hidden_size", 1024))
+    inner = int(getattr(cfg, "intermediate_size", 4 * hidden))
+    if candidate == "int8":
+        from spruce.kernels.cpu_int8 import int8_speedup
+
+        return int8_speedup(hidden, inner, torch_dtype(baseline))
+    from spruce.kernels.cpu_linear import bf16_speedup
+
+    return bf16_speedup(hidden, inner)
 
 
 def cpu_has_native_bf16() -> bool | None:
@@ -69,8 +90,12 @@ def cpu_has_native_bf16() -> bool | None:
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype a model loads in: an int8 draft computes in bfloat16 (its weights are int8)."""
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}[name]
+    """The torch dtype a model loads in. An int8 draft (int8 linear weights) computes in bfloat16 on a
+    CPU with native bfloat16, else in float32 (its int8 products still run in bfloat16:
+    ``spruce.kernels.cpu_int8``; the rest of a bfloat16 model is slow where bfloat16 is emulated)."""
+    if name == "int8":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def eos_ids(model: PreTrainedModel, tokenizer) -> set[int]:

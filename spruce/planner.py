@@ -39,8 +39,12 @@ from spruce.kvcache import Segment, SlotKVCache, run_packed
 # catches up with a prefill-like pass first: drafting must pay for that (``catch_up_tokens``).
 STEADY_LAG = 8
 # Every this many engine steps in a row without a draft, one adaptive request drafts anyway (the profile
-# keeps learning).
+# keeps learning) ...
 EXPLORE_EVERY = 16
+# ... as long as such drafts have cost at most this share of the engine's step time (under load, where
+# the plan decodes plainly, an exploring draft and its catch-up cost a whole step's worth of time on a
+# CPU: measured at concurrency 8, every 16 steps was 2-3% of the run)
+EXPLORE_SHARE = 0.01
 # ... reading at most this many of the tokens its draft has not seen
 EXPLORE_WINDOW = 64
 # Start-up cost measurement: a short synthetic prefix, and tree sizes to time (up to the budget + 1).
@@ -80,6 +84,9 @@ class Planner:
         self._drafted_this_step = False
         # the one request that drafts on an exploration step
         self._explorer: Any = None
+        # seconds of all speculative steps, and of the draft's work on exploration steps (EXPLORE_SHARE)
+        self.step_s = 0.0
+        self.explore_s = 0.0
         # this step's requests that plan a model tree (the explorer aside), with their plans (``settle``)
         self._step_drafting: list[tuple[Any, TreePlan]] = []
         # n-gram proposals over all requests: those tried (their parent was accepted) and accepted
@@ -98,7 +105,8 @@ class Planner:
         self._drafted_this_step = False
         self._explorer = None
         self._step_drafting = []
-        if self._steps_without_draft + 1 >= EXPLORE_EVERY:  # the adaptive request whose draft lags least
+        due = self._steps_without_draft + 1 >= EXPLORE_EVERY and self.explore_s <= EXPLORE_SHARE * self.step_s
+        if due:  # the adaptive request whose draft lags least
             lags = {id(r): len(r.tokens) - r.draft_state.cached for r in reqs if r.adaptive and r.draft_state is not None}
             self._explorer = min((r for r in reqs if id(r) in lags), key=lambda r: lags[id(r)], default=None)
 
@@ -106,9 +114,16 @@ class Planner:
         if self._step_plans:  # adaptive requests: count the steps in a row on which none drafted
             self._steps_without_draft = 0 if self._drafted_this_step else self._steps_without_draft + 1
 
+    def observe_step(self, seconds: float) -> None:
+        """A whole speculative step's seconds (draft, target pass, commit)."""
+        self.step_s += seconds
+
     def observe_draft(self, batch: int, lags: list[int], levels: int, seconds: float) -> None:
         """One batched propose of ``batch`` requests' trees (those that drafted, not the step's whole
-        batch): the curve by levels at that batch size (steady steps) and the catch-up curve."""
+        batch): the curve by levels at that batch size (steady steps) and the catch-up curve; on an
+        exploration step where only the explorer drafted, the exploration's cost."""
+        if self._explorer is not None and batch == 1 and not self._step_drafting:
+            self.explore_s += seconds
         if max(lags) <= STEADY_LAG:
             self.draft_costs_by_batch.setdefault(batch, CostCurve()).observe(levels, seconds)
         feed_s, fed = self.drafter.last_feed
@@ -130,6 +145,7 @@ class Planner:
             "draft_cost_s_by_batch_and_levels": {str(b): c.to_dict() for b, c in sorted(self.draft_costs_by_batch.items()) if c.known},
             "draft_catch_up_s_per_token": self.draft_catch_up(CATCH_UP_REFERENCE) / CATCH_UP_REFERENCE if self.draft_catch_up.known else 0.0,
             "draft_catch_up_s_by_tokens": self.draft_catch_up.to_dict(),
+            "exploration_share": self.explore_s / self.step_s if self.step_s else 0.0,
         }
 
     def plan(self, req: Any, spec: SpeculationConfig, batch: int) -> SpeculationConfig | None:

@@ -449,6 +449,33 @@ def test_under_load_adaptive_plans_shrink_to_plain_decoding(tiny_target, tiny_dr
     assert all(out.stats.steps_by_planned_budget.get(0, 0) >= out.stats.steps - 2 for out in batch)
 
 
+@pytest.mark.parametrize("overspent", [False, True])
+def test_exploration_keeps_to_its_share_of_step_time(tiny_target, tiny_draft, tokenizer, monkeypatch, overspent):
+    """Under load the plan decodes plainly; one request explores every EXPLORE_EVERY steps only while
+    exploring drafts have cost at most EXPLORE_SHARE of the step time: never once they have overspent."""
+    from spruce.config import EngineConfig
+    from spruce.planner import EXPLORE_EVERY, EXPLORE_SHARE
+
+    engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=8))
+    for size in range(1, 129):
+        engine.verify_costs.observe(size, 0.01 * max(1.0, size / 4))
+    engine.draft_costs.observe(1, 0.0005)
+    engine.draft_costs.observe(2, 0.001)
+    monkeypatch.setattr(CostCurve, "observe", lambda self, size, seconds: None)
+    planner = engine.planner
+    planner.step_s = 1e6  # a long-running server
+    planner.explore_s = 2 * EXPLORE_SHARE * planner.step_s if overspent else 0.0
+    spent = planner.explore_s
+    batch = engine.generate(prompts(8, 6), SamplingParams(max_tokens=40, ignore_eos=True), ADAPTIVE)
+    engine_steps = max(out.stats.steps for out in batch)
+    drafted = sum(n for out in batch for budget, n in out.stats.steps_by_planned_budget.items() if budget > 0)
+    if overspent:
+        assert drafted == 0 and planner.explore_s == spent
+    else:
+        assert 1 <= drafted <= engine_steps // EXPLORE_EVERY + 1 and planner.explore_s > 0
+    assert 0 < engine.speculation_telemetry()["exploration_share"] < 1
+
+
 def test_a_step_where_few_requests_draft_is_priced_again(tiny_target, tiny_draft, tokenizer):
     """Plans price the batch as if every request drafted alike. When only one of four can (the others'
     drafts are far behind and reading their prompts would not pay), the draft's levels cost the same for
