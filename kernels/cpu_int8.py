@@ -168,8 +168,8 @@ def use_int8_weights(model: torch.nn.Module, keep_float: bool = True) -> int:
 def int8_speedup(in_features: int, out_features: int, dtype: torch.dtype = torch.float32, weights_mb: int = 256) -> float:
     """Measured time of a 1-row linear in ``dtype`` (oneDNN-prepacked where torch runs it, else
     ``F.linear``) / the same through ``int8_linear``, on this CPU: median over several distinct weights
-    of ``[out_features, in_features]`` (``weights_mb`` of them in ``dtype``, so that they come from memory
-    as a model's do, not from cache).
+    of ``[out_features, in_features]`` (``weights_mb`` of them in ``dtype``, at most 32, so that they come
+    from memory as a model's do, not from cache).
 
     Decides whether a draft should keep int8 weights here (``spruce.pairing.pick_draft_dtype``): a
     draft's step reads its weights for a few rows, so what counts is the bytes read per row.
@@ -178,7 +178,7 @@ def int8_speedup(in_features: int, out_features: int, dtype: torch.dtype = torch
     import time
 
     gen = torch.Generator().manual_seed(0)
-    count = max(2, weights_mb * 2**20 // (in_features * out_features * torch.finfo(dtype).bits // 8))
+    count = min(32, max(2, weights_mb * 2**20 // (in_features * out_features * torch.finfo(dtype).bits // 8)))
     weights = [torch.randn(out_features, in_features, generator=gen).to(dtype) for _ in range(count)]
     packed = onednn_linear_available(dtype)
     floats = [onednn_pack(w) if packed else w for w in weights]

@@ -19,6 +19,10 @@ _BF16_DRAFT_MIN_SPEEDUP = 1.3
 # ... and an int8 one, where bfloat16 is not native, this much faster than the target's dtype (a wide
 # margin: a machine near it would pick differently from run to run, and the draft shapes seeded trees)
 _INT8_DRAFT_MIN_SPEEDUP = 1.5
+# ... and only for a draft whose layers do not fit in a CPU cache (a float32 MLP weight of at least this
+# many bytes; the embedded draft's is 17 MB): a smaller one is not bound by reading its weights, and its
+# choice would rest on timings too close to call
+_INT8_MIN_LAYER_BYTES = 4 * 2**20
 
 
 def pick_draft_dtype(device: torch.device, dtype: str, draft_dir: Path) -> str:
@@ -48,7 +52,11 @@ def pick_draft_dtype(device: torch.device, dtype: str, draft_dir: Path) -> str:
         fast_bf16 = _draft_speedup(draft_dir, "bfloat16", "float32") >= _BF16_DRAFT_MIN_SPEEDUP
     if not fast_bf16:
         # bfloat16 is emulated here, but torch's int8 kernel still reads a quarter of float32's bytes
-        if int8_kernel_available() and _draft_speedup(draft_dir, "int8", dtype) >= _INT8_DRAFT_MIN_SPEEDUP:
+        if (
+            int8_kernel_available()
+            and _mlp_bytes(draft_dir) >= _INT8_MIN_LAYER_BYTES
+            and _draft_speedup(draft_dir, "int8", dtype) >= _INT8_DRAFT_MIN_SPEEDUP
+        ):
             return "int8"
         return dtype
     from spruce.kernels.cpu_linear import onednn_linear_available
@@ -58,14 +66,24 @@ def pick_draft_dtype(device: torch.device, dtype: str, draft_dir: Path) -> str:
     return "int8"
 
 
-def _draft_speedup(draft_dir: Path, candidate: str, baseline: str) -> float:
-    """How much faster one row goes through the draft's MLP-sized linear layer in ``candidate``
-    ("bfloat16" or "int8") than in ``baseline``, measured on this CPU."""
+def _mlp_shape(draft_dir: Path) -> tuple[int, int]:
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(draft_dir, local_files_only=True)
     hidden = int(getattr(cfg, "hidden_size", 1024))
-    inner = int(getattr(cfg, "intermediate_size", 4 * hidden))
+    return hidden, int(getattr(cfg, "intermediate_size", 4 * hidden))
+
+
+def _mlp_bytes(draft_dir: Path) -> int:
+    """Bytes of one float32 MLP weight of the draft."""
+    hidden, inner = _mlp_shape(draft_dir)
+    return 4 * hidden * inner
+
+
+def _draft_speedup(draft_dir: Path, candidate: str, baseline: str) -> float:
+    """How much faster one row goes through the draft's MLP-sized linear layer in ``candidate``
+    ("bfloat16" or "int8") than in ``baseline``, measured on this CPU."""
+    hidden, inner = _mlp_shape(draft_dir)
     if candidate == "int8":
         from spruce.kernels.cpu_int8 import int8_speedup
 

@@ -180,9 +180,12 @@ def test_draft_dtype_pick(monkeypatch, tiny_dirs):
     monkeypatch.setattr(pairing, "cpu_has_native_bf16", lambda: False)
     for dtype in ("float32", "bfloat16"):
         assert pairing.pick_draft_dtype(cpu, dtype, draft_dir) == dtype
-    # bfloat16 emulated: int8 weights where one row through them is measured clearly faster
+    # bfloat16 emulated: int8 weights where one row through them is measured clearly faster, for a
+    # draft whose layers do not fit in a cache (the tiny one does: never measured)
     monkeypatch.setattr(cpu_int8, "int8_kernel_available", lambda: True)
     monkeypatch.setattr(cpu_int8, "int8_speedup", lambda *a, **k: 2.7)
+    assert pairing.pick_draft_dtype(cpu, "float32", draft_dir) == "float32"
+    monkeypatch.setattr(pairing, "_INT8_MIN_LAYER_BYTES", 0)
     assert pairing.pick_draft_dtype(cpu, "float32", draft_dir) == "int8"
     monkeypatch.setattr(cpu_int8, "int8_speedup", lambda *a, **k: 1.2)
     assert pairing.pick_draft_dtype(cpu, "float32", draft_dir) == "float32"
