@@ -18,19 +18,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-from spruce.kernels.cpu_linear import small_rows_linear
+from spruce.kernels.cpu_linear import median_seconds, small_rows_linear
 
 ROWS = (1, 2, 3, 4, 8, 16, 32)
 
 
 def median_ms(fn, repeats: int = 30) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return median_seconds(fn, repeats) * 1e3
 
 
 def int8_table(out_features: int, in_features: int, weights_mb: int = 400) -> None:

@@ -31,16 +31,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from spruce.kernels.cpu_linear import onednn_linear, onednn_linear_available, onednn_pack
+from spruce.kernels.cpu_linear import (
+    median_seconds,
+    onednn_linear,
+    onednn_linear_available,
+    onednn_pack,
+    parameter_uses,
+)
 
 # Row counts at or below this take the int8 kernel; above it, the kept float weight (or dequantization).
 INT8_ROWS_MAX = 4
 # the kernel is used only for inner dimensions that are a multiple of this (see the module docstring)
 INT8_K_MULTIPLE = 32
-_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
-# what the kernel computes in, by the activations' dtype (float32 rows are rounded to bfloat16 for it)
+# the activations' dtypes the kernel path takes, and what it computes in for each (float32 rows are
+# rounded to bfloat16 for it)
 _KERNEL_COMPUTE = {torch.bfloat16: torch.bfloat16, torch.float32: torch.bfloat16}
+_KERNEL_DTYPES = tuple(_KERNEL_COMPUTE)
 
 
 def int8_kernel_available() -> bool:
@@ -154,9 +160,7 @@ def use_int8_weights(model: torch.nn.Module, keep_float: bool = True) -> int:
     """Replace every ``nn.Linear`` of ``model`` (its output layer included, tied or not) by an
     ``Int8Linear`` quantized from it; returns how many. Without ``keep_float`` the float weights of
     replaced layers are freed unless something else holds them (a tied input embedding keeps its own)."""
-    uses: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        uses[id(param)] = uses.get(id(param), 0) + 1
+    uses = parameter_uses(model)
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
@@ -174,9 +178,6 @@ def int8_speedup(in_features: int, out_features: int, dtype: torch.dtype = torch
     Decides whether a draft should keep int8 weights here (``spruce.pairing.pick_draft_dtype``): a
     draft's step reads its weights for a few rows, so what counts is the bytes read per row.
     """
-    import statistics
-    import time
-
     gen = torch.Generator().manual_seed(0)
     count = min(32, max(2, weights_mb * 2**20 // (in_features * out_features * torch.finfo(dtype).bits // 8)))
     weights = [torch.randn(out_features, in_features, generator=gen).to(dtype) for _ in range(count)]
@@ -194,13 +195,4 @@ def int8_speedup(in_features: int, out_features: int, dtype: torch.dtype = torch
         for q, s in quantized:
             int8_linear(x, q, s, None)
 
-    def median_s(fn) -> float:
-        fn()  # first calls build kernels
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
-    return median_s(float_pass) / median_s(int8_pass)
+    return median_seconds(float_pass) / median_seconds(int8_pass)

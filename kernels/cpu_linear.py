@@ -24,6 +24,10 @@ the loader falls back to the small-rows path where they are missing or wrong.
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -169,13 +173,20 @@ class OneDnnLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, oneDNN {kind}"
 
 
+def parameter_uses(model: torch.nn.Module) -> dict[int, int]:
+    """How many modules hold each parameter of ``model``, by ``id`` (2 or more: shared, e.g. a tied
+    output embedding)."""
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    return uses
+
+
 def use_onednn_linear(model: torch.nn.Module) -> int:
     """Replace every float32 or bfloat16 ``nn.Linear`` of ``model`` by a ``OneDnnLinear`` built from it;
     returns how many. Call only where ``onednn_linear_available(dtype)`` holds for the model's dtypes; the
     model must stay on the CPU afterwards."""
-    uses: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        uses[id(param)] = uses.get(id(param), 0) + 1
+    uses = parameter_uses(model)
     names = [
         name
         for name, module in model.named_modules()
@@ -196,18 +207,22 @@ def bf16_speedup(in_features: int, out_features: int, repeats: int = 5) -> float
     Decides whether a draft model should run in bfloat16 here: on CPUs with native bfloat16 dot products
     it is ~3x faster (half the bytes, faster math); where bfloat16 is emulated it is slower.
     """
-    import statistics
-    import time
 
     def median_s(dtype: torch.dtype) -> float:
         w = torch.randn(out_features, in_features).to(dtype)
         x = torch.randn(1, in_features).to(dtype)
-        F.linear(x, w)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            F.linear(x, w)
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
+        return median_seconds(lambda: F.linear(x, w), repeats)
 
     return median_s(torch.float32) / median_s(torch.bfloat16)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after one untimed call (first calls build
+    kernels)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)

@@ -49,15 +49,18 @@ def pick_draft_dtype(device: torch.device, dtype: str, draft_dir: Path) -> str:
 
     fast_bf16 = cpu_has_native_bf16()
     if fast_bf16 is None:
-        fast_bf16 = _draft_speedup(draft_dir, "bfloat16", "float32") >= _BF16_DRAFT_MIN_SPEEDUP
+        from spruce.kernels.cpu_linear import bf16_speedup
+
+        fast_bf16 = bf16_speedup(*_mlp_shape(draft_dir)) >= _BF16_DRAFT_MIN_SPEEDUP
     if not fast_bf16:
         # bfloat16 is emulated here, but torch's int8 kernel still reads a quarter of float32's bytes
-        if (
-            int8_kernel_available()
-            and _mlp_bytes(draft_dir) >= _INT8_MIN_LAYER_BYTES
-            and _draft_speedup(draft_dir, "int8", dtype) >= _INT8_DRAFT_MIN_SPEEDUP
-        ):
-            return "int8"
+        if int8_kernel_available():
+            from spruce.kernels import cpu_int8
+
+            hidden, inner = _mlp_shape(draft_dir)
+            big = 4 * hidden * inner >= _INT8_MIN_LAYER_BYTES  # float32 bytes of one MLP weight
+            if big and cpu_int8.int8_speedup(hidden, inner, torch_dtype(dtype)) >= _INT8_DRAFT_MIN_SPEEDUP:
+                return "int8"
         return dtype
     from spruce.kernels.cpu_linear import onednn_linear_available
 
@@ -67,30 +70,12 @@ def pick_draft_dtype(device: torch.device, dtype: str, draft_dir: Path) -> str:
 
 
 def _mlp_shape(draft_dir: Path) -> tuple[int, int]:
+    """(hidden size, MLP inner size) of the draft, from its config."""
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(draft_dir, local_files_only=True)
     hidden = int(getattr(cfg, "hidden_size", 1024))
     return hidden, int(getattr(cfg, "intermediate_size", 4 * hidden))
-
-
-def _mlp_bytes(draft_dir: Path) -> int:
-    """Bytes of one float32 MLP weight of the draft."""
-    hidden, inner = _mlp_shape(draft_dir)
-    return 4 * hidden * inner
-
-
-def _draft_speedup(draft_dir: Path, candidate: str, baseline: str) -> float:
-    """How much faster one row goes through the draft's MLP-sized linear layer in ``candidate``
-    ("bfloat16" or "int8") than in ``baseline``, measured on this CPU."""
-    hidden, inner = _mlp_shape(draft_dir)
-    if candidate == "int8":
-        from spruce.kernels.cpu_int8 import int8_speedup
-
-        return int8_speedup(hidden, inner, torch_dtype(baseline))
-    from spruce.kernels.cpu_linear import bf16_speedup
-
-    return bf16_speedup(hidden, inner)
 
 
 def cpu_has_native_bf16() -> bool | None:

@@ -427,10 +427,9 @@ def test_plan_margin_keeps_plain_decoding_when_a_tree_barely_pays():
     assert plan_tree(rates, verify, draft, 1, 1, margin=0.1).expected_tokens == 1.0
 
 
-def test_under_load_adaptive_plans_shrink_to_plain_decoding(tiny_target, tiny_draft, tokenizer, monkeypatch):
-    """A verify curve flat up to 4 tokens, then linear (as on a CPU): alone, trees are nearly free and
-    the plan drafts; eight requests in one pass make every drafted token cost, and the plan decodes
-    plainly (but for the exploration step). The costs are set and frozen, not timed."""
+def _engine_under_cpu_like_costs(tiny_target, tiny_draft, tokenizer, monkeypatch) -> Engine:
+    """An engine for 8 requests whose verify curve is flat up to 4 tokens, then linear (as on a CPU),
+    with a cheap draft; the costs are set and frozen, not timed."""
     from spruce.config import EngineConfig
 
     engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=8))
@@ -439,6 +438,14 @@ def test_under_load_adaptive_plans_shrink_to_plain_decoding(tiny_target, tiny_dr
     engine.draft_costs.observe(1, 0.0005)
     engine.draft_costs.observe(2, 0.001)
     monkeypatch.setattr(CostCurve, "observe", lambda self, size, seconds: None)
+    return engine
+
+
+def test_under_load_adaptive_plans_shrink_to_plain_decoding(tiny_target, tiny_draft, tokenizer, monkeypatch):
+    """A verify curve flat up to 4 tokens, then linear (as on a CPU): alone, trees are nearly free and
+    the plan drafts; eight requests in one pass make every drafted token cost, and the plan decodes
+    plainly (but for the exploration step). The costs are set and frozen, not timed."""
+    engine = _engine_under_cpu_like_costs(tiny_target, tiny_draft, tokenizer, monkeypatch)
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     alone = engine.generate(prompts(1, 5), params, ADAPTIVE)[0].stats.steps_by_planned_budget
     assert sum(n for budget, n in alone.items() if budget > 0) > alone.get(0, 0)
@@ -453,15 +460,9 @@ def test_under_load_adaptive_plans_shrink_to_plain_decoding(tiny_target, tiny_dr
 def test_exploration_keeps_to_its_share_of_step_time(tiny_target, tiny_draft, tokenizer, monkeypatch, overspent):
     """Under load the plan decodes plainly; one request explores every EXPLORE_EVERY steps only while
     exploring drafts have cost at most EXPLORE_SHARE of the step time: never once they have overspent."""
-    from spruce.config import EngineConfig
     from spruce.planner import EXPLORE_EVERY, EXPLORE_SHARE
 
-    engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=8))
-    for size in range(1, 129):
-        engine.verify_costs.observe(size, 0.01 * max(1.0, size / 4))
-    engine.draft_costs.observe(1, 0.0005)
-    engine.draft_costs.observe(2, 0.001)
-    monkeypatch.setattr(CostCurve, "observe", lambda self, size, seconds: None)
+    engine = _engine_under_cpu_like_costs(tiny_target, tiny_draft, tokenizer, monkeypatch)
     planner = engine.planner
     planner.step_s = 1e6  # a long-running server
     planner.explore_s = 2 * EXPLORE_SHARE * planner.step_s if overspent else 0.0

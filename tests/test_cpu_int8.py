@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_VOCAB, assert_close
-from spruce.kernels.cpu_linear import onednn_linear, onednn_linear_available
 from spruce.kernels.cpu_int8 import (
     INT8_ROWS_MAX,
     Int8Linear,
@@ -19,6 +18,7 @@ from spruce.kernels.cpu_int8 import (
     quantize_int8,
     uses_int8_kernel,
 )
+from spruce.kernels.cpu_linear import onednn_linear, onednn_linear_available
 
 from spruce import Engine, SamplingParams, SpeculationConfig
 from spruce.config import EngineConfig
@@ -162,8 +162,9 @@ def test_draft_dtype_pick(monkeypatch, tiny_dirs):
     """Left out, the draft's dtype on a CPU with fast bfloat16 is bfloat16 where oneDNN runs it, else int8
     (with torch's int8 kernel), else bfloat16; on other CPUs int8 where measured clearly faster, else
     the target's; off the CPU the target's."""
-    from spruce import pairing
     from spruce.kernels import cpu_int8, cpu_linear
+
+    from spruce import pairing
 
     _, draft_dir = tiny_dirs
     cpu = torch.device("cpu")
