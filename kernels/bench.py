@@ -178,12 +178,12 @@ def timed(fn, device: str) -> float:
 GRAPHED = ("triton_slots", "triton_slots_nosplit", "sdpa_nomask", "sdpa_mask")
 
 
-def graph_ms(fn) -> float:
+def graph_ms(fn, rep: int = 100) -> float:
     """Median milliseconds of one call replayed from a CUDA graph: the device time alone, without the
     host's launch cost (which ``timed`` includes when the host is the slower side)."""
     import triton
 
-    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+    return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
 
 
 def host_us(fn, calls: int = 50) -> float:
@@ -288,6 +288,84 @@ def sweep(device: str, h: int, hkv: int, d: int, shapes=SWEEP_SHAPES, configs=SW
     return rows
 
 
+# small batches, where the kernel is latency-bound and the issue's goals were missed (kernels/NOTES.md, v4):
+# key splits x launch configurations, device time alone (CUDA graph replay)
+SPLIT_SHAPES = ((1, 512, 16), (1, 512, 64), (1, 4096, 64), (8, 4096, 64))
+SPLITS = (1, 2, 4, 8, 16, 32)
+SPLIT_CONFIGS = [
+    {"block_n": bn, "num_warps": w, "num_stages": st}
+    for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)
+    if not (bn == 128 and st == 4)  # over the shared memory of one SM at D = 128
+]
+
+
+def splits_sweep(device: str, h: int, hkv: int, d: int, shapes=SPLIT_SHAPES, configs=SPLIT_CONFIGS, splits=SPLITS) -> list[dict]:
+    """``triton_slots`` at each key split count and launch configuration, timed as CUDA-graph replays
+    (checked against the default launch's output), beside the default launch and unmasked SDPA on the
+    same data: what the latency-bound small-batch shapes need."""
+    rows = []
+    for b, p, t in shapes:
+        x = make_inputs(b, p, t, h, hkv, d, torch.bfloat16, device)
+        n_k = p + t
+        want = slotted(x, t, n_k).float()
+        base = {"B": b, "P": p, "T": t}
+        fns = backends(x)
+        for name in ("triton_slots", "sdpa_nomask"):
+            row = {**base, "config": name}
+            try:
+                row["ms"] = graph_ms(fns[name], rep=20)
+            except Exception as exc:  # noqa: BLE001 - recorded in the report
+                row["failed"] = f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        for config in configs:
+            for n in splits:
+                row = {**base, **config, "num_splits": n}
+                try:
+                    fn = functools.partial(slotted, x, t, n_k, num_splits=n, **config)
+                    row["max_abs_vs_default"] = float((fn().float() - want).abs().max())
+                    row["ms"] = graph_ms(fn, rep=20)
+                except Exception as exc:  # noqa: BLE001 - recorded in the report
+                    row["failed"] = f"{type(exc).__name__}: {exc}"
+                rows.append(row)
+            print(json.dumps(min((r for r in rows[-len(splits):] if "ms" in r), key=lambda r: r["ms"], default=rows[-1])), flush=True)
+        del x, fns
+    return rows
+
+
+CURVE_SHAPES = tuple((1, p, t) for p in (512, 4096, 16384) for t in (16, 64))
+
+
+def split_curves(device: str, h: int, hkv: int, d: int, shapes=CURVE_SHAPES, block_ns=(32, 64), splits=range(1, 17)) -> list[dict]:
+    """Device time (CUDA graph) of ``triton_slots`` against its key split count, Triton's default warps
+    and stages, at each block width; beside the default launch, SDPA with the tree mask and SDPA
+    without a mask on the same data (one run, so the ratios compare like with like)."""
+    rows = []
+    for b, p, t in shapes:
+        x = make_inputs(b, p, t, h, hkv, d, torch.bfloat16, device)
+        n_k = p + t
+        want = slotted(x, t, n_k).float()
+        fns = backends(x)
+        row: dict = {"B": b, "P": p, "T": t}
+        failed: dict[str, str] = {}
+        row["default_max_abs_vs_reference"] = check(x, {"triton_slots": fns["triton_slots"]}, t, p, failed).get("triton_slots")
+        row.update({f"failed_{k}": v for k, v in failed.items()})
+        for name in ("triton_slots", "sdpa_mask", "sdpa_nomask"):
+            row[name] = graph_ms(fns[name], rep=20)
+        for bn in block_ns:
+            curve, errors = {}, []
+            for n in splits:
+                fn = functools.partial(slotted, x, t, n_k, num_splits=n, block_n=bn)
+                errors.append(float((fn().float() - want).abs().max()))
+                curve[n] = graph_ms(fn, rep=20)
+            row[f"block_n_{bn}"] = curve
+            row[f"block_n_{bn}_max_abs_vs_default"] = max(errors)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del x, fns
+    return rows
+
+
 def _get_nan(table: dict, name: str) -> float:
     return table.get(name, math.nan)
 
@@ -331,6 +409,29 @@ def markdown(report: dict) -> str:
                 + f" | {slots / g.get('sdpa_nomask', math.nan):.2f} | {g.get('sdpa_mask', math.nan) / slots:.1f} | "
                 f"{kv_bytes / slots:.0f} | " + " | ".join(f"{hu.get(n, math.nan):.0f}" for n in GRAPHED) + " |"
             )
+    if report.get("split_curves"):
+        lines += ["", "triton_slots against its key splits (CUDA graph, us; Triton's default warps and stages)", ""]
+        for r in report["split_curves"]:
+            lines.append(
+                f"B={r['B']} P={r['P']} T={r['T']}: default {r['triton_slots'] * 1e3:.1f}, sdpa_mask {r['sdpa_mask'] * 1e3:.1f}, "
+                f"sdpa_nomask {r['sdpa_nomask'] * 1e3:.1f}; default / nomask {r['triton_slots'] / r['sdpa_nomask']:.2f}, "
+                f"mask / default {r['sdpa_mask'] / r['triton_slots']:.2f}; default vs reference {r['default_max_abs_vs_reference']:.1e}"
+            )
+            for key in sorted(k for k in r if k.startswith("block_n_") and not k.endswith("default")):
+                lines.append(f"  {key}: " + " ".join(f"{n}:{ms * 1e3:.1f}" for n, ms in r[key].items()))
+    if report.get("splits_sweep"):
+        lines += ["", "key splits x launch configurations of triton_slots (CUDA graph, ms; the five fastest per shape)", ""]
+        lines += ["| B | P | T | default | sdpa_nomask | block_n | warps | stages | splits | ms | vs nomask |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for shape in sorted({(r["B"], r["P"], r["T"]) for r in report["splits_sweep"]}):
+            mine = [r for r in report["splits_sweep"] if (r["B"], r["P"], r["T"]) == shape and "ms" in r]
+            ref = {r["config"]: r["ms"] for r in mine if "config" in r}
+            done = sorted((r for r in mine if "config" not in r), key=lambda r: r["ms"])
+            for r in done[:5]:
+                nomask = ref.get("sdpa_nomask", math.nan)
+                lines.append(
+                    f"| {r['B']} | {r['P']} | {r['T']} | {ref.get('triton_slots', math.nan):.4f} | {nomask:.4f} | {r['block_n']} | "
+                    f"{r['num_warps']} | {r['num_stages']} | {r['num_splits']} | {r['ms']:.4f} | {r['ms'] / nomask:.2f} |"
+                )
     if report.get("sweep"):
         lines += ["", "launch configurations of triton_slots (ms; the three fastest per shape)", ""]
         lines += ["| B | P | T | block_m | block_n | warps | stages | ms |", "|---|---|---|---|---|---|---|---|"]
@@ -345,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (checks the script; on the GPU where there is one)")
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations of the in-place kernel")
+    parser.add_argument("--splits-sweep", action="store_true", help="also time key splits x launch configurations at small batches (GPU)")
+    parser.add_argument("--split-curves", action="store_true", help="also time the kernel against its key split count at B = 1 (GPU)")
+    parser.add_argument("--curve-splits", type=int, nargs="*", default=list(range(1, 17)), help="split counts of --split-curves")
+    parser.add_argument("--curve-block-n", type=int, nargs="*", default=[32, 64], help="key block widths of --split-curves")
     parser.add_argument("--no-grid", action="store_true", help="skip the backend grid (with --sweep: the sweep alone)")
     parser.add_argument("--out", help="write the JSON report here (and a .md beside it)")
     args = parser.parse_args(argv)
@@ -362,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     report = run(shapes, device, h, hkv, d, partial=args.out)
     if args.sweep:
         report["sweep"] = sweep(device, h, hkv, d, *(([(2, 40, 16)], SWEEP[:2]) if args.smoke else ()))
+    if args.split_curves:
+        report["split_curves"] = split_curves(
+            device, h, hkv, d, *(([(1, 40, 16)], (64,), (1, 2)) if args.smoke else (CURVE_SHAPES, args.curve_block_n, args.curve_splits))
+        )
+    if args.splits_sweep:
+        report["splits_sweep"] = splits_sweep(device, h, hkv, d, *(([(2, 40, 16)], SPLIT_CONFIGS[:1], (1, 2)) if args.smoke else ()))
     report["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     report["date"] = time.strftime("%Y-%m-%d")
     report["torch"] = torch.__version__

@@ -90,16 +90,22 @@ def per_request(
     cu_seqlens_k: torch.Tensor,
     scale: float | None,
     attend: MaskedAttention,
+    # [B] the tree's keys per request (its last ones); None: as many as its queries
+    tree_lens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ragged tree-attention contract spelled out: each request's queries attend, through
-    ``attend``, to its whole prefix and to their tree ancestors. Returns ([Tq, H, D], [Tq, H] lse)."""
+    ``attend``, to its whole prefix and to the tree keys their mask words name (their ancestors and
+    themselves). The tree is a request's last ``tree_lens[b]`` keys, by default as many as its queries.
+    Returns ([Tq, H, D], [Tq, H] lse)."""
     outs, lses = [], []
     for b in range(cu_seqlens_q.numel() - 1):
         q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
         k0, k1 = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
-        n, prefix = q1 - q0, (k1 - k0) - (q1 - q0)
+        n = q1 - q0
+        tree = n if tree_lens is None else int(tree_lens[b])
+        prefix = (k1 - k0) - tree
         visible = torch.cat(
-            [torch.ones(n, prefix, dtype=torch.bool, device=q.device), unpack_bitmask(tree_mask[q0:q1], n)], dim=1
+            [torch.ones(n, prefix, dtype=torch.bool, device=q.device), unpack_bitmask(tree_mask[q0:q1], tree)], dim=1
         )
         o, lse = attend(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1), visible, scale)
         outs.append(o.transpose(0, 1))
@@ -115,6 +121,7 @@ def tree_attention_reference(
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
     scale: float | None = None,
+    tree_lens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The oracle for the packed contract (shapes as ``per_request``): ``masked_attention`` per request."""
-    return per_request(q, k, v, tree_mask, cu_seqlens_q, cu_seqlens_k, scale, masked_attention)
+    return per_request(q, k, v, tree_mask, cu_seqlens_q, cu_seqlens_k, scale, masked_attention, tree_lens)

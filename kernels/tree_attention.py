@@ -44,7 +44,7 @@ WORD_BITS = 64
 @triton.jit
 def _tree_attn_kernel(
     Q, K, V, O, LSE, MASK,
-    CU_Q, CU_K, SLOTS,
+    CU_Q, CU_K, SLOTS, TREE_LENS,
     stride_qt, stride_qh, stride_ks, stride_kt, stride_kh, stride_vs, stride_vt, stride_vh,
     stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
     stride_mt,
@@ -58,6 +58,7 @@ def _tree_attn_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     SLOTTED: tl.constexpr,
+    HAS_TREE_LENS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1)
@@ -78,7 +79,12 @@ def _tree_attn_kernel(
         n_k = tl.load(CU_K + b + 1) - k_start
         K = K + k_start.to(tl.int64) * stride_kt
         V = V + k_start.to(tl.int64) * stride_vt
-    prefix = n_k - n_q
+    # the tree part: the last t_len keys (the queries are its last n_q nodes; t_len = n_q for a verify pass)
+    if HAS_TREE_LENS:
+        t_len = tl.load(TREE_LENS + b)
+    else:
+        t_len = n_q
+    prefix = n_k - t_len
     if block_m * BLOCK_M >= n_q * GROUP:
         return
     # this program's keys: [lo, hi) of the request's prefix + tree
@@ -268,19 +274,25 @@ def tree_attention(
     cu_seqlens_k: torch.Tensor,
     scale: float | None = None,
     block_m: int | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_splits: int | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    tree_lens: torch.Tensor | None = None,
+    max_tree: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ([Tq, H, D] output in q's dtype, [Tq, H] float32 natural-log log-sum-exp).
 
     ``num_splits`` > 1 splits every request's keys into that many ranges handled by separate programs
     (flash-decoding), merged exactly by log-sum-exp; None picks it from the GPU's size (1 on CPU).
     ``max_seqlen_q`` / ``max_seqlen_k``: the longest request's tree and keys, when the caller knows them
-    (saves reading the offsets back from the GPU, a synchronization)."""
+    (saves reading the offsets back from the GPU, a synchronization).
+    ``tree_lens`` ([B] int32): request b's tree is its last ``tree_lens[b]`` keys and its queries are
+    the tree's last nodes (a draft level: the new frontier after nodes cached earlier); mask words then
+    cover ``tree_lens[b]`` bits. None: the tree is the queries themselves. ``max_tree``: its largest
+    value, when the caller knows it."""
     if k.dim() != 3 or v.shape != k.shape:
         raise ValueError(f"packed k and v must be [Tk, Hkv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
     max_k = max_seqlen_k if max_seqlen_k is not None else _longest(cu_seqlens_k)
@@ -289,7 +301,7 @@ def tree_attention(
     k_strides = (0, ks[0], ks[1])
     v_strides = (0, vs[0], vs[1])
     return _launch(q, k, v, k_strides, v_strides, tree_mask, cu_seqlens_q, cu_seqlens_k, None, max_k,
-                   scale, block_m, block_n, num_splits, max_seqlen_q, num_warps, num_stages)
+                   scale, block_m, block_n, num_splits, max_seqlen_q, num_warps, num_stages, tree_lens, max_tree)
 
 
 def tree_attention_slots(
@@ -309,12 +321,14 @@ def tree_attention_slots(
     kv_lens: torch.Tensor,
     scale: float | None = None,
     block_m: int | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_splits: int | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    tree_lens: torch.Tensor | None = None,
+    max_tree: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``tree_attention`` reading each request's keys in place from its slot of a KV pool (no gather
     into a packed copy). Same outputs."""
@@ -330,7 +344,7 @@ def tree_attention_slots(
     k_strides = (ks[0], ks[2], ks[1])
     v_strides = (vs[0], vs[2], vs[1])
     return _launch(q, k_pool, v_pool, k_strides, v_strides, tree_mask, cu_seqlens_q, kv_lens, slots, max_k,
-                   scale, block_m, block_n, num_splits, max_seqlen_q, num_warps, num_stages)
+                   scale, block_m, block_n, num_splits, max_seqlen_q, num_warps, num_stages, tree_lens, max_tree)
 
 
 def _launch(
@@ -348,11 +362,13 @@ def _launch(
     max_k: int,
     scale: float | None,
     block_m: int | None,
-    block_n: int,
+    block_n: int | None,
     num_splits: int | None,
     max_seqlen_q: int | None,
     num_warps: int | None,
     num_stages: int | None,
+    tree_lens: torch.Tensor | None = None,
+    max_tree: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     tq, h, d = q.shape
     hkv = k.shape[-3] if slots is not None else k.shape[1]
@@ -365,8 +381,12 @@ def _launch(
         raise ValueError("q, k and v need a contiguous last (head) dimension")
     batch = cu_seqlens_q.numel() - 1
     max_q = max_seqlen_q if max_seqlen_q is not None else _longest(cu_seqlens_q)
-    if max_q > tree_mask.shape[1] * WORD_BITS:
-        raise ValueError(f"a tree of {max_q} nodes needs {math.ceil(max_q / WORD_BITS)} mask words, got {tree_mask.shape[1]}")
+    if tree_lens is not None and tree_lens.shape != (batch,):
+        raise ValueError(f"tree_lens must be [{batch}], got {tuple(tree_lens.shape)}")
+    if max_tree is None:
+        max_tree = max_q if tree_lens is None else (int(tree_lens.max()) if batch else 0)
+    if max_tree > tree_mask.shape[1] * WORD_BITS:
+        raise ValueError(f"a tree of {max_tree} nodes needs {math.ceil(max_tree / WORD_BITS)} mask words, got {tree_mask.shape[1]}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     group = h // hkv
     if block_m is None:
@@ -375,8 +395,10 @@ def _launch(
         # mask word per row (v2, before that change, had favoured 128 rows at T = 64)
         block_m = 64
     row_blocks = _cdiv(max(max_q * group, 1), block_m)
-    if num_splits is None:
-        num_splits = _default_splits(q.device, batch * hkv * row_blocks, max_k, block_n)
+    if num_splits is None or block_n is None:
+        auto_splits, auto_block_n = _default_launch(q.device, batch * hkv * row_blocks, max_k)
+        num_splits = auto_splits if num_splits is None else num_splits
+        block_n = auto_block_n if block_n is None else block_n
     split_len = _cdiv(_cdiv(max(max_k, 1), num_splits), block_n) * block_n
     if num_splits == 1:
         out = torch.empty_like(q)[None]
@@ -391,7 +413,7 @@ def _launch(
     options = {name: value for name, value in (("num_warps", num_warps), ("num_stages", num_stages)) if value is not None}
     _tree_attn_kernel[grid](
         q, k, v, out, lse, tree_mask,
-        cu_seqlens_q, keys, slots if slots is not None else keys,
+        cu_seqlens_q, keys, slots if slots is not None else keys, tree_lens if tree_lens is not None else keys,
         q_strides[0], q_strides[1], *k_strides, *v_strides,
         *out.stride()[:3], *lse.stride()[:2],
         tree_mask.stride(0),
@@ -405,6 +427,7 @@ def _launch(
         BLOCK_N=block_n,
         UPCAST=_interpreting() or q.dtype == torch.float32,
         SLOTTED=slots is not None,
+        HAS_TREE_LENS=tree_lens is not None,
         **options,
     )
     if num_splits == 1:
@@ -450,27 +473,37 @@ def _merge_splits(
 
 
 # Aim for this many programs per SM before splitting the keys (flash-decoding): a decode-sized batch
-# has too few (request, head, row block) programs to keep a GPU busy over long prefixes.
+# has too few (request, head, row block) programs to keep a GPU busy over long prefixes. Whole waves
+# only: rounding the split count up (v4) put B = 1, P = 4096, T = 64 at 9 splits = 288 programs, past
+# the 2 x 132 that run at once on an H200, and the last ones ran as a second wave (40 us; 8 splits:
+# 26 us; kernels/NOTES.md, "v5", 2026-11-27).
 _PROGRAMS_PER_SM = 2
-# never split a request's keys into pieces shorter than this many blocks
-_MIN_BLOCKS_PER_SPLIT = 4
+# never split a request's keys into pieces shorter than this (v5 curves at B = 1: P = 512 fastest at
+# 4 splits of 144-160 keys; 3 splits of 192 under the v4 rule of 4 blocks of 64 cost 1.5x that)
+_MIN_KEYS_PER_SPLIT = 160
 # no split at all once there are SMs / _NO_SPLIT_DIVISOR programs or more: on an H200
 # (kernels/NOTES.md, v3) split keys were slower than one pass at 64 and 256 programs (up to 1.8x at
 # B = 32, P = 512, T = 16; one shape, B = 8, P = 16384, T = 16, lost 12% without them) and 1.2-5x faster
 # at 8-32 programs
 _NO_SPLIT_DIVISOR = 4
+# split keys stream in blocks of 32 up to this many keys, of 64 beyond: at B = 1 (v5 curves) 32-key
+# blocks were 1.05-1.5x faster up to P = 4096 and 14% slower at P = 16384, T = 64
+_NARROW_BLOCK_MAX_KEYS = 8192
+_BLOCK_N = 64
 
 _SM_COUNT: dict[int, int] = {}
 
 
-def _default_splits(device: torch.device, programs: int, max_k: int, block_n: int) -> int:
+def _default_launch(device: torch.device, programs: int, max_k: int) -> tuple[int, int]:
+    """(key splits, key block width) for ``programs`` (request, KV head, row block) programs."""
     if device.type != "cuda":
-        return 1
+        return 1, _BLOCK_N
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     sms = _SM_COUNT[index]
     if programs * _NO_SPLIT_DIVISOR >= sms:
-        return 1
-    wanted = _cdiv(_PROGRAMS_PER_SM * sms, max(programs, 1))
-    return max(1, min(wanted, _cdiv(max_k, block_n * _MIN_BLOCKS_PER_SPLIT)))
+        return 1, _BLOCK_N
+    wanted = _PROGRAMS_PER_SM * sms // max(programs, 1)
+    splits = max(1, min(wanted, _cdiv(max_k, _MIN_KEYS_PER_SPLIT)))
+    return splits, 32 if splits > 1 and max_k <= _NARROW_BLOCK_MAX_KEYS else _BLOCK_N

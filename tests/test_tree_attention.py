@@ -138,18 +138,21 @@ def test_triton_default_launch_configuration(case):
     assert_close(lse.double(), want_lse, atol=TOLERANCE[torch.float32], what=f"{case} lse, default launch")
 
 
-def test_default_key_splits_follow_the_measured_rule(monkeypatch):
-    """Split keys only when programs are scarce (under a quarter of the SMs), into at most enough splits
-    for 2 programs per SM, each at least 4 key blocks long (132 SMs: an H100 / H200)."""
+def test_default_launch_follows_the_measured_rule(monkeypatch):
+    """Split keys only when programs are scarce (under a quarter of the SMs), into at most as many
+    splits as keep 2 programs per SM in one wave, each at least 160 keys long; split keys stream in
+    32-key blocks up to 8192 keys (132 SMs: an H100 / H200; kernels/NOTES.md, v5)."""
     from spruce.kernels import tree_attention as ta
 
     monkeypatch.setitem(ta._SM_COUNT, 0, 132)
     gpu = torch.device("cuda", 0)
-    assert ta._default_splits(gpu, programs=8, max_k=4112, block_n=64) == 17  # B = 1, T = 16: capped by length
-    assert ta._default_splits(gpu, programs=32, max_k=16448, block_n=64) == 9  # B = 1, T = 64: 2 per SM
-    assert ta._default_splits(gpu, programs=8, max_k=100, block_n=64) == 1  # too short to split
-    assert ta._default_splits(gpu, programs=64, max_k=16448, block_n=64) == 1  # B = 8: enough programs
-    assert ta._default_splits(torch.device("cpu"), programs=1, max_k=16448, block_n=64) == 1
+    assert ta._default_launch(gpu, programs=8, max_k=528) == (4, 32)  # B = 1, P = 512, T = 16: capped by length
+    assert ta._default_launch(gpu, programs=8, max_k=4112) == (26, 32)  # B = 1, P = 4096, T = 16
+    assert ta._default_launch(gpu, programs=32, max_k=4160) == (8, 32)  # B = 1, T = 64: 256 programs, one wave
+    assert ta._default_launch(gpu, programs=32, max_k=16448) == (8, 64)  # long keys: 64-key blocks
+    assert ta._default_launch(gpu, programs=8, max_k=100) == (1, 64)  # too short to split
+    assert ta._default_launch(gpu, programs=64, max_k=16448) == (1, 64)  # B = 8: enough programs
+    assert ta._default_launch(torch.device("cpu"), programs=1, max_k=16448) == (1, 64)
 
 
 @pytest.mark.parametrize("splits", [1, 3])
@@ -270,3 +273,64 @@ def test_host_integer_helpers_match_triton():
             assert _cdiv(a, b) == triton.cdiv(a, b)
     for n in range(1, 5000):
         assert _pow2(n) == triton.next_power_of_2(n)
+
+
+# ---- a query block that is the last part of a longer tree (a draft level) -------------------------------
+
+
+def _frontier_batch(prefixes: list[int], trees: list[int], frontiers: list[int], h: int, hkv: int, d: int, dtype, seed: int):
+    """Each request's queries are the last ``frontiers[b]`` nodes of its ``trees[b]``-node tree: the full
+    batch (every node a query) and the frontier-only batch over the same keys."""
+    q, k, v, mask, cu_q, cu_k, _ = make_batch(prefixes, trees, h, hkv, d, dtype, seed=seed)
+    rows = torch.cat([torch.arange(int(cu_q[b + 1]) - f, int(cu_q[b + 1])) for b, f in enumerate(frontiers)])
+    cu_f = torch.tensor([0, *torch.tensor(frontiers).cumsum(0).tolist()], dtype=torch.int32)
+    lens = torch.tensor(trees, dtype=torch.int32)
+    return (q, mask, cu_q), (q[rows], mask[rows], cu_f), k, v, cu_k, lens, rows
+
+
+def test_reference_frontier_rows_equal_the_whole_tree_pass():
+    """With ``tree_lens``, queries that are the last nodes of a longer tree get exactly the rows the
+    whole tree's pass gives them (the contract a draft level relies on)."""
+    (q, mask, cu_q), (fq, fmask, cu_f), k, v, cu_k, lens, rows = _frontier_batch(
+        [7, 0, 12], [9, 4, 70], [3, 4, 5], 4, 2, 16, torch.float64, seed=3
+    )
+    want, want_lse = tree_attention_reference(q, k, v, mask, cu_q, cu_k)
+    got, lse = tree_attention_reference(fq, k, v, fmask, cu_f, cu_k, tree_lens=lens)
+    assert_close(got, want[rows], atol=1e-12, what="frontier rows")
+    assert_close(lse, want_lse[rows], atol=1e-12, what="frontier lse")
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_triton_frontier_queries_match_reference(splits):
+    """The kernel with ``tree_lens`` (packed keys and in place over a pool's slots, split keys or not)
+    against the float64 reference, on a ragged batch whose trees span one and two mask words."""
+    from spruce.kernels.tree_attention import tree_attention, tree_attention_slots
+
+    prefixes, trees, frontiers = [5, 0, 30], [6, 3, 70], [2, 3, 7]
+    _, (fq, fmask, cu_f), k, v, cu_k, lens, _ = _frontier_batch(prefixes, trees, frontiers, 4, 2, 16, torch.float32, seed=splits)
+    want, want_lse = tree_attention_reference(fq.double(), k.double(), v.double(), fmask, cu_f, cu_k, tree_lens=lens)
+    out, lse = host(*tree_attention(*dev(fq, k, v, fmask, cu_f, cu_k), block_m=16, block_n=16, num_splits=splits, tree_lens=lens.to(DEVICE)))
+    assert_close(out.double(), want, atol=TOLERANCE[torch.float32], what="packed frontier output")
+    assert_close(lse.double(), want_lse, atol=TOLERANCE[torch.float32], what="packed frontier lse")
+    # the same keys in a pool of 4 slots (taken out of order), read in place
+    cap = max(p + n for p, n in zip(prefixes, trees)) + 3
+    k_pool = torch.randn(4, 2, cap, 16)
+    v_pool = torch.randn(4, 2, cap, 16)
+    slots = torch.tensor([2, 0, 3], dtype=torch.int32)
+    for b in range(3):
+        k0, k1 = int(cu_k[b]), int(cu_k[b + 1])
+        k_pool[slots[b], :, : k1 - k0] = k[k0:k1].transpose(0, 1)
+        v_pool[slots[b], :, : k1 - k0] = v[k0:k1].transpose(0, 1)
+    kv_lens = (cu_k[1:] - cu_k[:-1]).to(torch.int32)
+    out, lse = host(*tree_attention_slots(
+        *dev(fq, k_pool, v_pool, fmask, cu_f, slots, kv_lens), block_m=16, block_n=16, num_splits=splits, tree_lens=lens.to(DEVICE)
+    ))
+    assert_close(out.double(), want, atol=TOLERANCE[torch.float32], what="slotted frontier output")
+
+
+def test_tree_lens_beyond_the_mask_words_is_refused():
+    from spruce.kernels.tree_attention import tree_attention
+
+    _, (fq, fmask, cu_f), k, v, cu_k, lens, _ = _frontier_batch([4], [70], [3], 2, 2, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="mask words"):
+        tree_attention(fq, k, v, fmask[:, :1].contiguous(), cu_f, cu_k, tree_lens=lens)
