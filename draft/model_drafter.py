@@ -32,6 +32,7 @@ from spruce.draft.tree import ROOT_PARENT, Proposal, TokenTree
 
 from spruce.attention import use_backend
 from spruce.config import SpeculationConfig
+from spruce.graphs import GraphedPasses
 from spruce.kvcache import TREE_RESERVE, Segment, SlotKVCache, run_packed
 from spruce.sampling import sampling_probs
 
@@ -52,6 +53,10 @@ class TreePolicy(Protocol):
         """How many of the best candidates to verify (0: a plain step)."""
         ...
 
+
+# the longest per-request feed that runs through the tree kernel (as a causal chain of mask bits); a
+# longer catch-up is a prefill, for SDPA's causal path
+KERNEL_MAX_FEED = 64
 
 @dataclass
 class DraftState:
@@ -91,11 +96,22 @@ class ModelDrafter:
     feeds every request's pending tokens, then one per level forwards every request's frontier that
     is still expanding (``spruce.kvcache``)."""
 
-    def __init__(self, model: PreTrainedModel, vocab_size: int | None = None, num_slots: int = 4, capacity: int | None = None) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        vocab_size: int | None = None,
+        num_slots: int = 4,
+        capacity: int | None = None,
+        kernel: str | None = None,
+        graphs: bool = False,
+    ) -> None:
         """``vocab_size``: the target's logits width; draft logits are cut or padded to it, so a draft
         never proposes an id the target cannot score and its distributions line up with the target's.
         ``num_slots`` x ``capacity``: the KV pool (default capacity: the model's context, at most 4096,
-        plus room for tree nodes)."""
+        plus room for tree nodes). ``kernel="triton"``: levels and short feeds (at most
+        ``KERNEL_MAX_FEED`` tokens per request) run through the tree-attention kernel, and with
+        ``graphs`` replay CUDA graphs (``spruce.graphs``; one pool slot becomes their scratch slot);
+        else SDPA per request."""
         self.model = model
         self.vocab_size = vocab_size
         use_backend(model, "sdpa")
@@ -103,6 +119,10 @@ class ModelDrafter:
             context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
             capacity = min(context, 4096) + TREE_RESERVE
         self.pool = SlotKVCache(model, num_slots, capacity)
+        if kernel not in (None, "triton"):
+            raise ValueError(f"the drafter runs its passes through SDPA or the triton kernel, not {kernel!r}")
+        self.kernel = kernel
+        self.graphs = GraphedPasses(model, self.pool, kernel) if graphs and kernel is not None else None
         # the last propose_batch's first pass (the pending committed tokens): seconds and tokens fed
         self.last_feed: tuple[float, int] = (0.0, 0)
 
@@ -159,7 +179,7 @@ class ModelDrafter:
             expanding = [run for run in active if self._grow(run, level)]
             if not expanding:
                 break
-            outs = run_packed(self.model, self.pool, [self._level_segment(run, level) for run in expanding])
+            outs = self.forward([self._level_segment(run, level) for run in expanding])
             for run, logits in zip(expanding, outs):
                 run.logits = self._logits(logits)
                 run.job.state.levels += 1
@@ -220,7 +240,15 @@ class ModelDrafter:
             state.node_slots = {}
             state.levels = 1
         fed = sum(int(seg.tokens.numel()) for seg in segments)
-        return fed, [self._logits(out) for out in run_packed(self.model, self.pool, segments)]
+        return fed, [self._logits(out) for out in self.forward(segments)]
+
+    def forward(self, segments: list[Segment]) -> list[torch.Tensor]:
+        """One packed draft forward: through the kernel (a graph where one serves it) when every segment
+        is short, else SDPA per request (a long catch-up is a prefill)."""
+        if self.kernel is None or max(int(s.tokens.numel()) for s in segments) > KERNEL_MAX_FEED:
+            return run_packed(self.model, self.pool, segments)
+        out = self.graphs.run(segments) if self.graphs is not None else None
+        return out if out is not None else run_packed(self.model, self.pool, segments, self.kernel, device_logits=True)
 
     def _level_segment(self, run: _Run, level: int) -> Segment:
         """The frontier (all at one depth), after the committed tokens and earlier levels' nodes."""

@@ -78,42 +78,57 @@ def _timed(fn, device: str, repeats: int) -> float:
 
 
 def pass_costs(
-    model, batches: list[int], tokens: list[int], context: int, device: str, repeats: int, kernel: str | None = None
+    model, batches: list[int], tokens: list[int], context: int, device: str, repeats: int, kernel: str | None = None,
+    graphs: bool = False,
 ) -> dict:
     """Seconds of one packed pass: ``batch`` requests, each ``n`` tree tokens after ``context`` cached
     ones (a chain-shaped tree; the mask's shape does not change the cost), as the engine's greedy
     verify runs it (logits stay on the device: before 2026-11-26's later stop every row's float32
     logits were copied to the host). ``kernel``: the verify pass through that tree-attention backend
-    (None: SDPA per request on views of the pool)."""
+    (None: SDPA per request on views of the pool); ``graphs``: replayed as CUDA graphs
+    (``spruce.graphs``; each bucket captured at its first pass, before the timing)."""
     pool, slots = _random_pool(model, max(batches), context, 0.02)
+    runner = _graph_runner(model, pool, kernel, max(batches) * max(tokens)) if graphs else None
     out: dict[str, dict[str, float]] = {}
     for b in batches:
         for n in tokens:
-            once = _pass(model, pool, slots[:b], n, context, kernel, greedy=True)
+            once = _pass(model, pool, slots[:b], n, context, kernel, greedy=True, graphs=runner)
             out.setdefault(str(b), {})[str(n)] = _timed(once, device, repeats)
+    if runner is not None:
+        out["graph_stats"] = runner.stats()  # type: ignore[assignment]
     return out
+
+
+def _graph_runner(model, pool, kernel: str | None, rows: int):
+    from spruce.graphs import GraphedPasses
+
+    if kernel is None:
+        raise ValueError("CUDA graphs replay tree-kernel passes: give a kernel")
+    return GraphedPasses(model, pool, kernel, max_rows=rows)
 
 
 def _random_pool(model, slots: int, context: int, std: float):
     """The model switched to packed passes, and a KV pool of ``slots`` slots whose every position holds
-    random keys and values (``std``): ``context`` cached tokens per request stand in for real ones."""
+    random keys and values (``std``): ``context`` cached tokens per request stand in for real ones. One
+    more slots stay free (the graph passes' scratch slots: ``graph_agreement`` runs two runners)."""
     from spruce.attention import use_backend
     from spruce.kvcache import TREE_RESERVE, SlotKVCache
 
     use_backend(model, "sdpa")
-    pool = SlotKVCache(model, slots, context + TREE_RESERVE)
+    pool = SlotKVCache(model, slots + 2, context + TREE_RESERVE)
     for layer in (*pool.keys, *pool.values):
         layer.normal_(0, std)
     return pool, [pool.allocate() for _ in range(slots)]
 
 
-def _pass(model, pool, slots: list[int], n: int, context: int, kernel: str | None, greedy: bool = False):
+def _pass(model, pool, slots: list[int], n: int, context: int, kernel: str | None, greedy: bool = False, graphs=None, seed: int | None = None):
     """A callable running one verify pass of ``n`` chain tokens per slot after ``context`` positions;
     returns the logits (float32, host), or with ``greedy`` what the engine's greedy verify takes: each
-    row's argmax, computed where the logits are (only token ids reach the host)."""
+    row's argmax, computed where the logits are (only token ids reach the host). ``graphs``: a
+    ``GraphedPasses`` over ``pool`` runs it."""
     from spruce.kvcache import Segment, run_packed
 
-    gen = torch.Generator().manual_seed(n)
+    gen = torch.Generator().manual_seed(n if seed is None else seed)
     chain = torch.ones(n, n, dtype=torch.bool).tril()
     segments = [
         Segment(s, torch.randint(0, 256, (n,), generator=gen), torch.arange(context, context + n), tail=chain if n > 1 else None)
@@ -123,11 +138,80 @@ def _pass(model, pool, slots: list[int], n: int, context: int, kernel: str | Non
     def once() -> list[torch.Tensor]:
         for s in slots:
             pool.lengths[s] = context
+        rows = graphs.run(segments) if graphs is not None else None
+        if rows is None:
+            if graphs is not None:
+                raise RuntimeError(f"the graph path refused this pass: {graphs.stats()}")
+            rows = run_packed(model, pool, segments, kernel, device_logits=True)
         if greedy:
-            return [rows.argmax(-1).cpu() for rows in run_packed(model, pool, segments, kernel, device_logits=True)]
-        return run_packed(model, pool, segments, kernel)
+            return [r.argmax(-1).cpu() for r in rows]
+        return [r.float().cpu() for r in rows]
 
     return once
+
+
+def graph_agreement(model, batch: int, n: int, context: int, kernel: str) -> dict:
+    """Replays of a captured pass against the same pass on the same static buffers without capture
+    (``capture=False``: must agree bit for bit), and against the eager packed pass through the kernel
+    (bf16 rounding apart: other row counts and key splits), for passes with other tokens and other
+    context lengths than the captured one (the replay must read its new metadata)."""
+    from spruce.graphs import GraphedPasses
+
+    pool, slots = _random_pool(model, batch, context, 0.5)
+    graphs = GraphedPasses(model, pool, kernel)
+    twin = GraphedPasses(model, pool, kernel, capture=False)
+    out = []
+    # the last two share a bucket: the third pass replays the graph the second captured, on new metadata
+    for seed, ctx in ((1, context), (2, context - context // 16), (3, context - context // 4)):
+        eager = _pass(model, pool, slots, n, ctx, kernel, seed=seed)()
+        replay = _pass(model, pool, slots, n, ctx, kernel, graphs=graphs, seed=seed)()
+        static = _pass(model, pool, slots, n, ctx, kernel, graphs=twin, seed=seed)()
+        out.append({
+            "context": ctx,
+            "replay_vs_static_max_abs": max(float((g - w).abs().max()) for g, w in zip(replay, static)),
+            "replay_vs_eager_max_abs": max(float((g - w).abs().max()) for g, w in zip(replay, eager)),
+            "same_argmax_vs_eager": sum(int((g.argmax(-1) == w.argmax(-1)).sum()) for g, w in zip(replay, eager)),
+            "rows": batch * n,
+            "max_abs_logit": max(float(w.abs().max()) for w in eager),
+        })
+    return {"batch": batch, "tokens": n, "passes": out, "graph_stats": graphs.stats()}
+
+
+def engine_graphs(target, draft, batch: int, max_tokens: int, context: int) -> dict:
+    """The engine end to end with its verify and decode passes as CUDA graphs, beside the same engine
+    without: greedy outputs (random-weight bf16 models: near-tie logits can flip where the two paths
+    round differently) and wall time of the same requests, plain and with a fixed tree."""
+    from spruce.evals.tiny import byte_tokenizer
+
+    from spruce.config import EngineConfig
+    from spruce.engine import Engine
+
+    spec = SpeculationConfig(depth=3, top_k=2, budget=6)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    prompts = [[10 + i, 11, 12, 13] for i in range(batch)]
+    out: dict[str, Any] = {"batch": batch, "max_tokens": max_tokens}
+    tokens = {}
+    for mode in ("off", "on"):
+        engine = Engine(target, byte_tokenizer(), draft, EngineConfig(max_batch_size=batch, max_seq_len=context, attention_backend="triton", cuda_graphs=mode))
+        for name, sp in (("plain", None), ("tree", spec)):
+            # warm-up: the same requests once (with graphs, their buckets are captured here, not timed)
+            engine.generate(prompts, params, sp)
+            t0 = time.perf_counter()
+            outs = engine.generate(prompts, params, sp)
+            out[f"{name}_graphs_{mode}_s"] = time.perf_counter() - t0
+            tokens[(name, mode)] = [o.token_ids for o in outs]
+        out[f"graphs_{mode}_stats"] = engine.graphs.stats() if engine.graphs is not None else None
+        out[f"draft_graphs_{mode}_stats"] = engine.speculation_telemetry()["draft_cuda_graphs"]
+        out[f"graphs_{mode}_backend"] = engine.attention_backend
+        del engine
+    for name in ("plain", "tree"):
+        a, b = tokens[(name, "off")], tokens[(name, "on")]
+        out[f"{name}_same_tokens"] = sum(x == y for p, q in zip(a, b) for x, y in zip(p, q))
+    out["tokens_per_run"] = sum(len(t) for t in tokens[("plain", "off")])
+    out["tree_vs_plain_same_tokens_graphs_on"] = sum(
+        x == y for p, q in zip(tokens[("tree", "on")], tokens[("plain", "on")]) for x, y in zip(p, q)
+    )
+    return out
 
 
 def kernel_agreement(model, batch: int, n: int, context: int, kernel: str) -> dict:
@@ -152,7 +236,7 @@ def step_overhead(target, draft, batch: int, max_tokens: int, context: int) -> d
     from spruce.config import EngineConfig
     from spruce.engine import Engine
 
-    engine = Engine(target, byte_tokenizer(), draft, EngineConfig(max_batch_size=batch, max_seq_len=context))
+    engine = Engine(target, byte_tokenizer(), draft, EngineConfig(max_batch_size=batch, max_seq_len=context, cuda_graphs="off"))
     spec = SpeculationConfig(depth=3, top_k=2, budget=6)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True), spec)  # warm-up
@@ -260,6 +344,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     target = build(target_shape, args.device, dtype, args.context)
     draft = build(draft_shape, args.device, dtype, args.context)
+    if args.graphs_only:
+        return _graphs_only(args, target, draft, section, report)
+    if args.engine_only:
+        section("engine_graphs", lambda: [engine_graphs(target, draft, b, args.overhead_tokens, args.context) for b in args.overhead_batches])
+        return report
     verify = section("verify_s_by_batch_and_tokens", lambda: pass_costs(target, args.batches, args.tokens, args.context, args.device, args.repeats))
     draft_costs = section("draft_level_s_by_batch_and_tokens", lambda: pass_costs(draft, args.batches, [1, 4], args.context, args.device, args.repeats))
     kernels = [k for k in args.kernels if k != "sdpa"]
@@ -277,12 +366,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             lambda kernel=kernel: pass_costs(draft, args.batches, [1, 4], args.context, args.device, args.repeats, kernel),
         )
         section(f"{kernel}_vs_sdpa_logits", lambda kernel=kernel: kernel_agreement(target, min(4, max(args.batches)), 8, args.context, kernel))
+    if args.graphs and "triton" in kernels:
+        section("graph_vs_eager_logits", lambda: graph_agreement(target, min(4, max(args.batches)), 8, args.context, "triton"))
+        by_kernel["triton_graph"] = section(
+            "verify_triton_graph_s_by_batch_and_tokens",
+            lambda: pass_costs(target, args.batches, args.tokens, args.context, args.device, args.repeats, "triton", graphs=True),
+        )
+        # what a graphed draft level would cost (the drafter's own level passes are not graphed yet:
+        # its levels are no tree-kernel passes); the engine as it stands pairs graphed verify passes
+        # with the eager draft level ("triton_graph_verify_only")
+        draft_by_kernel["triton_graph"] = section(
+            "draft_level_triton_graph_s_by_batch_and_tokens",
+            lambda: pass_costs(draft, args.batches, [1, 4], args.context, args.device, args.repeats, "triton", graphs=True),
+        )
+        if "error" not in by_kernel["triton_graph"]:
+            by_kernel["triton_graph_verify_only"] = by_kernel["triton_graph"]
+            draft_by_kernel["triton_graph_verify_only"] = draft_by_kernel.get("triton", {"error": "no eager triton draft curve"})
+        section("engine_graphs", lambda: [engine_graphs(target, draft, b, args.overhead_tokens, args.context) for b in args.overhead_batches])
     rates, source = rates_from(args.acceptance_from)
     report["acceptance_source"] = source
     section("step_overhead", lambda: [step_overhead(target, draft, b, args.overhead_tokens, args.context) for b in args.overhead_batches])
     section("prediction", lambda: {
         kernel: predict(rates, curve, draft_by_kernel[kernel], args.batches, args.budget, args.depth)
         for kernel, curve in by_kernel.items() if "error" not in curve and "error" not in draft_by_kernel[kernel]
+    })
+    return report
+
+
+def _graphs_only(args: argparse.Namespace, target, draft, section, report: dict) -> dict:
+    """The Triton kernel's passes eager and as CUDA graphs, side by side, and the predictions on them."""
+    verify = {
+        "triton": section("verify_triton_s_by_batch_and_tokens", lambda: pass_costs(target, args.batches, args.tokens, args.context, args.device, args.repeats, "triton")),
+        "triton_graph": section("verify_triton_graph_s_by_batch_and_tokens", lambda: pass_costs(
+            target, args.batches, args.tokens, args.context, args.device, args.repeats, "triton", graphs=True)),
+    }
+    draft_levels = {
+        "triton": section("draft_level_triton_s_by_batch_and_tokens", lambda: pass_costs(draft, args.batches, [1, 4], args.context, args.device, args.repeats, "triton")),
+        "triton_graph": section("draft_level_triton_graph_s_by_batch_and_tokens", lambda: pass_costs(
+            draft, args.batches, [1, 4], args.context, args.device, args.repeats, "triton", graphs=True)),
+    }
+    verify["triton_graph_verify_only"], draft_levels["triton_graph_verify_only"] = verify["triton_graph"], draft_levels["triton"]
+    rates, source = rates_from(args.acceptance_from)
+    report["acceptance_source"] = source
+    section("prediction", lambda: {
+        name: predict(rates, curve, draft_levels[name], args.batches, args.budget, args.depth)
+        for name, curve in verify.items() if "error" not in curve and "error" not in draft_levels[name]
     })
     return report
 
@@ -297,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kernels", nargs="+", default=["sdpa", "triton"], help="verify-pass attention paths to time (sdpa always)")
+    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True, help="also time the passes as CUDA graphs (spruce.graphs)")
+    p.add_argument("--graphs-only", action="store_true", help="only the Triton passes, eager and as CUDA graphs, and their predictions")
+    p.add_argument("--engine-only", action="store_true", help="only the engine with and without CUDA graphs")
     p.add_argument("--overhead-batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--overhead-tokens", type=int, default=32)
     p.add_argument("--budget", type=int, default=64)

@@ -3,7 +3,9 @@
 # packages, then the tree-kernel grid, the engine-level profile, and the launch-configuration sweep,
 # each under its own time limit so that one part running long or failing still returns the others.
 #   device run:  bash kernels/gpu_check.sh        (writes under $OUT; ~6 minutes on an H200; SWEEP=1 adds
-#                the launch-configuration sweep, ~1 minute; PROFILE=0 skips the engine-level profile)
+#                the launch-configuration sweep, ~1 minute; SPLITS=1 the small-batch key-split sweep,
+#                ~1.5 minutes; PROFILE=0 skips the engine-level profile, GRID=0 the backend grid,
+#                TESTS=0 the kernel tests)
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -24,12 +26,27 @@ if ! (cd /tmp && python3 -c "import spruce.kernels.bench, spruce.evals.gpu_profi
   for d in draft verify server kernels evals; do ln -sfn "$PWD/$d" "/tmp/shim/spruce/$d"; done
   export PYTHONPATH=/tmp/shim
 fi
-echo "== kernels grid" | tee -a "$log"
-timeout 210 python3 -m spruce.kernels.bench --out "$OUT/kernels.json" 2>&1 | tee -a "$log" | grep -v '^{' 
+if [ "${TESTS:-1}" = 1 ]; then
+  # the kernel tests compiled on the card (CI interprets them on a CPU); ~40 s
+  echo "== kernel tests" | tee -a "$log"
+  timeout 120 python3 -m pytest -q tests/test_tree_attention.py -k "not bench_smoke" >"$OUT/pytest_kernels.txt" 2>&1
+  tail -3 "$OUT/pytest_kernels.txt" | tee -a "$log"
+fi
+if [ "${GRID:-1}" = 1 ]; then
+  echo "== kernels grid" | tee -a "$log"
+  timeout 210 python3 -m spruce.kernels.bench --out "$OUT/kernels.json" 2>&1 | tee -a "$log" | grep -v '^{'
+fi
 if [ "${PROFILE:-1}" = 1 ]; then
+  # pass costs eager and as CUDA graphs (spruce.graphs), graph replays against the eager pass, the engine
+  # with and without graphs
   echo "== engine-level profile" | tee -a "$log"
-  timeout 170 python3 -m spruce.evals.gpu_profile --out "$OUT/gpu_profile.json" \
+  timeout 240 python3 -m spruce.evals.gpu_profile --out "$OUT/gpu_profile.json" \
     --acceptance-from evals/results/load_float32.json >>"$log" 2>&1 || echo "gpu_profile exit $?" | tee -a "$log"
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); [print(k, json.dumps(r.get(k))[:1500]) for k in ('graph_vs_eager_logits','engine_graphs','prediction')]" "$OUT/gpu_profile.json" 2>&1 | tee -a "$log"
+fi
+if [ "${SPLITS:-0}" = 1 ]; then
+  echo "== key splits sweep (small batches)" | tee -a "$log"
+  timeout 150 python3 -m spruce.kernels.bench --splits-sweep --no-grid --out "$OUT/splits.json" 2>&1 | tee -a "$log" | grep -v '^{'
 fi
 if [ "${SWEEP:-0}" = 1 ]; then
   echo "== launch sweep" | tee -a "$log"

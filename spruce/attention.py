@@ -156,12 +156,18 @@ def _kernel_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         assert meta.slots is not None and meta.kv_lens is not None
         longest = meta.derived.get("longest")
         if longest is None:  # once per pass, not per layer (the launch's host time is the kernel's floor)
-            longest = meta.derived["longest"] = (max(n for _, n, *_ in meta.parts), max(length for *_, length, _ in meta.parts))
+            longest = meta.derived["longest"] = (
+                max(n for _, n, *_ in meta.parts),
+                max(length for *_, length, _ in meta.parts),
+                meta.derived.get("longest_tree", max(n for _, n, *_ in meta.parts)),
+            )
         out, _ = tree_attention_slots(
             query[0].transpose(0, 1), key, value, meta.tree_mask, meta.cu_seqlens_q, meta.slots, meta.kv_lens, scaling,
-            max_seqlen_q=longest[0], max_seqlen_k=longest[1],
+            max_seqlen_q=longest[0], max_seqlen_k=longest[1], tree_lens=meta.tree_lens, max_tree=longest[2],
         )
         return out[None]
+    if meta.tree_lens is not None:
+        raise ValueError(f"only the triton backend takes trees longer than their queries (a draft level), not {meta.kernel!r}")
     return gathered_kernel_attention(query, key, value, meta, scaling)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from spruce.config import (
+    CUDA_GRAPHS,
     DRAFT_DTYPES,
     DRAFTERS,
     DTYPES,
@@ -130,6 +131,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--attention-backend", default=_ENGINE.attention_backend, choices=("auto", *BACKENDS),
         help="tree attention: auto picks flash, then triton on a GPU, else sdpa",
     )
+    p.add_argument(
+        "--cuda-graphs", default=_ENGINE.cuda_graphs, choices=CUDA_GRAPHS,
+        help="replay the target's verify and decode passes as CUDA graphs (auto: on a GPU with triton)",
+    )
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--max-batch-size", type=int, default=_ENGINE.max_batch_size, help="requests running at once (KV slots)")
     p.add_argument(
@@ -145,7 +150,7 @@ def _load_engine(args: argparse.Namespace) -> Engine:
         target=args.target, draft=args.draft, device=args.device, dtype=args.dtype,
         draft_dtype=args.draft_dtype, drafter=args.drafter, trust_remote_code=args.trust_remote_code,
         attention_backend=args.attention_backend, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-        tensor_parallel=getattr(args, "tensor_parallel", 1),
+        tensor_parallel=getattr(args, "tensor_parallel", 1), cuda_graphs=args.cuda_graphs,
     )
 
 

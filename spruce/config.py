@@ -60,6 +60,7 @@ class SamplingParams:
 
 
 DRAFTERS = ("model", "ngram", "both")
+CUDA_GRAPHS = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,9 @@ class EngineConfig:
     max_seq_len: int = 0
     # the target's weights split over this many processes (``spruce.parallel``; under torchrun)
     tensor_parallel: int = 1
+    # the target's verify and decode passes as CUDA graphs (``spruce.graphs``): auto (on a GPU with the
+    # Triton backend and one process), on, off
+    cuda_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -241,6 +245,8 @@ class EngineConfig:
             raise InvalidRequestError(f"max_batch_size must be an integer >= 1, got {self.max_batch_size!r}")
         if not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:
             raise InvalidRequestError(f"tensor_parallel must be an integer >= 1, got {self.tensor_parallel!r}")
+        if self.cuda_graphs not in CUDA_GRAPHS:
+            raise InvalidRequestError(f"cuda_graphs must be one of {CUDA_GRAPHS}, got {self.cuda_graphs!r}")
         if not isinstance(self.max_seq_len, int) or self.max_seq_len < 0 or self.max_seq_len == 1:
             raise InvalidRequestError(f"max_seq_len must be 0 (the model's) or an integer >= 2, got {self.max_seq_len!r}")
 

@@ -49,6 +49,7 @@ from spruce.draft.ngram import add_ngram_branches
 from spruce.draft.tree import Proposal, TokenTree, path_logprobs
 from spruce.errors import InvalidRequestError
 from spruce import parallel
+from spruce.graphs import GraphedPasses
 from spruce.kvcache import TREE_RESERVE, Segment, SlotKVCache, run_packed
 from spruce.pairing import (
     check_cache_layout,
@@ -121,10 +122,19 @@ class Engine:
         self.eos_ids = eos_ids(target, tokenizer)
         model_context = int(getattr(target.config, "max_position_embeddings", 0) or _DEFAULT_SEQ_LEN)
         self.max_context = min(model_context, self.config.max_seq_len or _DEFAULT_SEQ_LEN)
-        # KV pools, allocated once: a slot per running request (+ one for the start-up cost measurement)
-        slots, capacity = self.config.max_batch_size + 1, self.max_context + TREE_RESERVE
+        # KV pools, allocated once: a slot per running request (+ one for the start-up cost measurement,
+        # + one that the graph passes' padding rows write to)
+        graphs = self._want_graphs(self.config.cuda_graphs)
+        slots, capacity = self.config.max_batch_size + 1 + graphs, self.max_context + TREE_RESERVE
         self.kv = SlotKVCache(target, slots, capacity, shards=self.config.tensor_parallel)
-        self.drafter = ModelDrafter(draft, int(target.config.vocab_size), slots, capacity) if draft is not None else None
+        self.graphs = GraphedPasses(target, self.kv, self.attention_backend) if graphs else None
+        # the draft's passes go through the target's kernel where it reads the pool in place (and its
+        # short passes replay graphs when the target's do)
+        draft_kernel = "triton" if self.attention_backend == "triton" else None
+        self.drafter = (
+            ModelDrafter(draft, int(target.config.vocab_size), slots, capacity, kernel=draft_kernel, graphs=graphs)
+            if draft is not None else None
+        )
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._lock = threading.Lock()
@@ -136,7 +146,7 @@ class Engine:
         self._tp_closing = False
         self.tp_done = False
         # adaptive speculation: what the engine measures, and each step's plan (``spruce.planner``)
-        self.planner = Planner(target, self.kv, self.drafter, self.attention_backend)
+        self.planner = Planner(target, self.kv, self.drafter, self.attention_backend, self.graphs)
 
     @classmethod
     def from_pretrained(
@@ -152,6 +162,7 @@ class Engine:
         max_batch_size: int = EngineConfig.max_batch_size,
         max_seq_len: int = EngineConfig.max_seq_len,
         tensor_parallel: int = EngineConfig.tensor_parallel,
+        cuda_graphs: str = EngineConfig.cuda_graphs,
     ) -> Engine:
         """Load target and draft. ``target=None`` and ``draft=None``: the embedded default pair.
 
@@ -166,6 +177,8 @@ class Engine:
         tokens of context (0: the model's, at most 4096); the KV pools are sized from both.
         ``tensor_parallel`` > 1: the target is sharded over that many processes (run under torchrun, one
         process per device; ``spruce.parallel``); the draft is replicated on each.
+        ``cuda_graphs``: the target's verify and decode passes replay CUDA graphs (``spruce.graphs``):
+        "auto" (on a GPU with the Triton backend in one process), "on" or "off".
         """
         from spruce.models import load_causal_lm, load_tokenizer, resolve_model_dir
 
@@ -181,6 +194,7 @@ class Engine:
             max_batch_size=max_batch_size,
             max_seq_len=max_seq_len,
             tensor_parallel=tensor_parallel,
+            cuda_graphs=cuda_graphs,
         )
         tp = parallel.init_tensor_parallel(tensor_parallel, device)
         dev = torch.device(device, torch.cuda.current_device()) if tp is not None and device == "cuda" else torch.device(device)
@@ -217,6 +231,18 @@ class Engine:
             raise InvalidRequestError(str(exc)) from None
         use_backend(self.target, chosen)
         return chosen
+
+    def _want_graphs(self, mode: str) -> bool:
+        """Whether the target's tree passes run as CUDA graphs (``spruce.graphs``): "auto" on a GPU with
+        the Triton backend in one process; "on" wherever the Triton backend runs (on a CPU the same
+        padded static-buffer path runs eagerly: the graphs' reference twin)."""
+        able = self.attention_backend == "triton" and self.tp is None
+        if mode == "on" and not able:
+            raise InvalidRequestError(
+                f"cuda_graphs='on' needs attention_backend 'triton' and tensor_parallel 1 (a graph replays a "
+                f"tree-kernel pass), got {self.attention_backend!r} and {self.config.tensor_parallel}"
+            )
+        return mode == "on" or mode == "auto" and able and self.target.device.type == "cuda"
 
     # what the cost model has learned (``spruce.planner``), as before the planner had its own module
     @property
@@ -333,7 +359,11 @@ class Engine:
     def speculation_telemetry(self) -> dict[str, Any]:
         """Engine-wide: the acceptance profile by depth and sibling rank, and the measured pass costs
         (seconds by tree tokens for the target, by levels for the draft)."""
-        return self.planner.telemetry()
+        out = self.planner.telemetry()
+        out["cuda_graphs"] = self.graphs.stats() if self.graphs is not None else None
+        drafter_graphs = getattr(self.drafter, "graphs", None)
+        out["draft_cuda_graphs"] = drafter_graphs.stats() if drafter_graphs is not None else None
+        return out
 
     # ---- the scheduler ------------------------------------------------------------------------------
 
@@ -594,7 +624,9 @@ class Engine:
         segments = [self._verify_segment(r, prop.tree) for r, prop in zip(reqs, proposals)]
         prefilling = [r for r in reqs if not r.prefilled]
         # a pass that prefills is no tree-attention pass (its prompt rows are causal queries)
-        logits = run_packed(self.target, self.kv, segments, None if prefilling else self.attention_backend, device_logits=True)
+        logits = self.graphs.run(segments) if self.graphs is not None and not prefilling else None
+        if logits is None:
+            logits = run_packed(self.target, self.kv, segments, None if prefilling else self.attention_backend, device_logits=True)
         t2 = time.perf_counter()
         if not prefilling:  # the verify curve is for tree passes alone
             self.planner.verify_costs.observe(sum(p.tree.num_nodes for p in proposals), t2 - t1)

@@ -79,6 +79,9 @@ class BatchAttention:
     # [B] int32 slot and key count (prefix + tree) of each segment, for kernels that read the pool in place
     slots: torch.Tensor | None = None
     kv_lens: torch.Tensor | None = None
+    # [B] int32 tree keys of each segment when some tree is longer than its queries (a draft level: the
+    # new frontier after the nodes cached earlier); None: each tree is its queries
+    tree_lens: torch.Tensor | None = None
     # what a backend derives from this pass's layout once and reuses in every layer (flex: its block mask)
     derived: dict = field(default_factory=dict)
     # per segment: its leading query rows that are a plain causal prefill from the slot's first position
@@ -154,8 +157,8 @@ class SlotKVCache:
 
     def begin(self, segments: list[Segment], dtype: torch.dtype, kernel: str | None = None) -> BatchAttention:
         """Reserve the positions the pass writes and build its attention metadata. ``kernel``: a tree
-        pass (every segment ``full`` = its start, ``tail`` its tree's ancestor mask or one token) for
-        that tree-attention backend."""
+        pass for that tree-attention backend (``tree_segment``: every key before ``full`` visible, the
+        rest by the segment's ``tail``); its segments need no additive masks."""
         device = self.keys[0].device
         slots, poss, parts, causal = [], [], [], []
         offset = 0
@@ -168,7 +171,8 @@ class SlotKVCache:
             poss.append(torch.arange(start, start + n))
             mask = _segment_mask(seg, start, n)
             causal.append(_causal_rows(mask) if device.type == "cpu" and start == 0 and mask is not None else 0)
-            parts.append((offset, n, seg.slot, start + n, None if mask is None else _additive(mask, dtype, device)))
+            additive = None if mask is None or kernel is not None else _additive(mask, dtype, device)
+            parts.append((offset, n, seg.slot, start + n, additive))
             offset += n
         self._slot_index = torch.cat(slots).to(device)
         self._pos_index = torch.cat(poss).to(device)
@@ -187,30 +191,50 @@ class SlotKVCache:
         return self.keys[layer_idx], self.values[layer_idx]
 
 
+def tree_segment(seg: Segment, start: int) -> torch.Tensor | None:
+    """[n, t] bool: the visibility of segment ``seg`` (written at slot position ``start``) over its last
+    t = start + n - full keys, every earlier key visible to every query: what a tree-attention kernel
+    takes. One token or a causal run is a chain. None if the tail is no such block."""
+    n = int(seg.tokens.numel())
+    full = start if seg.full is None else seg.full
+    width = start + n - full
+    if seg.tail is None:
+        return torch.ones(n, width, dtype=torch.bool).tril(width - n)
+    tail = seg.tail.to(torch.bool).cpu()
+    return tail if tuple(tail.shape) == (n, width) else None
+
+
 def _kernel_metadata(meta: BatchAttention, segments: list[Segment], kernel: str, device: torch.device) -> BatchAttention:
     from spruce.kernels.reference import WORD_BITS, pack_bitmask
 
     trees = []
-    for seg in segments:
-        n = int(seg.tokens.numel())
-        tree = torch.ones(1, 1, dtype=torch.bool) if seg.tail is None and n == 1 else seg.tail
-        if seg.full is not None or tree is None or tree.shape != (n, n):
-            raise ValueError("a kernel pass takes tree segments only: the whole prefix, then the tree")
+    for seg, (_, n, _, length, _) in zip(segments, meta.parts):
+        tree = tree_segment(seg, length - n)
+        if tree is None:
+            raise ValueError("a kernel pass takes tree segments only: visible keys, then a tail over the last ones")
         trees.append(tree)
-    words = max(1, -(-max(t.shape[0] for t in trees) // WORD_BITS))
+    words = max(1, -(-max(t.shape[1] for t in trees) // WORD_BITS))
     cu_q, cu_k = [0], [0]
     for _, n, _, length, _ in meta.parts:
         cu_q.append(cu_q[-1] + n)
         cu_k.append(cu_k[-1] + length)
+    longer = any(t.shape[1] != t.shape[0] for t in trees)
     return BatchAttention(
         meta.parts,
         kernel,
-        torch.cat([pack_bitmask(t.to(torch.bool), words) for t in trees]).to(device),
+        torch.cat([pack_bitmask(t, words) for t in trees]).to(device),
         torch.tensor(cu_q, dtype=torch.int32, device=device),
         torch.tensor(cu_k, dtype=torch.int32, device=device),
         torch.tensor([slot for _, _, slot, _, _ in meta.parts], dtype=torch.int32, device=device),
         torch.tensor([length for *_, length, _ in meta.parts], dtype=torch.int32, device=device),
+        torch.tensor([t.shape[1] for t in trees], dtype=torch.int32, device=device) if longer else None,
+        derived={"longest_tree": max(t.shape[1] for t in trees)},
     )
+
+
+def wanted_rows(seg: Segment, n: int) -> int:
+    """How many of the segment's last logits rows the caller wants (``Segment.logits``)."""
+    return seg.logits if isinstance(seg.logits, int) else {"all": n, "last": 1, "none": 0}[seg.logits]
 
 
 def _segment_mask(seg: Segment, start: int, n: int) -> torch.Tensor | None:
@@ -270,8 +294,7 @@ def run_packed(
     rows: list[int] = []
     spans: list[tuple[int, int]] = []
     for (offset, n, *_), seg in zip(meta.parts, segments):
-        last = seg.logits if isinstance(seg.logits, int) else {"all": n, "last": 1, "none": 0}[seg.logits]
-        wanted = range(offset + n - last, offset + n)
+        wanted = range(offset + n - wanted_rows(seg, n), offset + n)
         spans.append((len(rows), len(rows) + len(wanted)))
         rows.extend(wanted)
     device = model.device

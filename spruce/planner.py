@@ -62,8 +62,10 @@ class Planner:
     (its tree limits and dynamic-tree policy for this step, or None: plain decoding), ``end_step``; the
     engine reports what it timed (``verify_costs``, ``observe_draft``) and accepted (``profile``)."""
 
-    def __init__(self, target, kv: SlotKVCache, drafter: Any, attention_backend: str) -> None:
+    def __init__(self, target, kv: SlotKVCache, drafter: Any, attention_backend: str, graphs: Any = None) -> None:
         self.target, self.kv, self.drafter, self.attention_backend = target, kv, drafter, attention_backend
+        # the engine's CUDA-graph passes (``spruce.graphs``), if any: calibration times the pass the steps run
+        self.graphs = graphs
         # calibration slots, held for the engine's life
         self.calib_slot = kv.allocate()
         self.draft_calib_slot = drafter.pool.allocate() if drafter is not None else -1
@@ -304,7 +306,8 @@ class Planner:
                 t0 = time.perf_counter()
                 tail = None if size == 1 else tree.ancestor_mask
                 segment = Segment(slot, tree.tokens, tree.depth + CALIBRATION_PREFIX, tail=tail)
-                run_packed(self.target, self.kv, [segment], self.attention_backend)
+                if self.graphs is None or self.graphs.run([segment]) is None:
+                    run_packed(self.target, self.kv, [segment], self.attention_backend)
                 timings.append(time.perf_counter() - t0)
                 self.kv.keep(slot, CALIBRATION_PREFIX, [])
             self.verify_costs.observe(size, min(timings))
@@ -314,13 +317,13 @@ class Planner:
         for i, n in enumerate((CALIBRATION_PREFIX, CATCH_UP_REFERENCE, CALIBRATION_PREFIX)):
             pool.lengths[dslot] = 0
             t0 = time.perf_counter()
-            run_packed(self.drafter.model, pool, [Segment(dslot, torch.arange(n) % vocab, torch.arange(n), logits="last")])
+            self.drafter.forward([Segment(dslot, torch.arange(n) % vocab, torch.arange(n), logits="last")])
             if i:
                 self.draft_catch_up.observe(n, time.perf_counter() - t0)
         timings = []
         for _ in range(_CALIBRATION_REPEATS):
             t0 = time.perf_counter()
-            run_packed(self.drafter.model, pool, [Segment(dslot, prefix[:1], positions[-1:] + 1, logits="last")])
+            self.drafter.forward([Segment(dslot, prefix[:1], positions[-1:] + 1, logits="last")])
             timings.append(time.perf_counter() - t0)
             pool.keep(dslot, CALIBRATION_PREFIX, [])
         one = min(timings)

@@ -123,8 +123,14 @@ def test_gpu_profile_code_path_on_cpu(tmp_path):
     agreement = report["triton_vs_sdpa_logits"]
     assert agreement["max_abs_logit_diff"] < 1e-3 * max(1.0, agreement["max_abs_logit"])
     assert agreement["same_argmax"] == agreement["rows"]
-    assert set(report["prediction"]) == {"sdpa", "triton"} and "PREDICTION" in report["note"]
-    assert set(report["prediction"]["triton"]) == {"1", "2"}
+    assert set(report["prediction"]) == {"sdpa", "triton", "triton_graph", "triton_graph_verify_only"}
+    assert "PREDICTION" in report["note"] and set(report["prediction"]["triton"]) == {"1", "2"}
+    # the graph sections (no capture on a CPU: the same padded static-buffer path, run eagerly)
+    assert set(report["verify_triton_graph_s_by_batch_and_tokens"]) == {"1", "2", "graph_stats"}
+    for p in report["graph_vs_eager_logits"]["passes"]:
+        assert p["replay_vs_eager_max_abs"] < 1e-4 and p["same_argmax_vs_eager"] == p["rows"]
+    engine = report["engine_graphs"][0]
+    assert engine["plain_same_tokens"] == engine["tree_same_tokens"] == engine["tokens_per_run"]
 
 
 def test_openai_http_bench_against_spruce(tiny_target, tiny_draft, tokenizer, prompt_file):
