@@ -47,6 +47,13 @@ EXPLORE_EVERY = 16
 EXPLORE_SHARE = 0.01
 # ... reading at most this many of the tokens its draft has not seen
 EXPLORE_WINDOW = 64
+# A catch-up pays only over the steps on which the request will then draft. Under load most steps may
+# decode plainly anyway (a partial step does not pay, ``settle``): the share of caught-up requests whose
+# plan drafted and that did draft is measured per batch size, over about this many such request-steps,
+# starting from this many pseudo-observations of "drafted" (at concurrency 8 on a 2-core CPU, 78 of 554
+# request-steps drafted, and catch-ups priced as if all would took 5.5 of the draft's 6.7 s)
+KEEP_HORIZON = 64
+KEEP_PRIOR = 4.0
 # Start-up cost measurement: a short synthetic prefix, and tree sizes to time (up to the budget + 1).
 CALIBRATION_PREFIX = 32
 # the draft's catch-up is also timed over this many tokens at start-up (a 32-token pass is mostly
@@ -91,6 +98,9 @@ class Planner:
         self.explore_s = 0.0
         # this step's requests that plan a model tree (the explorer aside), with their plans (``settle``)
         self._step_drafting: list[tuple[Any, TreePlan]] = []
+        # by batch size: [drafted, planned] (decayed) over caught-up requests whose plan drafted
+        self.keep_drafting: dict[int, list[float]] = {}
+        self._step_caught_up = 0
         # n-gram proposals over all requests: those tried (their parent was accepted) and accepted
         self.ngram_tried = 0.0
         self.ngram_accepted = 0.0
@@ -107,6 +117,7 @@ class Planner:
         self._drafted_this_step = False
         self._explorer = None
         self._step_drafting = []
+        self._step_caught_up = 0
         due = self._steps_without_draft + 1 >= EXPLORE_EVERY and self.explore_s <= EXPLORE_SHARE * self.step_s
         if due:  # the adaptive request whose draft lags least
             lags = {id(r): len(r.tokens) - r.draft_state.cached for r in reqs if r.adaptive and r.draft_state is not None}
@@ -148,6 +159,7 @@ class Planner:
             "draft_catch_up_s_per_token": self.draft_catch_up(CATCH_UP_REFERENCE) / CATCH_UP_REFERENCE if self.draft_catch_up.known else 0.0,
             "draft_catch_up_s_by_tokens": self.draft_catch_up.to_dict(),
             "exploration_share": self.explore_s / self.step_s if self.step_s else 0.0,
+            "keep_drafting_share_by_batch": {str(b): d / p for b, (d, p) in sorted(self.keep_drafting.items())},
         }
 
     def plan(self, req: Any, spec: SpeculationConfig, batch: int) -> SpeculationConfig | None:
@@ -181,8 +193,12 @@ class Planner:
             plan = self._step_plans[key] = plan_tree(rates, verify, draft, spec.budget, spec.depth, margin=PLAN_MARGIN)
         budget, window = plan.budget, 0
         lag = len(req.tokens) - req.draft_state.cached if req.draft_state is not None else 0
+        if budget and lag <= STEADY_LAG and req is not self._explorer:
+            self._step_caught_up += 1
         if budget and lag > STEADY_LAG and self.draft_catch_up.known:
-            read = catch_up_tokens(lag, self.draft_catch_up, self.expected_remaining(req), plan, verify(1), batch, PLAN_MARGIN)
+            # the tokens it will draft for: its remaining ones, on the share of steps that draft
+            remaining = self.expected_remaining(req) * self.keep_share(batch)
+            read = catch_up_tokens(lag, self.draft_catch_up, remaining, plan, verify(1), batch, PLAN_MARGIN)
             budget = budget if read else 0
             window = read if read < lag else 0
         if budget == 0 and req is self._explorer:
@@ -217,13 +233,16 @@ class Planner:
         plan's margin, those requests decode plainly this step (the exploring request still drafts)."""
         drafting, batch = self._step_drafting, len(reqs)
         if not drafting or len(drafting) == batch:
+            self._observe_keep(batch, drafted=True)
             return specs
         verify = self.verify_costs
         nodes = sum(plan.budget for _, plan in drafting)
         seconds = self.draft_curve(len(drafting))(max(plan.depth for _, plan in drafting)) + verify(batch + nodes)
         tokens = batch - len(drafting) + sum(plan.expected_tokens for _, plan in drafting)
         if tokens / seconds >= (1.0 + PLAN_MARGIN) * batch / verify(batch):
+            self._observe_keep(batch, drafted=True)
             return specs
+        self._observe_keep(batch, drafted=False)
         index = {id(r): i for i, r in enumerate(reqs)}
         for req, plan in drafting:
             i = index[id(req)]
@@ -239,6 +258,22 @@ class Planner:
         explorer = index.get(id(self._explorer))
         self._drafted_this_step = explorer is not None and specs[explorer] is not None
         return specs
+
+    def _observe_keep(self, batch: int, drafted: bool) -> None:
+        """This step's caught-up requests whose plan drafted: whether they did draft (``keep_share``)."""
+        n = self._step_caught_up
+        if not n:
+            return
+        counts = self.keep_drafting.setdefault(batch, [KEEP_PRIOR, KEEP_PRIOR])
+        decay = (1.0 - 1.0 / KEEP_HORIZON) ** n
+        counts[0] = counts[0] * decay + (n if drafted else 0)
+        counts[1] = counts[1] * decay + n
+
+    def keep_share(self, batch: int) -> float:
+        """The measured share of steps at this batch size on which a caught-up request whose plan drafts
+        does draft (1.0 until measured)."""
+        drafted, planned = self.keep_drafting.get(batch, (1.0, 1.0))
+        return drafted / planned
 
     def _ngram_only(self, req: Any, spec: SpeculationConfig, batch: int) -> SpeculationConfig | None:
         """No draft model this step: the n-gram tokens worth verifying, from the request's measured

@@ -514,6 +514,52 @@ def test_a_step_where_few_requests_draft_is_priced_again(tiny_target, tiny_draft
     assert all(r.stats.steps_by_planned_budget == {0: 1} for r in mixed)
 
 
+def test_catch_ups_are_priced_on_the_steps_that_keep_drafting(tiny_target, tiny_draft, tokenizer):
+    """A lagging draft's catch-up pays only over the steps on which its request will then draft. At a
+    batch size where caught-up requests' plans keep being cancelled (partial steps that do not pay), the
+    measured share falls and the same catch-up is no longer read; other batch sizes keep theirs."""
+    from types import SimpleNamespace
+
+    from spruce.config import EngineConfig
+    from spruce.planner import KEEP_HORIZON
+    from spruce.stats import SpecStats
+
+    engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=4))
+    planner = engine.planner
+    planner.verify_costs.points.update({n: 0.01 for n in range(1, 65)})
+    for batch in (1, 4):
+        planner.draft_costs_by_batch.setdefault(batch, CostCurve()).points.update({1: 0.002, 2: 0.004})
+    planner.draft_catch_up.points.update({32: 0.032, 1024: 1.024})  # 1 ms a token
+
+    def req(lag: int) -> SimpleNamespace:
+        tokens = list(range(100))
+        return SimpleNamespace(
+            tokens=tokens, draft_state=SimpleNamespace(cached=len(tokens) - lag), sampling=None, policy=None, confidence=None,
+            stopper=SimpleNamespace(remaining=50), stats=SpecStats(), params=SamplingParams(max_tokens=50),
+            adaptive=False,  # no exploring request in these steps
+        )
+
+    def step(reqs):
+        planner.begin_step(reqs)
+        specs = planner.settle(reqs, [planner.plan(r, ADAPTIVE, len(reqs)) for r in reqs])
+        planner.end_step()
+        return specs
+
+    assert planner.keep_share(4) == 1.0
+    assert all(spec is not None for spec in step([req(40) for _ in range(4)]))  # 40 ms each: they read
+    # one caught-up request among three far behind: the step is cancelled, again and again
+    for _ in range(2 * KEEP_HORIZON):
+        assert step([req(1)] + [req(100) for _ in range(3)]) == [None] * 4
+    assert planner.keep_share(4) < 0.1 and planner.keep_share(1) == 1.0
+    assert step([req(40) for _ in range(4)]) == [None] * 4
+    assert all(spec is not None for spec in step([req(40)]))  # alone, the catch-up still pays
+    assert engine.speculation_telemetry()["keep_drafting_share_by_batch"]["4"] < 0.1
+    # steps where the caught-up requests draft bring the share back
+    for _ in range(2 * KEEP_HORIZON):
+        step([req(1) for _ in range(4)])
+    assert planner.keep_share(4) > 0.8
+
+
 def test_ngram_budget_follows_acceptance_and_verify_cost():
     flat, steep = CostCurve(), CostCurve()
     for size in range(1, 9):
