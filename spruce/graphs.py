@@ -21,7 +21,8 @@ static buffers) and returns the real rows' logits as a copy (they survive the ne
 A bucket is captured at its first pass: two eager passes on a side stream (Triton compiles, cuBLAS picks
 its kernels), then the capture. Rewriting a pass's keys and values is idempotent (same tokens, same
 slots), so the warm-up passes do no harm. A bucket whose capture raises, and every bucket past
-``max_graphs``, is left to the caller's eager path (``run`` returns None).
+``max_graphs`` or past ``max_logits_bytes`` of logits outputs, is left to the caller's eager path
+(``run`` returns None).
 
 Reference twin: with ``capture=False`` (a CPU) the same padded static-buffer path runs eagerly; tests
 compare it with ``run_packed`` on fresh random inputs.
@@ -115,13 +116,20 @@ class GraphedPasses:
         capture: bool | None = None,
         max_graphs: int = 48,
         max_rows: int = 1024,
+        max_logits_bytes: int = 2 << 30,
     ) -> None:
+        """``max_graphs`` buckets at most, each of at most ``max_rows`` tokens; every graph keeps its own
+        [rows, vocab] logits output (a 1024-row bucket of a 128k vocabulary in bf16: 263 MB), so buckets
+        past ``max_logits_bytes`` of those in all run eagerly too."""
         self.model = model
         self.cache = cache
         self.kernel = kernel
         self.capture = model.device.type == "cuda" if capture is None else capture
         self.max_graphs = max_graphs
         self.max_rows = max_rows
+        self.max_logits_bytes = max_logits_bytes
+        self.logits_bytes = 0
+        self._row_bytes = int(model.config.vocab_size) * torch.tensor([], dtype=model.dtype).element_size()
         # padding rows write their keys here; no request ever owns it
         self.scratch = cache.allocate()
         self._passes: dict[Bucket, _Pass | None] = {}
@@ -161,9 +169,11 @@ class GraphedPasses:
         if bucket is None:
             return None
         if bucket not in self._passes:
-            if len(self._passes) >= self.max_graphs:
+            size = bucket.rows * self._row_bytes
+            if len(self._passes) >= self.max_graphs or self.logits_bytes + size > self.max_logits_bytes:
                 return None
             self._passes[bucket] = _Pass(bucket, self.kernel, self.model.device, self.model.dtype)
+            self.logits_bytes += size
             fresh = True
         else:
             fresh = False
@@ -261,6 +271,7 @@ class GraphedPasses:
         return {
             "graphs": self.graphs,
             "buckets": len(self._passes),
+            "logits_bytes": self.logits_bytes,
             "passes": self.passes,
             "replays": self.replays,
             "captures": self.captures,

@@ -139,6 +139,21 @@ def test_over_max_graphs_runs_eagerly(model):
     assert pool.lengths[slot] == 5
 
 
+def test_logits_memory_bounds_the_buckets(model):
+    """Each graph keeps its own logits output: buckets past ``max_logits_bytes`` of them run eagerly."""
+    pool = SlotKVCache(model, 3, 64)
+    row_bytes = TINY_VOCAB * 4  # float32
+    graphs = GraphedPasses(model, pool, capture=False, max_logits_bytes=6 * row_bytes)
+    slot = pool.allocate()
+    gen = torch.Generator().manual_seed(4)
+    run_packed(model, pool, [Segment(slot, torch.randint(0, TINY_VOCAB, (4,), generator=gen), torch.arange(4), logits="none")])
+    assert graphs.run([_tree_segment(slot, _random_tree(3, gen), 4)]) is not None  # a 4-row bucket
+    assert graphs.logits_bytes == 4 * row_bytes
+    assert graphs.run([_tree_segment(slot, _random_tree(5, gen), 7)]) is None  # 8 rows would pass the bound
+    assert graphs.run([_tree_segment(slot, _random_tree(1, gen), 7)]) is not None  # 1 row fits
+    assert graphs.stats()["logits_bytes"] == 5 * row_bytes and pool.lengths[slot] == 8
+
+
 def _engine(model, draft, cuda_graphs: str) -> Engine:
     from spruce.evals.tiny import byte_tokenizer
 
