@@ -168,27 +168,29 @@ class GraphedPasses:
         bucket = self.bucket(segments)
         if bucket is None:
             return None
+        size = bucket.rows * self._row_bytes
         if bucket not in self._passes:
-            size = bucket.rows * self._row_bytes
             if len(self._passes) >= self.max_graphs or self.logits_bytes + size > self.max_logits_bytes:
                 return None
-            self._passes[bucket] = _Pass(bucket, self.kernel, self.model.device, self.model.dtype)
+            p = _Pass(bucket, self.kernel, self.model.device, self.model.dtype)
+            total = self._fill(p, bucket, segments)  # before it counts: a pass that does not fit raises here
+            self._passes[bucket] = p
             self.logits_bytes += size
-            fresh = True
+            if self.capture:
+                try:
+                    self._capture(p)
+                except Exception as exc:  # noqa: BLE001 - this bucket runs eagerly from now on; the error is kept
+                    log.warning("CUDA graph capture failed for %s: %s", bucket, exc)
+                    self.failures.append(f"{bucket}: {type(exc).__name__}: {exc}")
+                    self._passes[bucket] = None
+                    self.logits_bytes -= size
+                    return None
         else:
-            fresh = False
-        p = self._passes[bucket]
-        if p is None:
-            return None
-        total = self._fill(p, bucket, segments)
-        if fresh and self.capture:
-            try:
-                self._capture(p)
-            except Exception as exc:  # noqa: BLE001 - this bucket runs eagerly from now on; the error is kept
-                log.warning("CUDA graph capture failed for %s: %s", bucket, exc)
-                self.failures.append(f"{bucket}: {type(exc).__name__}: {exc}")
-                self._passes[bucket] = None
+            cached = self._passes[bucket]
+            if cached is None:
                 return None
+            p = cached
+            total = self._fill(p, bucket, segments)
         if p.graph is not None:
             p.graph.replay()
             self.replays += 1

@@ -16,7 +16,7 @@ from spruce.attention import use_backend
 from spruce.config import EngineConfig
 from spruce.errors import InvalidRequestError
 from spruce.graphs import MIN_KEYS, Bucket, GraphedPasses
-from spruce.kvcache import Segment, SlotKVCache, run_packed
+from spruce.kvcache import PoolExhaustedError, Segment, SlotKVCache, run_packed
 
 pytest.importorskip("triton")
 
@@ -198,3 +198,14 @@ def test_cuda_graphs_option_is_checked(model):
         Engine(model, byte_tokenizer(), None, EngineConfig(attention_backend="sdpa", cuda_graphs="on"))
     # "auto" on a CPU: no graphs
     assert Engine(model, byte_tokenizer(), None, EngineConfig(attention_backend="triton")).graphs is None
+
+
+def test_a_pass_that_overflows_its_slot_registers_no_bucket(model):
+    pool = SlotKVCache(model, 3, 16)
+    graphs = GraphedPasses(model, pool, capture=False)
+    slot = pool.allocate()
+    pool.lengths[slot] = 14
+    tree = _random_tree(3, torch.Generator().manual_seed(5))
+    with pytest.raises(PoolExhaustedError):
+        graphs.run([_tree_segment(slot, tree, 14)])
+    assert graphs.stats()["buckets"] == 0 and graphs.logits_bytes == 0 and pool.lengths[slot] == 14
