@@ -142,22 +142,27 @@ class GraphedPasses:
 
     def bucket(self, segments: list[Segment]) -> Bucket | None:
         """The bucket of a pass, or None if it is no tree-kernel pass or too large for a graph."""
+        shaped = self._shape(segments)
+        return None if shaped is None else shaped[0]
+
+    def _shape(self, segments: list[Segment]) -> tuple[Bucket, list[torch.Tensor]] | None:
+        """The pass's bucket and each segment's tree visibility (``tree_segment``, built once per pass:
+        ``_fill`` packs them)."""
         if not segments:
             return None
-        sizes, trees = [], []
+        trees = []
         for seg in segments:
-            n = int(seg.tokens.numel())
             tree = tree_segment(seg, self.cache.lengths[seg.slot])
             if tree is None:
                 return None
-            sizes.append(n)
-            trees.append(tree.shape[1])
+            trees.append(tree)
+        sizes = [t.shape[0] for t in trees]
         rows = _pow2(sum(sizes))
         if rows > self.max_rows:
             return None
         keys = max(self.cache.lengths[s.slot] + n for s, n in zip(segments, sizes))
         keys = min(max(MIN_KEYS, _pow2(keys)), self.cache.capacity)
-        return Bucket(_pow2(len(segments)), _pow2(max(sizes)), rows, keys, _pow2(max(trees)))
+        return Bucket(_pow2(len(segments)), _pow2(max(sizes)), rows, keys, _pow2(max(t.shape[1] for t in trees))), trees
 
     @property
     def graphs(self) -> int:
@@ -165,15 +170,16 @@ class GraphedPasses:
 
     @torch.inference_mode()
     def run(self, segments: list[Segment]) -> list[torch.Tensor] | None:
-        bucket = self.bucket(segments)
-        if bucket is None:
+        shaped = self._shape(segments)
+        if shaped is None:
             return None
+        bucket, trees = shaped
         size = bucket.rows * self._row_bytes
         if bucket not in self._passes:
             if len(self._passes) >= self.max_graphs or self.logits_bytes + size > self.max_logits_bytes:
                 return None
             p = _Pass(bucket, self.kernel, self.model.device, self.model.dtype)
-            total = self._fill(p, bucket, segments)  # before it counts: a pass that does not fit raises here
+            total = self._fill(p, bucket, segments, trees)  # before it counts: a pass that does not fit raises here
             self._passes[bucket] = p
             self.logits_bytes += size
             if self.capture:
@@ -190,7 +196,7 @@ class GraphedPasses:
             if cached is None:
                 return None
             p = cached
-            total = self._fill(p, bucket, segments)
+            total = self._fill(p, bucket, segments, trees)
         if p.graph is not None:
             p.graph.replay()
             self.replays += 1
@@ -208,7 +214,7 @@ class GraphedPasses:
             offset += n
         return out
 
-    def _fill(self, p: _Pass, bucket: Bucket, segments: list[Segment]) -> int:
+    def _fill(self, p: _Pass, bucket: Bucket, segments: list[Segment], trees: list[torch.Tensor]) -> int:
         """Copy the pass's metadata into ``p``'s static buffers; returns its real row count."""
         from spruce.kernels.reference import pack_bitmask
 
@@ -216,7 +222,7 @@ class GraphedPasses:
         ints = torch.zeros(4 * t + t * w, dtype=torch.long)
         int32 = torch.zeros(4 * b + 1, dtype=torch.int32)
         row = 0
-        for i, seg in enumerate(segments):
+        for i, (seg, tree) in enumerate(zip(segments, trees)):
             n = int(seg.tokens.numel())
             start = self.cache.lengths[seg.slot]
             if start + n > self.cache.capacity:
@@ -225,8 +231,6 @@ class GraphedPasses:
             ints[t + row : t + row + n] = seg.positions
             ints[2 * t + row : 2 * t + row + n] = seg.slot
             ints[3 * t + row : 3 * t + row + n] = torch.arange(start, start + n)
-            tree = tree_segment(seg, start)
-            assert tree is not None  # ``bucket`` checked it
             ints[4 * t :].view(t, w)[row : row + n] = pack_bitmask(tree, w)
             int32[1 + i] = row + n
             int32[b + 1 + i] = seg.slot
