@@ -214,6 +214,110 @@ def engine_graphs(target, draft, batch: int, max_tokens: int, context: int) -> d
     return out
 
 
+def engine_lossless(shapes: str, device: str, batches: list[int], max_tokens: int, context: int) -> dict:
+    """The engine on the GPU in float32 against its plain SDPA twin: greedy tokens of plain decoding
+    with graphs, of a fixed tree and of the default (adaptive) plan, with a random draft (acceptance near
+    0: every step is a rejection) and with a copy of the target as its draft (acceptance near 1: every
+    step commits whole paths through the graphs), with and without graphs. float32 with full-precision
+    dots on both sides, so any token that differs is a bug, not rounding (unless two logits tie to
+    1e-5, which random-weight models make rare)."""
+    import copy
+
+    from spruce.evals.tiny import byte_tokenizer
+
+    from spruce.config import EngineConfig
+    from spruce.engine import DEFAULT, Engine
+
+    target_shape, draft_shape = SHAPES[shapes]
+    target = build(target_shape, device, torch.float32, context)
+    drafts = {"random_draft": build(draft_shape, device, torch.float32, context), "target_copy": copy.deepcopy(target)}
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    tree = SpeculationConfig(depth=4, top_k=2, budget=8)
+    out: dict[str, Any] = {"shapes": shapes, "dtype": "float32", "max_tokens": max_tokens, "runs": []}
+    for batch in batches:
+        prompts = [[10 + i, 11, 12, 13, 10 + i] for i in range(batch)]
+        ref_engine = Engine(target, byte_tokenizer(), None, EngineConfig(max_batch_size=batch, max_seq_len=context, attention_backend="sdpa", cuda_graphs="off"))
+        want = [o.token_ids for o in ref_engine.generate(prompts, params, None)]
+        del ref_engine
+        for draft_name, draft in drafts.items():
+            for graphs in ("on", "off"):
+                engine = Engine(target, byte_tokenizer(), draft, EngineConfig(max_batch_size=batch, max_seq_len=context, attention_backend="triton", cuda_graphs=graphs))
+                for name, spec in (("plain", None), ("tree", tree), ("default", DEFAULT)):
+                    if draft_name == "target_copy" and name == "plain":
+                        continue  # plain decoding does not read the draft
+                    outs = engine.generate(prompts, params, spec)
+                    got = [o.token_ids for o in outs]
+                    out["runs"].append({
+                        "batch": batch, "draft": draft_name, "cuda_graphs": graphs, "speculation": name,
+                        "same_tokens": sum(x == y for p, q in zip(got, want) for x, y in zip(p, q)),
+                        "tokens": sum(len(t) for t in want),
+                        "identical_requests": sum(p == q for p, q in zip(got, want)),
+                        "drafted": sum(o.stats.drafted for o in outs), "accepted": sum(o.stats.accepted for o in outs),
+                        "steps": max(o.stats.steps for o in outs),
+                    })
+                tel = engine.speculation_telemetry()
+                out["runs"][-1]["graph_failures"] = [(tel["cuda_graphs"] or {}).get("failures"), (tel["draft_cuda_graphs"] or {}).get("failures")]
+                del engine
+    out["all_identical"] = all(r["same_tokens"] == r["tokens"] for r in out["runs"])
+    return out
+
+
+def engine_speed(target, draft, batches: list[int], max_tokens: int, context: int, rounds: int) -> dict:
+    """The engine with CUDA graphs (both models' passes): plain decoding, a fixed tree and the default
+    (adaptive) plan on the same requests, alternating within each round; wall time, steps, and the
+    draft's and the target's share of it. With random weights the draft agrees with the target about
+    never: the tree rows measure what a step costs, the default row whether the adaptive plan finds that
+    speculation does not pay (it must not be slower than plain)."""
+    from spruce.evals.tiny import byte_tokenizer
+
+    from spruce.config import EngineConfig
+    from spruce.engine import DEFAULT, Engine
+
+    tree = SpeculationConfig(depth=4, top_k=2, budget=8)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    rows = []
+    for batch in batches:
+        engine = Engine(target, byte_tokenizer(), draft, EngineConfig(max_batch_size=batch, max_seq_len=context, attention_backend="triton", cuda_graphs="auto"))
+        prompts = [[10 + i, 11, 12, 13] for i in range(batch)]
+        configs = (("plain", None), ("tree", tree), ("default", DEFAULT))
+
+        def go(spec):
+            return engine.generate(prompts, params, spec)
+
+        for _, spec in configs:  # warm-up: captures, calibration
+            go(spec)
+        row: dict[str, Any] = {"batch": batch, "max_tokens": max_tokens, "cuda_graphs": engine.graphs is not None}
+        for r in range(rounds):
+            for name, spec in configs:
+                t0 = time.perf_counter()
+                outs = go(spec)
+                wall = time.perf_counter() - t0
+                row.setdefault(f"{name}_s", []).append(wall)
+                row[f"{name}_steps"] = max(o.stats.steps for o in outs)
+                row[f"{name}_accepted_per_step"] = sum(o.stats.accepted for o in outs) / max(1, sum(o.stats.steps for o in outs))
+                row[f"{name}_draft_s"] = sum(o.stats.draft_time_s for o in outs) / batch
+                row[f"{name}_verify_s"] = sum(o.stats.verify_time_s for o in outs) / batch
+                row[f"{name}_planned_budgets"] = _merged(o.stats.steps_by_planned_budget for o in outs)
+        for name in ("tree", "default"):
+            row[f"{name}_vs_plain"] = [p / x for p, x in zip(row["plain_s"], row[f"{name}_s"])]
+            row[f"{name}_step_vs_plain_step"] = (min(row[f"{name}_s"]) / row[f"{name}_steps"]) / (min(row["plain_s"]) / row["plain_steps"])
+        tel = engine.speculation_telemetry()
+        row["graphs"] = tel["cuda_graphs"]
+        row["draft_graphs"] = tel["draft_cuda_graphs"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del engine
+    return {"rows": rows}
+
+
+def _merged(dicts) -> dict:
+    out: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def kernel_agreement(model, batch: int, n: int, context: int, kernel: str) -> dict:
     """Max abs difference of the verify logits through ``kernel`` and through SDPA on the same pool and
     tokens (bf16 models: rounding-level differences are expected, not 0)."""
@@ -346,6 +450,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     draft = build(draft_shape, args.device, dtype, args.context)
     if args.graphs_only:
         return _graphs_only(args, target, draft, section, report)
+    if args.engine_checks:
+        section("engine_lossless_float32", lambda: engine_lossless(args.lossless_shapes, args.device, [1, 8], min(32, args.overhead_tokens), 512))
+        section("engine_speed", lambda: engine_speed(target, draft, args.overhead_batches, args.overhead_tokens, args.context, 2))
+        return report
     if args.engine_only:
         section("engine_graphs", lambda: [engine_graphs(target, draft, b, args.overhead_tokens, args.context) for b in args.overhead_batches])
         return report
@@ -428,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True, help="also time the passes as CUDA graphs (spruce.graphs)")
     p.add_argument("--graphs-only", action="store_true", help="only the Triton passes, eager and as CUDA graphs, and their predictions")
     p.add_argument("--engine-only", action="store_true", help="only the engine with and without CUDA graphs")
+    p.add_argument("--engine-checks", action="store_true",
+                   help="only the engine: float32 greedy outputs against plain SDPA decoding (graphs, trees, both drafts), then plain/tree/default timed with graphs")
+    p.add_argument("--lossless-shapes", default="1.5b", choices=sorted(SHAPES))
     p.add_argument("--overhead-batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--overhead-tokens", type=int, default=32)
     p.add_argument("--budget", type=int, default=64)

@@ -5,7 +5,8 @@
 #   device run:  bash kernels/gpu_check.sh        (writes under $OUT; ~6 minutes on an H200; SWEEP=1 adds
 #                the launch-configuration sweep, ~1 minute; SPLITS=1 the small-batch key-split sweep,
 #                ~1.5 minutes; PROFILE=0 skips the engine-level profile, GRID=0 the backend grid,
-#                TESTS=0 the kernel tests)
+#                TESTS=0 the kernel tests; ENGINE=1 the engine's checks: float32 greedy outputs with graphs
+#                and trees against plain SDPA decoding, then plain / tree / default timed with graphs, ~5 min)
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -43,6 +44,26 @@ if [ "${PROFILE:-1}" = 1 ]; then
   timeout 240 python3 -m spruce.evals.gpu_profile --out "$OUT/gpu_profile.json" \
     --acceptance-from evals/results/load_float32.json >>"$log" 2>&1 || echo "gpu_profile exit $?" | tee -a "$log"
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); [print(k, json.dumps(r.get(k))[:1500]) for k in ('graph_vs_eager_logits','engine_graphs','prediction')]" "$OUT/gpu_profile.json" 2>&1 | tee -a "$log"
+fi
+if [ "${ENGINE:-0}" = 1 ]; then
+  echo "== engine checks" | tee -a "$log"
+  timeout "${ENGINE_TIMEOUT:-360}" python3 -m spruce.evals.gpu_profile --engine-checks --overhead-batches 1 4 16 \
+    --overhead-tokens 48 --out "$OUT/engine_checks.json" >"$OUT/engine_checks.log" 2>&1 || echo "engine checks exit $?" | tee -a "$log"
+  python3 - "$OUT/engine_checks.json" <<'PY' 2>&1 | tee -a "$log"
+import json, sys
+r = json.load(open(sys.argv[1]))
+ll = r.get("engine_lossless_float32", {})
+print("lossless float32:", "error" in ll and ll["error"] or ("all identical" if ll.get("all_identical") else "DIFFERENCES"))
+for run in ll.get("runs", []):
+    print(" ", {k: run[k] for k in ("batch", "draft", "cuda_graphs", "speculation", "same_tokens", "tokens", "accepted", "steps")}, run.get("graph_failures", ""))
+sp = r.get("engine_speed", {})
+if "error" in sp:
+    print("engine speed error:", sp["error"])
+for row in sp.get("rows", []):
+    print("B=%d graphs=%s tree/plain %s default/plain %s tree step/plain step %.2f default budgets %s draft_graphs %s" % (
+        row["batch"], row["cuda_graphs"], [round(x, 2) for x in row["tree_vs_plain"]], [round(x, 2) for x in row["default_vs_plain"]],
+        row["tree_step_vs_plain_step"], row["default_planned_budgets"], {k: row["draft_graphs"][k] for k in ("graphs", "passes", "failures")} if row["draft_graphs"] else None))
+PY
 fi
 if [ "${SPLITS:-0}" = 1 ]; then
   echo "== key splits sweep (small batches)" | tee -a "$log"

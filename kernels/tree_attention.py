@@ -22,8 +22,11 @@ Returns the output and the natural-log log-sum-exp per (query, head), so partial
 key sets can be merged exactly (see ``kernels.flash_backend.merge``).
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) ``tl.dot`` on bfloat16 multiplies raw bit patterns
-(triton-lang/triton#11584): operands are upcast to float32 there. On a GPU, float32 ``tl.dot`` runs as
-TF32: tolerances are per dtype in the tests.
+(triton-lang/triton#11584): operands are upcast to float32 there. On a GPU, float32 inputs follow
+``torch.get_float32_matmul_precision()`` as torch's own float32 matrix products do: ``"highest"`` (torch's
+default) computes the dots in full float32 (``input_precision="ieee"``), ``"high"``/``"medium"`` allow
+TF32. Triton's own default, TF32 always, made a float32 engine on a GPU differ from its float32 SDPA twin
+by TF32 rounding (2e-3 at the kernel's output): enough to flip near-tied greedy tokens.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def _tree_attn_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     SLOTTED: tl.constexpr,
     HAS_TREE_LENS: tl.constexpr,
 ):
@@ -114,14 +118,14 @@ def _tree_attn_kernel(
     for start in range(lo, full_hi, BLOCK_N):
         m_i, l_i, acc = _attend_full_block(
             q, K, V, start + offs_n, kvh, m_i, l_i, acc,
-            stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, d_ok, UPCAST, BLOCK_D == HEAD_DIM,
+            stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, d_ok, UPCAST, DOT_PRECISION, BLOCK_D == HEAD_DIM,
         )
     if full_hi < prefix_hi:
         cols = full_hi + offs_n
         visible = (cols < prefix_hi)[None, :] & row_ok[:, None]
         m_i, l_i, acc = _attend_block(
             q, K, V, cols, kvh, visible, m_i, l_i, acc,
-            stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, d_ok, UPCAST,
+            stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, d_ok, UPCAST, DOT_PRECISION,
         )
     # the tree: key j visible iff bit j of the query node's ancestor mask is set
     tree_hi = hi - prefix
@@ -143,7 +147,7 @@ def _tree_attn_kernel(
         visible = (bits != 0) & j_ok[None, :] & row_ok[:, None]
         m_i, l_i, acc = _attend_block(
             q, K, V, prefix + j, kvh, visible, m_i, l_i, acc,
-            stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, d_ok, UPCAST,
+            stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, d_ok, UPCAST, DOT_PRECISION,
         )
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -158,7 +162,7 @@ def _tree_attn_kernel(
 @triton.jit
 def _attend_full_block(
     q, K, V, key_rows, kvh, m_i, l_i, acc,
-    stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, d_ok, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+    stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, d_ok, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """One key block that every row sees: no visibility mask, no -inf handling (scores are finite)."""
     k_ptrs = K + key_rows[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None]
@@ -172,19 +176,19 @@ def _attend_full_block(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    s = tl.dot(q, k) * qk_scale
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _attend_block(
     q, K, V, key_rows, kvh, visible, m_i, l_i, acc,
-    stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, d_ok, UPCAST: tl.constexpr,
+    stride_kt, stride_kh, stride_vt, stride_vh, qk_scale, offs_d, d_ok, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One key block of the online softmax; ``visible`` [BLOCK_M, BLOCK_N] says which scores count."""
     key_ok = tl.max(visible.to(tl.int32), 0) > 0
@@ -199,7 +203,7 @@ def _attend_block(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    s = tl.dot(q, k) * qk_scale
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # rows that have seen nothing yet keep m = -inf: shift by 0 there to avoid inf - inf
@@ -207,7 +211,7 @@ def _attend_block(
     alpha = tl.exp2(m_i - m_shift)
     p = tl.exp2(s - m_shift[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
@@ -426,6 +430,7 @@ def _launch(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         UPCAST=_interpreting() or q.dtype == torch.float32,
+        DOT_PRECISION=_dot_precision(q.dtype),
         SLOTTED=slots is not None,
         HAS_TREE_LENS=tree_lens is not None,
         **options,
@@ -433,6 +438,14 @@ def _launch(
     if num_splits == 1:
         return out[0], lse[0]
     return _merge_splits_kernel(out, lse, q.dtype)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: full float32 for float32 inputs unless torch allows TF32 for float32
+    matrix products (``torch.set_float32_matmul_precision``); for 16-bit inputs it changes nothing."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest" and not _interpreting():
+        return "tf32"
+    return "ieee"
 
 
 def _merge_splits_kernel(
