@@ -20,12 +20,15 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from spruce.config import SamplingParams, SpeculationConfig
 from spruce.costmodel import AcceptanceProfile, CostCurve, plan_tree
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # (target, draft) model shapes; the draft shares the target's vocabulary
 SHAPES: dict[str, tuple[dict, dict]] = {
@@ -46,7 +49,7 @@ SHAPES: dict[str, tuple[dict, dict]] = {
 }
 
 
-def build(shape: dict, device: str, dtype: torch.dtype, context: int) -> torch.nn.Module:
+def build(shape: dict, device: str, dtype: torch.dtype, context: int) -> PreTrainedModel:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**shape, max_position_embeddings=max(context * 2, 4096), tie_word_embeddings=False)
@@ -267,7 +270,8 @@ def engine_speed(target, draft, batches: list[int], max_tokens: int, context: in
     (adaptive) plan on the same requests, alternating within each round; wall time, steps, and the
     draft's and the target's share of it. With random weights the draft agrees with the target about
     never: the tree rows measure what a step costs, the default row whether the adaptive plan finds that
-    speculation does not pay (it must not be slower than plain)."""
+    speculation does not pay (it must not be slower than plain). The n-gram row drafts from the text
+    itself, with the acceptance the random target's output gives it."""
     from spruce.evals.tiny import byte_tokenizer
 
     from spruce.config import EngineConfig
@@ -279,18 +283,17 @@ def engine_speed(target, draft, batches: list[int], max_tokens: int, context: in
     for batch in batches:
         engine = Engine(target, byte_tokenizer(), draft, EngineConfig(max_batch_size=batch, max_seq_len=context, attention_backend="triton", cuda_graphs="auto"))
         prompts = [[10 + i, 11, 12, 13] for i in range(batch)]
-        configs = (("plain", None), ("tree", tree), ("default", DEFAULT))
-
-        def go(spec):
-            return engine.generate(prompts, params, spec)
+        # n-gram drafting needs no draft model: its acceptance is that of the random target's own
+        # (repetitive) greedy text, a real one, unlike the random draft's
+        configs = (("plain", None), ("tree", tree), ("default", DEFAULT), ("ngram", SpeculationConfig(drafter="ngram", ngram_budget=8)))
 
         for _, spec in configs:  # warm-up: captures, calibration
-            go(spec)
+            engine.generate(prompts, params, spec)
         row: dict[str, Any] = {"batch": batch, "max_tokens": max_tokens, "cuda_graphs": engine.graphs is not None}
         for r in range(rounds):
             for name, spec in configs:
                 t0 = time.perf_counter()
-                outs = go(spec)
+                outs = engine.generate(prompts, params, spec)
                 wall = time.perf_counter() - t0
                 row.setdefault(f"{name}_s", []).append(wall)
                 row[f"{name}_steps"] = max(o.stats.steps for o in outs)
@@ -298,7 +301,7 @@ def engine_speed(target, draft, batches: list[int], max_tokens: int, context: in
                 row[f"{name}_draft_s"] = sum(o.stats.draft_time_s for o in outs) / batch
                 row[f"{name}_verify_s"] = sum(o.stats.verify_time_s for o in outs) / batch
                 row[f"{name}_planned_budgets"] = _merged(o.stats.steps_by_planned_budget for o in outs)
-        for name in ("tree", "default"):
+        for name in ("tree", "default", "ngram"):
             row[f"{name}_vs_plain"] = [p / x for p, x in zip(row["plain_s"], row[f"{name}_s"])]
             row[f"{name}_step_vs_plain_step"] = (min(row[f"{name}_s"]) / row[f"{name}_steps"]) / (min(row["plain_s"]) / row["plain_steps"])
         tel = engine.speculation_telemetry()
@@ -451,7 +454,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.graphs_only:
         return _graphs_only(args, target, draft, section, report)
     if args.engine_checks:
-        section("engine_lossless_float32", lambda: engine_lossless(args.lossless_shapes, args.device, [1, 8], min(32, args.overhead_tokens), 512))
+        if args.lossless:
+            section("engine_lossless_float32", lambda: engine_lossless(args.lossless_shapes, args.device, [1, 8], min(32, args.overhead_tokens), 512))
         section("engine_speed", lambda: engine_speed(target, draft, args.overhead_batches, args.overhead_tokens, args.context, 2))
         return report
     if args.engine_only:
@@ -539,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-checks", action="store_true",
                    help="only the engine: float32 greedy outputs against plain SDPA decoding (graphs, trees, both drafts), then plain/tree/default timed with graphs")
     p.add_argument("--lossless-shapes", default="1.5b", choices=sorted(SHAPES))
+    p.add_argument("--lossless", action=argparse.BooleanOptionalAction, default=True, help="with --engine-checks: the float32 output checks")
     p.add_argument("--overhead-batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--overhead-tokens", type=int, default=32)
     p.add_argument("--budget", type=int, default=64)

@@ -47,21 +47,23 @@ if [ "${PROFILE:-1}" = 1 ]; then
 fi
 if [ "${ENGINE:-0}" = 1 ]; then
   echo "== engine checks" | tee -a "$log"
-  timeout "${ENGINE_TIMEOUT:-360}" python3 -m spruce.evals.gpu_profile --engine-checks --overhead-batches 1 4 16 \
+  timeout "${ENGINE_TIMEOUT:-360}" python3 -m spruce.evals.gpu_profile --engine-checks ${ENGINE_ARGS:-} --overhead-batches 1 4 16 \
     --overhead-tokens 48 --out "$OUT/engine_checks.json" >"$OUT/engine_checks.log" 2>&1 || echo "engine checks exit $?" | tee -a "$log"
   python3 - "$OUT/engine_checks.json" <<'PY' 2>&1 | tee -a "$log"
 import json, sys
 r = json.load(open(sys.argv[1]))
 ll = r.get("engine_lossless_float32", {})
-print("lossless float32:", "error" in ll and ll["error"] or ("all identical" if ll.get("all_identical") else "DIFFERENCES"))
+if ll:
+    print("lossless float32:", ll.get("error") or ("all identical" if ll.get("all_identical") else "DIFFERENCES"))
 for run in ll.get("runs", []):
     print(" ", {k: run[k] for k in ("batch", "draft", "cuda_graphs", "speculation", "same_tokens", "tokens", "accepted", "steps")}, run.get("graph_failures", ""))
 sp = r.get("engine_speed", {})
 if "error" in sp:
     print("engine speed error:", sp["error"])
 for row in sp.get("rows", []):
-    print("B=%d graphs=%s tree/plain %s default/plain %s tree step/plain step %.2f default budgets %s draft_graphs %s" % (
+    print("B=%d graphs=%s tree/plain %s default/plain %s ngram/plain %s (accepted/step %.2f) tree step/plain step %.2f default budgets %s draft_graphs %s" % (
         row["batch"], row["cuda_graphs"], [round(x, 2) for x in row["tree_vs_plain"]], [round(x, 2) for x in row["default_vs_plain"]],
+        [round(x, 2) for x in row["ngram_vs_plain"]], row["ngram_accepted_per_step"],
         row["tree_step_vs_plain_step"], row["default_planned_budgets"], {k: row["draft_graphs"][k] for k in ("graphs", "passes", "failures")} if row["draft_graphs"] else None))
 PY
 fi

@@ -335,20 +335,25 @@ def plan_tree(
     (``min_budget=1``: the best tree with at least one node). ``margin``: a tree must beat plain
     decoding's expected tokens per second by this fraction (what the curves do not time: building the
     tree, acceptance, moving KV)."""
-    plain = TreePlan(0, 0, 1, 1.0 + margin, verify_cost(1))
+    # each pass size priced once (a curve lookup is a bisection; the search below reads each size per depth)
+    verify = [verify_cost(n) for n in range(1, max_budget + 2)]
+    plain = TreePlan(0, 0, 1, 1.0 + margin, verify[0])
     best: TreePlan | None = plain if min_budget == 0 else None
+    shape: list[tuple[tuple[int, ...], float]] = []
     for depth in range(1, min(max_depth, max_budget) + 1):
-        shape = best_shape(rates, max_budget, depth)
+        # a best shape that did not reach the last depth bound is also the best under this one
+        if not shape or max(len(path) for path, _ in shape) == depth - 1:
+            shape = best_shape(rates, max_budget, depth)
         step_draft = draft_cost(depth)
         expected = 1.0
         for n, (_, p) in enumerate(shape, start=1):
             expected += p
-            seconds = step_draft + verify_cost(n + 1)
+            seconds = step_draft + verify[n]
             if best is None or expected / seconds > best.tokens_per_s:
                 paths = tuple(path for path, _ in shape[:n])
                 best = TreePlan(n, depth, _top_k_for(paths), expected, seconds, paths)
     if best is plain:
-        return TreePlan(0, 0, 1, 1.0, verify_cost(1))
+        return TreePlan(0, 0, 1, 1.0, verify[0])
     return best or plain
 
 

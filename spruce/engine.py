@@ -630,15 +630,33 @@ class Engine:
         t2 = time.perf_counter()
         if not prefilling:  # the verify curve is for tree passes alone
             self.planner.verify_costs.observe(sum(p.tree.num_nodes for p in proposals), t2 - t1)
+        confidence_rows = []
         for r, spec, prop, out in zip(reqs, specs, proposals, logits):
-            self._commit(r, spec, prop, out)
+            rows = self._commit(r, spec, prop, out)
+            if rows is not None:
+                confidence_rows.append((r, rows))
             r.stats.draft_time_s += t1 - t0
             if r.prefilled:
                 r.stats.verify_time_s += time.perf_counter() - t1
             else:
                 r.stats.prefill_time_s = time.perf_counter() - t1
                 r.prefilled = True
+        self._update_confidence(confidence_rows)
         self.planner.observe_step(time.perf_counter() - t0)
+
+    @staticmethod
+    def _update_confidence(rows: list[tuple[Request, torch.Tensor]]) -> None:
+        """The target's confidence (its top probability) at each committed position, folded into each
+        request's moving average (the context its next plan is made in): one softmax over all the step's
+        committed rows and one copy to the host, not one per request (on a GPU each is a sync)."""
+        if not rows:
+            return
+        tops = torch.softmax(torch.cat([r for _, r in rows]).float(), dim=-1).amax(dim=-1).tolist()
+        i = 0
+        for req, committed in rows:
+            for top in tops[i : i + committed.shape[0]]:
+                req.confidence = top if req.confidence is None else (1 - CONTEXT_EMA) * req.confidence + CONTEXT_EMA * top
+            i += committed.shape[0]
 
     def _verify_segment(self, req: Request, tree: TokenTree) -> Segment:
         """The request's part of the target pass: its tree after its committed tokens. A new request's
@@ -663,7 +681,7 @@ class Engine:
             logits=m,
         )
 
-    def _commit(self, req: Request, spec: SpeculationConfig | None, proposal: Proposal, logits: torch.Tensor) -> None:
+    def _commit(self, req: Request, spec: SpeculationConfig | None, proposal: Proposal, logits: torch.Tensor) -> torch.Tensor | None:
         tree = proposal.tree
         prefix_len = len(req.tokens) - 1
         if logits.shape[0] != tree.num_nodes:
@@ -684,15 +702,14 @@ class Engine:
                 profile.record_confidence(path_logprobs(tree)[1 : req.model_nodes].exp(), on_path[1:])
         if tree.num_nodes > max(req.model_nodes, 1):  # n-gram branches were verified
             self.planner.record_ngram(req, tree, accepted_nodes, req.model_nodes)
-        if req.draft_state is not None:  # the target's confidence at each committed position
-            for top in torch.softmax(logits[result.accepted_nodes].float(), dim=-1).amax(dim=-1).tolist():
-                req.confidence = top if req.confidence is None else (1 - CONTEXT_EMA) * req.confidence + CONTEXT_EMA * top
         emitted = result.emitted_tokens()
         kept = req.stopper.extend(emitted)
         req.tokens.extend(emitted[:kept])
         if req.policy is not None and req.policy.chosen_expected is not None:
             req.stats.refine_plan(req.policy.chosen_expected)
         req.stats.record_step(tree.max_depth, tree.num_draft_nodes, min(kept, result.num_accepted), kept)
+        # the rows whose top probability is the target's confidence at the committed positions
+        return logits[result.accepted_nodes] if req.draft_state is not None else None
 
     def _step_spec(self, req: Request, batch: int) -> SpeculationConfig | None:
         spec = req.spec

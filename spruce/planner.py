@@ -54,6 +54,14 @@ EXPLORE_WINDOW = 64
 # request-steps drafted, and catch-ups priced as if all would took 5.5 of the draft's 6.7 s)
 KEEP_HORIZON = 64
 KEEP_PRIOR = 4.0
+# Re-planning: the tree search (``plan_tree``) costs milliseconds of host time, nothing beside a CPU's
+# 250 ms step but 20% of a CUDA-graphed 8 ms step (H200, 2026-11-27: the default plan, deciding plain
+# decoding at every step, ran 1.2-1.3x plain decoding's step time). A plan is reused for the same kind of
+# request, bounds and batch size for as many steps as keep planning under this share of the measured
+# step time ...
+PLAN_HOST_SHARE = 0.02
+# ... and at most this many steps (the profile and the curves move slowly; a batch size is its own plan)
+PLAN_MAX_AGE = 16
 # Start-up cost measurement: a short synthetic prefix, and tree sizes to time (up to the budget + 1).
 CALIBRATION_PREFIX = 32
 # the draft's catch-up is also timed over this many tokens at start-up (a 32-token pass is mostly
@@ -86,9 +94,15 @@ class Planner:
         self.draft_costs = self.draft_costs_by_batch[1]
         # the draft's seconds to read n tokens it has not seen, by n (bucketed: ``observe_draft``)
         self.draft_catch_up = CostCurve()
-        # this step's plans by (sampling, context, budget, depth bound), and the engine steps in a row that
-        # drafted nothing
-        self._step_plans: dict[tuple[bool, int | None, int, int], TreePlan] = {}
+        # plans by (sampling, context, budget, depth bound, batch size), with the step each was made on
+        # (reused while younger than ``plan_every``); whether this step planned for an adaptive request;
+        # the engine steps in a row that drafted nothing
+        self._plans: dict[tuple[bool, int | None, int, int, int], tuple[TreePlan, int]] = {}
+        self._planned_this_step = False
+        self._steps = 0
+        # seconds of one plan search and of one engine step (EMAs; PLAN_HOST_SHARE)
+        self.plan_s = 0.0
+        self.mean_step_s = 0.0
         self._steps_without_draft = 0
         self._drafted_this_step = False
         # the one request that drafts on an exploration step
@@ -112,7 +126,8 @@ class Planner:
         self._step_profiles: dict[tuple[bool, int | None], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def begin_step(self, reqs: list[Any]) -> None:
-        self._step_plans.clear()
+        self._steps += 1
+        self._planned_this_step = False
         self._step_profiles.clear()
         self._drafted_this_step = False
         self._explorer = None
@@ -124,12 +139,20 @@ class Planner:
             self._explorer = min((r for r in reqs if id(r) in lags), key=lambda r: lags[id(r)], default=None)
 
     def end_step(self) -> None:
-        if self._step_plans:  # adaptive requests: count the steps in a row on which none drafted
+        if self._planned_this_step:  # adaptive requests: count the steps in a row on which none drafted
             self._steps_without_draft = 0 if self._drafted_this_step else self._steps_without_draft + 1
 
     def observe_step(self, seconds: float) -> None:
         """A whole speculative step's seconds (draft, target pass, commit)."""
         self.step_s += seconds
+        self.mean_step_s = seconds if not self.mean_step_s else (1 - COST_EMA) * self.mean_step_s + COST_EMA * seconds
+
+    @property
+    def plan_every(self) -> int:
+        """Steps a plan is reused for: planning stays under PLAN_HOST_SHARE of the step time."""
+        if not self.mean_step_s:
+            return 1
+        return max(1, min(PLAN_MAX_AGE, math.ceil(self.plan_s / (PLAN_HOST_SHARE * self.mean_step_s))))
 
     def observe_draft(self, batch: int, lags: list[int], levels: int, seconds: float) -> None:
         """One batched propose of ``batch`` requests' trees (those that drafted, not the step's whole
@@ -182,15 +205,25 @@ class Planner:
         if not self.draft_costs.known:
             self.calibrate(fixed)
         sampling, context = not req.params.greedy, context_bucket(req.confidence)
-        if (sampling, context) not in self._step_profiles:
-            profile = self.profile_for(req)
-            self._step_profiles[sampling, context] = (profile.rates(context), profile.calibration())
-        rates, calibration = self._step_profiles[sampling, context]
+
+        def step_profile() -> tuple[torch.Tensor, torch.Tensor]:
+            if (sampling, context) not in self._step_profiles:
+                profile = self.profile_for(req)
+                self._step_profiles[sampling, context] = (profile.rates(context), profile.calibration())
+            return self._step_profiles[sampling, context]
+
         verify, draft = _BatchCurve(self.verify_costs, batch), self.draft_curve(batch)
-        key = (sampling, context, spec.budget, spec.depth)
-        plan = self._step_plans.get(key)
-        if plan is None:
-            plan = self._step_plans[key] = plan_tree(rates, verify, draft, spec.budget, spec.depth, margin=PLAN_MARGIN)
+        self._planned_this_step = True
+        key = (sampling, context, spec.budget, spec.depth, batch)
+        made = self._plans.get(key)
+        if made is not None and self._steps - made[1] < self.plan_every:
+            plan = made[0]
+        else:
+            t0 = time.perf_counter()
+            plan = plan_tree(step_profile()[0], verify, draft, spec.budget, spec.depth, margin=PLAN_MARGIN)
+            seconds = time.perf_counter() - t0
+            self.plan_s = seconds if not self.plan_s else (1 - COST_EMA) * self.plan_s + COST_EMA * seconds
+            self._plans[key] = (plan, self._steps)
         budget, window = plan.budget, 0
         lag = len(req.tokens) - req.draft_state.cached if req.draft_state is not None else 0
         if budget and lag <= STEADY_LAG and req is not self._explorer:
@@ -204,7 +237,7 @@ class Planner:
         if budget == 0 and req is self._explorer:
             # now and then one request drafts anyway, so that the profile keeps learning (reading
             # little: a draft far behind reads the latest EXPLORE_WINDOW tokens)
-            plan = plan_tree(rates, verify, draft, spec.budget, spec.depth, min_budget=1)
+            plan = plan_tree(step_profile()[0], verify, draft, spec.budget, spec.depth, min_budget=1)
             budget = plan.budget
             window = EXPLORE_WINDOW if lag > EXPLORE_WINDOW else 0
         if window and not 0 < fixed.draft_window <= window:  # a request's own smaller window stands
@@ -222,6 +255,7 @@ class Planner:
             fixed = dataclasses.replace(fixed, ngram_budget=k) if k else dataclasses.replace(fixed, drafter="model")
         if req.sampling is not None and spec.sampled_children:
             return dataclasses.replace(fixed, depth=plan.depth, top_k=plan.top_k, budget=plan.budget)
+        rates, calibration = step_profile()
         req.policy = StepPolicy(calibration, rates, verify, draft)
         return dataclasses.replace(fixed, top_k=plan.top_k)
 
