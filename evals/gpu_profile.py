@@ -456,7 +456,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.engine_checks:
         if args.lossless:
             section("engine_lossless_float32", lambda: engine_lossless(args.lossless_shapes, args.device, [1, 8], min(32, args.overhead_tokens), 512))
-        section("engine_speed", lambda: engine_speed(target, draft, args.overhead_batches, args.overhead_tokens, args.context, 2))
+        section("engine_speed", lambda: engine_speed(target, draft, args.overhead_batches, args.overhead_tokens, args.context, args.engine_rounds))
         return report
     if args.engine_only:
         section("engine_graphs", lambda: [engine_graphs(target, draft, b, args.overhead_tokens, args.context) for b in args.overhead_batches])
@@ -543,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-checks", action="store_true",
                    help="only the engine: float32 greedy outputs against plain SDPA decoding (graphs, trees, both drafts), then plain/tree/default timed with graphs")
     p.add_argument("--lossless-shapes", default="1.5b", choices=sorted(SHAPES))
+    p.add_argument("--engine-rounds", type=int, default=2, help="with --engine-checks: timed rounds of each configuration")
     p.add_argument("--lossless", action=argparse.BooleanOptionalAction, default=True, help="with --engine-checks: the float32 output checks")
     p.add_argument("--overhead-batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--overhead-tokens", type=int, default=32)

@@ -199,11 +199,11 @@ class Planner:
         times the tree's tokens, draft cost per level measured at this batch size), so the plan shrinks
         trees, down to plain decoding, as the pass grows.
         """
-        fixed = dataclasses.replace(spec, adaptive=False)
         if not (spec.uses_model and self.drafter is not None):
+            fixed = dataclasses.replace(spec, adaptive=False)
             return self._ngram_only(req, fixed, batch) if spec.uses_ngram else fixed
         if not self.draft_costs.known:
-            self.calibrate(fixed)
+            self.calibrate(dataclasses.replace(spec, adaptive=False))
         sampling, context = not req.params.greedy, context_bucket(req.confidence)
 
         def step_profile() -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,7 +212,9 @@ class Planner:
                 self._step_profiles[sampling, context] = (profile.rates(context), profile.calibration())
             return self._step_profiles[sampling, context]
 
-        verify, draft = _BatchCurve(self.verify_costs, batch), self.draft_curve(batch)
+        # (on a fast device a step is milliseconds: a request that decodes plainly this step, the usual
+        # case under load, builds nothing here that it does not use)
+        verify = _BatchCurve(self.verify_costs, batch)
         self._planned_this_step = True
         key = (sampling, context, spec.budget, spec.depth, batch)
         made = self._plans.get(key)
@@ -220,7 +222,7 @@ class Planner:
             plan = made[0]
         else:
             t0 = time.perf_counter()
-            plan = plan_tree(step_profile()[0], verify, draft, spec.budget, spec.depth, margin=PLAN_MARGIN)
+            plan = plan_tree(step_profile()[0], verify, self.draft_curve(batch), spec.budget, spec.depth, margin=PLAN_MARGIN)
             seconds = time.perf_counter() - t0
             self.plan_s = seconds if not self.plan_s else (1 - COST_EMA) * self.plan_s + COST_EMA * seconds
             self._plans[key] = (plan, self._steps)
@@ -237,15 +239,17 @@ class Planner:
         if budget == 0 and req is self._explorer:
             # now and then one request drafts anyway, so that the profile keeps learning (reading
             # little: a draft far behind reads the latest EXPLORE_WINDOW tokens)
-            plan = plan_tree(step_profile()[0], verify, draft, spec.budget, spec.depth, min_budget=1)
+            plan = plan_tree(step_profile()[0], verify, self.draft_curve(batch), spec.budget, spec.depth, min_budget=1)
             budget = plan.budget
             window = EXPLORE_WINDOW if lag > EXPLORE_WINDOW else 0
-        if window and not 0 < fixed.draft_window <= window:  # a request's own smaller window stands
-            fixed = dataclasses.replace(fixed, draft_window=window)
         self._drafted_this_step |= budget > 0
         req.stats.record_plan(budget, plan.expected_tokens)
         if budget == 0:
-            return self._ngram_only(req, fixed, batch) if spec.uses_ngram else None
+            return self._ngram_only(req, dataclasses.replace(spec, adaptive=False), batch) if spec.uses_ngram else None
+        fixed = dataclasses.replace(spec, adaptive=False)
+        if window and not 0 < fixed.draft_window <= window:  # a request's own smaller window stands
+            fixed = dataclasses.replace(fixed, draft_window=window)
+        draft = self.draft_curve(batch)
         if req is not self._explorer:
             self._step_drafting.append((req, plan))
         if spec.uses_ngram:  # n-gram tokens on top of the model's tree: only as many as pay for their pass
