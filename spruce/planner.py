@@ -107,7 +107,8 @@ class Planner:
         self._drafted_this_step = False
         # the one request that drafts on an exploration step
         self._explorer: Any = None
-        # seconds of all speculative steps, and of the draft's work on exploration steps (EXPLORE_SHARE)
+        # seconds of the steps on which an adaptive request planned, and of the draft's work on exploration
+        # steps (EXPLORE_SHARE)
         self.step_s = 0.0
         self.explore_s = 0.0
         # this step's requests that plan a model tree (the explorer aside), with their plans (``settle``)
@@ -143,7 +144,11 @@ class Planner:
             self._steps_without_draft = 0 if self._drafted_this_step else self._steps_without_draft + 1
 
     def observe_step(self, seconds: float) -> None:
-        """A whole speculative step's seconds (draft, target pass, commit)."""
+        """A whole speculative step's seconds (draft, target pass, commit), counted where an adaptive
+        request planned: exploration's share and the plans' reuse are shares of those steps' time (a
+        fixed tree's long steps beside them would let exploration spend more on the adaptive ones)."""
+        if not self._planned_this_step:
+            return
         self.step_s += seconds
         self.mean_step_s = seconds if not self.mean_step_s else (1 - COST_EMA) * self.mean_step_s + COST_EMA * seconds
 
