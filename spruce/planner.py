@@ -62,6 +62,8 @@ KEEP_PRIOR = 4.0
 PLAN_HOST_SHARE = 0.02
 # ... and at most this many steps (the profile and the curves move slowly; a batch size is its own plan)
 PLAN_MAX_AGE = 16
+# ... from a table of at most this many plans (cleared when full)
+MAX_PLANS = 1024
 # Start-up cost measurement: a short synthetic prefix, and tree sizes to time (up to the budget + 1).
 CALIBRATION_PREFIX = 32
 # the draft's catch-up is also timed over this many tokens at start-up (a 32-token pass is mostly
@@ -230,6 +232,8 @@ class Planner:
             plan = plan_tree(step_profile()[0], verify, self.draft_curve(batch), spec.budget, spec.depth, margin=PLAN_MARGIN)
             seconds = time.perf_counter() - t0
             self.plan_s = seconds if not self.plan_s else (1 - COST_EMA) * self.plan_s + COST_EMA * seconds
+            if len(self._plans) >= MAX_PLANS:  # requests' own bounds vary: keep the table small
+                self._plans.clear()
             self._plans[key] = (plan, self._steps)
         budget, window = plan.budget, 0
         lag = len(req.tokens) - req.draft_state.cached if req.draft_state is not None else 0
