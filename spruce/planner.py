@@ -45,8 +45,12 @@ EXPLORE_EVERY = 16
 # the plan decodes plainly, an exploring draft and its catch-up cost a whole step's worth of time on a
 # CPU: measured at concurrency 8, every 16 steps was 2-3% of the run)
 EXPLORE_SHARE = 0.01
-# ... reading at most this many of the tokens its draft has not seen
+# ... reading at most this many of the tokens its draft has not seen ...
 EXPLORE_WINDOW = 64
+# ... and only where drafting would pay at that batch size if the draft were rejected this share as often
+# as measured (a workload whose acceptance rose that much would be worth noticing; if even that would not
+# make a tree pay at this load, there is nothing to learn)
+EXPLORE_OPTIMISM = 0.5
 # A catch-up pays only over the steps on which the request will then draft. Under load most steps may
 # decode plainly anyway (a partial step does not pay, ``settle``): the share of caught-up requests whose
 # plan drafted and that did draft is measured per batch size, over about this many such request-steps,
@@ -139,7 +143,24 @@ class Planner:
         due = self._steps_without_draft + 1 >= EXPLORE_EVERY and self.explore_s <= EXPLORE_SHARE * self.step_s
         if due:  # the adaptive request whose draft lags least
             lags = {id(r): len(r.tokens) - r.draft_state.cached for r in reqs if r.adaptive and r.draft_state is not None}
-            self._explorer = min((r for r in reqs if id(r) in lags), key=lambda r: lags[id(r)], default=None)
+            explorer = min((r for r in reqs if id(r) in lags), key=lambda r: lags[id(r)], default=None)
+            if explorer is not None and self._could_pay(explorer, len(reqs)):
+                self._explorer = explorer
+            elif explorer is not None:  # nothing to learn at this load: look again in EXPLORE_EVERY steps
+                self._steps_without_draft = 0
+
+    def _could_pay(self, req: Any, batch: int) -> bool:
+        """Whether drafting would pay at this batch size if the draft were better than measured (each
+        measured rejection rate times EXPLORE_OPTIMISM): if not, an exploring draft can teach the plan
+        nothing it would act on, and costs a step's worth of draft work for it (a 2-core CPU at 16
+        requests, 2026-11-27: four explorations of a 1-node tree, 2.1 s of a 176 s run)."""
+        spec = req.spec
+        if spec is None or not (spec.uses_model and self.verify_costs.known and self.draft_costs.known):
+            return True
+        rates = self.profile_for(req).rates(context_bucket(req.confidence))
+        optimistic = 1.0 - (1.0 - rates) * EXPLORE_OPTIMISM
+        verify, draft = _BatchCurve(self.verify_costs, batch), self.draft_curve(batch)
+        return plan_tree(optimistic, verify, draft, spec.budget, spec.depth, margin=PLAN_MARGIN).budget > 0
 
     def end_step(self) -> None:
         if self._planned_this_step:  # adaptive requests: count the steps in a row on which none drafted

@@ -457,13 +457,34 @@ def test_under_load_adaptive_plans_shrink_to_plain_decoding(tiny_target, tiny_dr
     assert all(out.stats.steps_by_planned_budget.get(0, 0) >= out.stats.steps - 2 for out in batch)
 
 
+def _engine_where_a_better_draft_would_pay(tiny_target, tiny_draft, tokenizer, monkeypatch) -> Engine:
+    """An engine for 8 requests whose verify curve is flat up to 16 tokens, with a draft level of 0.3x a
+    pass and a measured acceptance of 0.3: no tree pays, but one would if the draft were rejected half as
+    often. Costs and profile set and frozen."""
+    from spruce.config import EngineConfig
+
+    engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_batch_size=8))
+    for size in range(1, 129):
+        engine.verify_costs.observe(size, 0.01 * max(1.0, size / 16))
+    engine.draft_costs.observe(1, 0.003)
+    engine.draft_costs.observe(2, 0.006)
+    for tried, accepted in ((engine.planner.profile.tried, engine.planner.profile.accepted),
+                            (engine.planner.profile.ctx_tried, engine.planner.profile.ctx_accepted)):
+        tried[:] = 1e4
+        accepted[:] = 0.3e4
+    monkeypatch.setattr(CostCurve, "observe", lambda self, size, seconds: None)
+    monkeypatch.setattr(AcceptanceProfile, "record", lambda self, *args, **kwargs: None)
+    return engine
+
+
 @pytest.mark.parametrize("overspent", [False, True])
 def test_exploration_keeps_to_its_share_of_step_time(tiny_target, tiny_draft, tokenizer, monkeypatch, overspent):
-    """Under load the plan decodes plainly; one request explores every EXPLORE_EVERY steps only while
-    exploring drafts have cost at most EXPLORE_SHARE of the step time: never once they have overspent."""
+    """Where the plan decodes plainly but a better draft would pay, one request explores every
+    EXPLORE_EVERY steps only while exploring drafts have cost at most EXPLORE_SHARE of the step time:
+    never once they have overspent."""
     from spruce.planner import EXPLORE_EVERY, EXPLORE_SHARE
 
-    engine = _engine_under_cpu_like_costs(tiny_target, tiny_draft, tokenizer, monkeypatch)
+    engine = _engine_where_a_better_draft_would_pay(tiny_target, tiny_draft, tokenizer, monkeypatch)
     planner = engine.planner
     planner.step_s = 1e6  # a long-running server
     planner.explore_s = 2 * EXPLORE_SHARE * planner.step_s if overspent else 0.0
@@ -476,6 +497,20 @@ def test_exploration_keeps_to_its_share_of_step_time(tiny_target, tiny_draft, to
     else:
         assert 1 <= drafted <= engine_steps // EXPLORE_EVERY + 1 and planner.explore_s > 0
     assert 0 < engine.speculation_telemetry()["exploration_share"] < 1
+
+
+def test_no_exploration_where_even_a_better_draft_would_not_pay(tiny_target, tiny_draft, tokenizer, monkeypatch):
+    """A verify curve that grows past 4 tokens, at 8 requests a pass: no tree would pay even with a draft
+    rejected half as often as measured, so no request explores (an exploring draft would cost a step's
+    draft work and teach the plan nothing it would act on); outputs stay plain decoding's."""
+    engine = _engine_under_cpu_like_costs(tiny_target, tiny_draft, tokenizer, monkeypatch)
+    planner = engine.planner
+    planner.step_s = 1e6
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    batch = engine.generate(prompts(8, 6), params, ADAPTIVE)
+    assert max(out.stats.steps for out in batch) > 16  # past the first exploration's due step
+    assert all(set(out.stats.steps_by_planned_budget) == {0} for out in batch) and planner.explore_s == 0
+    assert [out.token_ids for out in batch] == [out.token_ids for out in engine.generate(prompts(8, 6), params, None)]
 
 
 def test_a_step_where_few_requests_draft_is_priced_again(tiny_target, tiny_draft, tokenizer):
