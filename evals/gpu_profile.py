@@ -26,6 +26,7 @@ import torch
 
 from spruce.config import SamplingParams, SpeculationConfig
 from spruce.costmodel import AcceptanceProfile, CostCurve, plan_tree
+from spruce.stats import SpecStats
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -209,12 +210,15 @@ def engine_graphs(target, draft, batch: int, max_tokens: int, context: int) -> d
         del engine
     for name in ("plain", "tree"):
         a, b = tokens[(name, "off")], tokens[(name, "on")]
-        out[f"{name}_same_tokens"] = sum(x == y for p, q in zip(a, b) for x, y in zip(p, q))
+        out[f"{name}_same_tokens"] = _same_tokens(a, b)
     out["tokens_per_run"] = sum(len(t) for t in tokens[("plain", "off")])
-    out["tree_vs_plain_same_tokens_graphs_on"] = sum(
-        x == y for p, q in zip(tokens[("tree", "on")], tokens[("plain", "on")]) for x, y in zip(p, q)
-    )
+    out["tree_vs_plain_same_tokens_graphs_on"] = _same_tokens(tokens[("tree", "on")], tokens[("plain", "on")])
     return out
+
+
+def _same_tokens(a: list[list[int]], b: list[list[int]]) -> int:
+    """Positions at which two runs' outputs (request by request) hold the same token."""
+    return sum(x == y for p, q in zip(a, b) for x, y in zip(p, q))
 
 
 def engine_lossless(shapes: str, device: str, batches: list[int], max_tokens: int, context: int) -> dict:
@@ -252,7 +256,7 @@ def engine_lossless(shapes: str, device: str, batches: list[int], max_tokens: in
                     got = [o.token_ids for o in outs]
                     out["runs"].append({
                         "batch": batch, "draft": draft_name, "cuda_graphs": graphs, "speculation": name,
-                        "same_tokens": sum(x == y for p, q in zip(got, want) for x, y in zip(p, q)),
+                        "same_tokens": _same_tokens(got, want),
                         "tokens": sum(len(t) for t in want),
                         "identical_requests": sum(p == q for p, q in zip(got, want)),
                         "drafted": sum(o.stats.drafted for o in outs), "accepted": sum(o.stats.accepted for o in outs),
@@ -296,11 +300,14 @@ def engine_speed(target, draft, batches: list[int], max_tokens: int, context: in
                 outs = engine.generate(prompts, params, spec)
                 wall = time.perf_counter() - t0
                 row.setdefault(f"{name}_s", []).append(wall)
+                total = SpecStats()
+                for o in outs:
+                    total.merge(o.stats)
                 row[f"{name}_steps"] = max(o.stats.steps for o in outs)
-                row[f"{name}_accepted_per_step"] = sum(o.stats.accepted for o in outs) / max(1, sum(o.stats.steps for o in outs))
+                row[f"{name}_accepted_per_step"] = total.accepted / max(1, total.steps)
                 row[f"{name}_draft_s"] = sum(o.stats.draft_time_s for o in outs) / batch
                 row[f"{name}_verify_s"] = sum(o.stats.verify_time_s for o in outs) / batch
-                row[f"{name}_planned_budgets"] = _merged(o.stats.steps_by_planned_budget for o in outs)
+                row[f"{name}_planned_budgets"] = total.steps_by_planned_budget
         for name in ("tree", "default", "ngram"):
             row[f"{name}_vs_plain"] = [p / x for p, x in zip(row["plain_s"], row[f"{name}_s"])]
             row[f"{name}_step_vs_plain_step"] = (min(row[f"{name}_s"]) / row[f"{name}_steps"]) / (min(row["plain_s"]) / row["plain_steps"])
@@ -311,14 +318,6 @@ def engine_speed(target, draft, batches: list[int], max_tokens: int, context: in
         print(json.dumps(row), flush=True)
         del engine
     return {"rows": rows}
-
-
-def _merged(dicts) -> dict:
-    out: dict = {}
-    for d in dicts:
-        for k, v in d.items():
-            out[k] = out.get(k, 0) + v
-    return out
 
 
 def kernel_agreement(model, batch: int, n: int, context: int, kernel: str) -> dict:

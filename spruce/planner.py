@@ -173,7 +173,7 @@ class Planner:
         if not self._planned_this_step:
             return
         self.step_s += seconds
-        self.mean_step_s = seconds if not self.mean_step_s else (1 - COST_EMA) * self.mean_step_s + COST_EMA * seconds
+        self.mean_step_s = _ema(self.mean_step_s, seconds)
 
     @property
     def plan_every(self) -> int:
@@ -252,7 +252,7 @@ class Planner:
             t0 = time.perf_counter()
             plan = plan_tree(step_profile()[0], verify, self.draft_curve(batch), spec.budget, spec.depth, margin=PLAN_MARGIN)
             seconds = time.perf_counter() - t0
-            self.plan_s = seconds if not self.plan_s else (1 - COST_EMA) * self.plan_s + COST_EMA * seconds
+            self.plan_s = _ema(self.plan_s, seconds)
             if len(self._plans) >= MAX_PLANS:  # requests' own bounds vary: keep the table small
                 self._plans.clear()
             self._plans[key] = (plan, self._steps)
@@ -432,6 +432,11 @@ class Planner:
         one = min(timings)
         self.draft_costs.observe(1, one)
         self.draft_costs.observe(2, 2 * one)
+
+
+def _ema(mean: float, seconds: float) -> float:
+    """A moving average of timings (COST_EMA), starting at the first one (0.0: none yet)."""
+    return seconds if not mean else (1 - COST_EMA) * mean + COST_EMA * seconds
 
 
 class _BatchCurve:
