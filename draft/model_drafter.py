@@ -104,6 +104,7 @@ class ModelDrafter:
         capacity: int | None = None,
         kernel: str | None = None,
         graphs: bool = False,
+        host_rows: bool = False,
     ) -> None:
         """``vocab_size``: the target's logits width; draft logits are cut or padded to it, so a draft
         never proposes an id the target cannot score and its distributions line up with the target's.
@@ -111,8 +112,10 @@ class ModelDrafter:
         plus room for tree nodes). ``kernel="triton"``: levels and short feeds (at most
         ``KERNEL_MAX_FEED`` tokens per request) run through the tree-attention kernel, and with
         ``graphs`` replay CUDA graphs (``spruce.graphs``; one pool slot becomes their scratch slot);
-        else SDPA per request."""
+        else SDPA per request. ``host_rows``: the reference path, every frontier's whole logits rows
+        copied to the host and its top-k children chosen there (tests and side-by-side timing)."""
         self.model = model
+        self.host_rows = host_rows
         self.vocab_size = vocab_size
         use_backend(model, "sdpa")
         if capacity is None:
@@ -126,14 +129,18 @@ class ModelDrafter:
         # the last propose_batch's first pass (the pending committed tokens): seconds and tokens fed
         self.last_feed: tuple[float, int] = (0.0, 0)
 
-    def _logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """[F, V] draft logits on the CPU (tree building is small, sequential work), fit to the target's V."""
-        logits = logits.float().cpu()
+    def _fit(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft logits cut to the target's V where the draft's vocabulary is wider."""
         v = self.vocab_size
-        if v is None or logits.shape[-1] == v:
+        return logits[:, :v] if v is not None and logits.shape[-1] > v else logits
+
+    def _logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """[F, V] draft logits on the CPU (drawing children is small, sequential work), fit to the
+        target's V (padded with -inf where the draft's vocabulary is narrower)."""
+        logits = self._fit(logits).float().cpu()
+        v = self.vocab_size
+        if v is None or logits.shape[-1] >= v:
             return logits
-        if logits.shape[-1] > v:
-            return logits[:, :v]
         return torch.nn.functional.pad(logits, (0, v - logits.shape[-1]), value=float("-inf"))
 
     def new_state(self) -> DraftState:
@@ -170,8 +177,7 @@ class ModelDrafter:
         runs = [_Run(job) for job in jobs]
         t0 = time.perf_counter()
         fed, outs = self._feed_pending(runs)
-        for run, logits in zip(runs, outs):
-            run.logits = logits
+        self._take_rows(runs, outs)
         self.last_feed = (time.perf_counter() - t0, fed)
         level = 1
         active = [run for run in runs if run.depth >= 1]
@@ -180,8 +186,8 @@ class ModelDrafter:
             if not expanding:
                 break
             outs = self.forward([self._level_segment(run, level) for run in expanding])
-            for run, logits in zip(expanding, outs):
-                run.logits = self._logits(logits)
+            self._take_rows(expanding, outs)
+            for run in expanding:
                 run.job.state.levels += 1
             level += 1
             active = expanding
@@ -201,15 +207,21 @@ class ModelDrafter:
         config = job.config
         if run.sampled and run.static is None and config.budget - tree.num_draft_nodes <= 0:
             return False
-        logq = tree.draft_logprobs(run.logits, job.sampling, keep_rows=run.sampled)
         if run.static is not None:
             counts = [run.static.get(tree.paths[f], 0) for f in tree.frontier]
-            picks = select_static(logq, counts, run.generator)
-        elif run.sampled and run.generator is not None:
-            picks = select_sampled(logq, config.top_k, config.budget - tree.num_draft_nodes, run.generator)
         else:
-            picks = select_expand(logq, config.top_k)
-        new_nodes = tree.add(picks, logq)
+            counts = [config.top_k] * len(tree.frontier)
+        if run.generator is not None:
+            assert job.sampling is not None
+            logq = tree.sampled_logprobs(run.logits, job.sampling)
+            if run.static is not None:
+                drawn = select_static(logq, counts, run.generator)
+            else:
+                drawn = select_sampled(logq, config.top_k, config.budget - tree.num_draft_nodes, run.generator)
+            picks = [(f, token, float(logq[f, token])) for f, token in drawn]
+        else:
+            picks = top_picks(*run.top, counts)
+        new_nodes = tree.add(picks)
         tree.advance(new_nodes, config.top_k, run.static)
         return (
             level < run.depth
@@ -240,7 +252,28 @@ class ModelDrafter:
             state.node_slots = {}
             state.levels = 1
         fed = sum(int(seg.tokens.numel()) for seg in segments)
-        return fed, [self._logits(out) for out in self.forward(segments)]
+        return fed, self.forward(segments)
+
+    def _take_rows(self, runs: list[_Run], outs: list[torch.Tensor]) -> None:
+        """Give each run its frontier's draft distribution from its rows of a draft pass: the whole rows
+        on the host where children are drawn, else only the best ``k`` log q per row and their tokens,
+        computed where the pass ran (one [F, k] copy to the host instead of [F, V]: top-k children need
+        nothing else). ``host_rows``: the reference, every run's whole rows on the host first."""
+        top = [(run, out) for run, out in zip(runs, outs) if run.generator is None]
+        for run, out in zip(runs, outs):
+            if run.generator is not None:
+                run.logits = self._logits(out)
+        if not top:
+            return
+        k = max(run.k for run, _ in top)
+        parts = [top_logprobs(self._logits(out) if self.host_rows else self._fit(out), k, run.job.sampling) for run, out in top]
+        values = torch.cat([v for v, _ in parts]).cpu()
+        indices = torch.cat([i for _, i in parts]).cpu()
+        g = 0
+        for (run, _), (v, _) in zip(top, parts):
+            n = v.shape[0]
+            run.top = (values[g : g + n].tolist(), indices[g : g + n].tolist())
+            g += n
 
     def forward(self, segments: list[Segment]) -> list[torch.Tensor]:
         """One packed draft forward: through the kernel (a graph where one serves it) when every segment
@@ -253,22 +286,29 @@ class ModelDrafter:
     def _level_segment(self, run: _Run, level: int) -> Segment:
         """The frontier (all at one depth), after the committed tokens and earlier levels' nodes."""
         state, tree = run.job.state, run.tree
-        so_far = TokenTree.from_parents(tree.tokens, tree.parents)
         nodes = tree.frontier
         slotted = sorted(state.node_slots, key=state.node_slots.__getitem__)
-        # [F, S + F]: each new node sees forwarded ancestors (by slot order) and itself
-        cols = torch.tensor(slotted + nodes, dtype=torch.long)
-        visible = so_far.ancestor_mask[torch.tensor(nodes)][:, cols]
+        # [F, S + F]: each new node sees its forwarded ancestors (by slot order) and itself; the root is
+        # the last committed token, never a column
+        column = {node: j for j, node in enumerate(slotted + nodes)}
+        visible = []
+        for node in nodes:
+            row = [False] * len(column)
+            while node > 0:
+                if node in column:
+                    row[column[node]] = True
+                node = tree.parents[node]
+            visible.append(row)
         base = len(state.node_slots)
         for i, node in enumerate(nodes):
             state.node_slots[node] = base + i
         position = state.committed + level - 1
         return Segment(
             state.slot,
-            so_far.tokens[torch.tensor(nodes)],
+            torch.tensor([tree.tokens[node] for node in nodes], dtype=torch.long),
             torch.full((len(nodes),), position, dtype=torch.long),
             full=state.committed - state.offset,
-            tail=visible,
+            tail=torch.tensor(visible, dtype=torch.bool),
         )
 
     def _finish(self, run: _Run) -> Proposal:
@@ -309,9 +349,13 @@ class _Run:
         self.sampled = job.sampling is not None and config.sampled_children
         self.depth = ModelDrafter.max_levels(config, job.max_depth)
         self.generator = job.sampling.generator if self.sampled and job.sampling is not None else None
+        # children per frontier node when they are the draft's top-k (not drawn)
+        self.k = max(self.static.values()) if self.static is not None else config.top_k
         self.tree = _TreeBuilder(job.tokens[-1])
-        # [F, V] draft logits at the current frontier
+        # [F, V] draft logits at the current frontier (drawn children)
         self.logits = torch.zeros(0)
+        # ([F][k] log q, [F][k] token ids), best first, at the current frontier (top-k children)
+        self.top: tuple[list[list[float]], list[list[int]]] = ([], [])
 
 
 class _TreeBuilder:
@@ -335,29 +379,27 @@ class _TreeBuilder:
     def num_draft_nodes(self) -> int:
         return len(self.tokens) - 1
 
-    def draft_logprobs(self, logits: torch.Tensor, sampling: DraftSampling | None, keep_rows: bool) -> torch.Tensor:
-        """[F, V] log q at the frontier: plain softmax for greedy trees, processed q when sampling
-        (kept per node when ``keep_rows``: verification needs what sampled children were drawn from)."""
-        if sampling is None:
-            return torch.log_softmax(logits, dim=-1)
+    def sampled_logprobs(self, logits: torch.Tensor, sampling: DraftSampling) -> torch.Tensor:
+        """[F, V] log q at the frontier, q the processed draft distribution, kept per node: verification
+        needs what sampled children were drawn from."""
         q = sampling_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-        if keep_rows:
-            self.expanded.update({node: q[i] for i, node in enumerate(self.frontier)})
+        self.expanded.update({node: q[i] for i, node in enumerate(self.frontier)})
         return q.log()
 
-    def add(self, picks: list[tuple[int, int]], logq: torch.Tensor) -> list[int]:
-        """Append the picked (frontier index, token) children; returns their node indices."""
+    def add(self, picks: list[tuple[int, int, float]]) -> list[int]:
+        """Append the picked (frontier index, token, log q) children; returns their node indices."""
         new_nodes, new_cum = [], []
-        for rank, (f, token) in _ranked(picks):
-            if not torch.isfinite(logq[f, token]):
+        cum = self.cum.tolist()
+        for rank, (f, token, logq) in _ranked(picks):
+            if not math.isfinite(logq):
                 continue  # filtered out by top-k / top-p: the target can never accept it
             parent = self.frontier[f]
             new_nodes.append(len(self.tokens))
             self.tokens.append(token)
             self.parents.append(parent)
             self.paths.append(self.paths[parent] + (rank,))
-            self.logprobs.append(float(logq[f, token]))
-            new_cum.append(float(self.cum[f] + logq[f, token]))
+            self.logprobs.append(logq)
+            new_cum.append(cum[f] + logq)
             self.cums.append(new_cum[-1])
         self._new_cum = torch.tensor(new_cum)
         return new_nodes
@@ -419,15 +461,28 @@ class DraftSampling:
     generator: torch.Generator
 
 
-def select_expand(
-    # [F, V] draft log-probabilities at the frontier
-    logq: torch.Tensor,
-    top_k: int,
-) -> list[tuple[int, int]]:
-    """(frontier index, token): the ``top_k`` most likely children of every frontier node, in rank order."""
-    k = min(top_k, logq.shape[-1])
-    top = logq.topk(k, dim=-1).indices
-    return [(f, int(t)) for f in range(logq.shape[0]) for t in top[f]]
+def top_logprobs(
+    # [F, V] draft logits, on any device
+    logits: torch.Tensor,
+    k: int,
+    sampling: DraftSampling | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([F, k] log q, [F, k] token ids), best first, computed where ``logits`` are: q the draft's
+    softmax (greedy trees) or its processed distribution (sampling with top-k children; filtered
+    tokens at -inf)."""
+    x = logits.float()
+    if sampling is None:
+        logq = torch.log_softmax(x, dim=-1)
+    else:
+        logq = sampling_probs(x, sampling.temperature, sampling.top_k, sampling.top_p).log()
+    values, indices = logq.topk(min(k, x.shape[-1]), dim=-1)
+    return values, indices
+
+
+def top_picks(values: list[list[float]], indices: list[list[int]], counts: list[int]) -> list[tuple[int, int, float]]:
+    """(frontier index, token, log q): the ``counts[f]`` most likely children of frontier node f, in rank
+    order, from its best-first top-k rows."""
+    return [(f, indices[f][r], values[f][r]) for f, k in enumerate(counts) for r in range(min(k, len(indices[f])))]
 
 
 def select_sampled(
@@ -459,28 +514,24 @@ def select_static(
     logq: torch.Tensor,
     # children wanted per frontier node (a static shape decides them before any draw)
     counts: list[int],
-    generator: torch.Generator | None,
+    generator: torch.Generator,
 ) -> list[tuple[int, int]]:
-    """(frontier index, token): the ``counts[f]`` most likely tokens of node f (greedy), or its first
-    ``counts[f]`` draws without replacement (sampling), in rank order."""
+    """(frontier index, token): the first ``counts[f]`` draws without replacement from node f, in rank
+    order."""
     picks: list[tuple[int, int]] = []
     for f, k in enumerate(counts):
-        if k <= 0:
-            continue
-        if generator is None:
-            picks.extend((f, int(t)) for t in logq[f].topk(min(k, logq.shape[-1])).indices)
-        else:
+        if k > 0:
             picks.extend((f, t) for _, t in select_sampled(logq[f : f + 1], k, k, generator))
     return picks
 
 
-def _ranked(picks: list[tuple[int, int]]):
+def _ranked(picks: list[tuple[int, int, float]]):
     """Yield (rank among the picks of the same frontier node, pick), in order."""
     seen: dict[int, int] = {}
-    for f, token in picks:
-        rank = seen.get(f, 0)
-        seen[f] = rank + 1
-        yield rank, (f, token)
+    for pick in picks:
+        rank = seen.get(pick[0], 0)
+        seen[pick[0]] = rank + 1
+        yield rank, pick
 
 
 def _static_children(paths: tuple[tuple[int, ...], ...]) -> dict[tuple[int, ...], int]:

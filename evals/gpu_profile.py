@@ -15,7 +15,10 @@ equals acceptance on the CPU (same models), but the shapes stand in for the real
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import sys
 import time
 import traceback
@@ -275,7 +278,10 @@ def engine_speed(target, draft, batches: list[int], max_tokens: int, context: in
     draft's and the target's share of it. With random weights the draft agrees with the target about
     never: the tree rows measure what a step costs, the default row whether the adaptive plan finds that
     speculation does not pay (it must not be slower than plain). The n-gram row drafts from the text
-    itself, with the acceptance the random target's output gives it."""
+    itself, with the acceptance the random target's output gives it. ``tree_host_rows``: the fixed tree
+    with the drafter's reference path (every frontier's whole logits rows to the host), against its
+    top-k children chosen on the device. ``*_draft_pass_s``: the draft's passes alone (synchronized
+    after each), the rest of ``*_draft_s`` being host work between them."""
     from spruce.evals.tiny import byte_tokenizer
 
     from spruce.config import EngineConfig
@@ -286,16 +292,39 @@ def engine_speed(target, draft, batches: list[int], max_tokens: int, context: in
     rows = []
     for batch in batches:
         engine = Engine(target, byte_tokenizer(), draft, EngineConfig(max_batch_size=batch, max_seq_len=context, attention_backend="triton", cuda_graphs="auto"))
+        drafter = engine.drafter
+        assert drafter is not None
+        pass_s = [0.0]
+        forward = drafter.forward
+
+        def timed_forward(segments, forward=forward, pass_s=pass_s):
+            t0 = time.perf_counter()
+            out = forward(segments)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            pass_s[0] += time.perf_counter() - t0
+            return out
+
+        drafter.forward = timed_forward  # type: ignore[method-assign]
         prompts = [[10 + i, 11, 12, 13] for i in range(batch)]
         # n-gram drafting needs no draft model: its acceptance is that of the random target's own
         # (repetitive) greedy text, a real one, unlike the random draft's
-        configs = (("plain", None), ("tree", tree), ("default", DEFAULT), ("ngram", SpeculationConfig(drafter="ngram", ngram_budget=8)))
+        configs = (
+            ("plain", None, False),
+            ("tree", tree, False),
+            ("tree_host_rows", tree, True),
+            ("default", DEFAULT, False),
+            ("ngram", SpeculationConfig(drafter="ngram", ngram_budget=8), False),
+        )
 
-        for _, spec in configs:  # warm-up: captures, calibration
+        for _, spec, host_rows in configs:  # warm-up: captures, calibration
+            drafter.host_rows = host_rows
             engine.generate(prompts, params, spec)
         row: dict[str, Any] = {"batch": batch, "max_tokens": max_tokens, "cuda_graphs": engine.graphs is not None}
         for r in range(rounds):
-            for name, spec in configs:
+            for name, spec, host_rows in configs:
+                drafter.host_rows = host_rows
+                pass_s[0] = 0.0
                 t0 = time.perf_counter()
                 outs = engine.generate(prompts, params, spec)
                 wall = time.perf_counter() - t0
@@ -306,11 +335,14 @@ def engine_speed(target, draft, batches: list[int], max_tokens: int, context: in
                 row[f"{name}_steps"] = max(o.stats.steps for o in outs)
                 row[f"{name}_accepted_per_step"] = total.accepted / max(1, total.steps)
                 row[f"{name}_draft_s"] = sum(o.stats.draft_time_s for o in outs) / batch
+                row[f"{name}_draft_pass_s"] = pass_s[0]
                 row[f"{name}_verify_s"] = sum(o.stats.verify_time_s for o in outs) / batch
                 row[f"{name}_planned_budgets"] = total.steps_by_planned_budget
-        for name in ("tree", "default", "ngram"):
+        drafter.host_rows = False
+        for name in ("tree", "tree_host_rows", "default", "ngram"):
             row[f"{name}_vs_plain"] = [p / x for p, x in zip(row["plain_s"], row[f"{name}_s"])]
             row[f"{name}_step_vs_plain_step"] = (min(row[f"{name}_s"]) / row[f"{name}_steps"]) / (min(row["plain_s"]) / row["plain_steps"])
+        row["tree_vs_tree_host_rows"] = [h / x for h, x in zip(row["tree_host_rows_s"], row["tree_s"])]
         tel = engine.speculation_telemetry()
         row["graphs"] = tel["cuda_graphs"]
         row["draft_graphs"] = tel["draft_cuda_graphs"]
@@ -318,6 +350,50 @@ def engine_speed(target, draft, batches: list[int], max_tokens: int, context: in
         print(json.dumps(row), flush=True)
         del engine
     return {"rows": rows}
+
+
+def step_profile(target, draft, batches: list[int], max_tokens: int, context: int, rows: int = 25) -> dict:
+    """torch.profiler over one warm fixed-tree run per batch size (CUDA graphs on): the operators with the
+    most host time and the most device time, as tables. Says where a step's time goes when the device
+    waits for the host (a graphed draft level on a GPU)."""
+    from spruce.evals.tiny import byte_tokenizer
+    from torch.profiler import ProfilerActivity, profile
+
+    from spruce.config import EngineConfig
+    from spruce.engine import Engine
+
+    tree = SpeculationConfig(depth=4, top_k=2, budget=8)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    out: dict[str, Any] = {}
+    for batch in batches:
+        engine = Engine(target, byte_tokenizer(), draft, EngineConfig(max_batch_size=batch, max_seq_len=context, attention_backend="triton", cuda_graphs="auto"))
+        prompts = [[10 + i, 11, 12, 13] for i in range(batch)]
+        engine.generate(prompts, params, tree)  # warm-up: captures
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            outs = engine.generate(prompts, params, tree)
+            wall = time.perf_counter() - t0
+        averages = prof.key_averages()
+        steps = max(o.stats.steps for o in outs)
+        # the same run under cProfile: host time by Python function (the operator tables above do not
+        # see the Python between operators)
+        py = cProfile.Profile()
+        py.enable()
+        engine.generate(prompts, params, tree)
+        py.disable()
+        text = io.StringIO()
+        pstats.Stats(py, stream=text).strip_dirs().sort_stats("tottime").print_stats(rows)
+        out[str(batch)] = {
+            "wall_s": wall,
+            "steps": steps,
+            "by_host_time": averages.table(sort_by="self_cpu_time_total", row_limit=rows),
+            "by_device_time": averages.table(sort_by="self_cuda_time_total", row_limit=rows) if torch.cuda.is_available() else "",
+            "python_by_tottime": text.getvalue(),
+        }
+        print(f"== B={batch}: {wall / steps * 1e3:.1f} ms per step (profiled)\n{out[str(batch)]['by_host_time']}", flush=True)
+        del engine
+    return out
 
 
 def kernel_agreement(model, batch: int, n: int, context: int, kernel: str) -> dict:
@@ -456,6 +532,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.lossless:
             section("engine_lossless_float32", lambda: engine_lossless(args.lossless_shapes, args.device, [1, 8], min(32, args.overhead_tokens), 512))
         section("engine_speed", lambda: engine_speed(target, draft, args.overhead_batches, args.overhead_tokens, args.context, args.engine_rounds))
+        if args.step_profile:
+            section("step_profile", lambda: step_profile(target, draft, sorted({args.overhead_batches[0], args.overhead_batches[-1]}), args.overhead_tokens, args.context))
         return report
     if args.engine_only:
         section("engine_graphs", lambda: [engine_graphs(target, draft, b, args.overhead_tokens, args.context) for b in args.overhead_batches])
@@ -544,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lossless-shapes", default="1.5b", choices=sorted(SHAPES))
     p.add_argument("--engine-rounds", type=int, default=2, help="with --engine-checks: timed rounds of each configuration")
     p.add_argument("--lossless", action=argparse.BooleanOptionalAction, default=True, help="with --engine-checks: the float32 output checks")
+    p.add_argument("--step-profile", action="store_true", help="with --engine-checks: torch.profiler tables of a fixed-tree run")
     p.add_argument("--overhead-batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--overhead-tokens", type=int, default=32)
     p.add_argument("--budget", type=int, default=64)

@@ -65,6 +65,15 @@ for row in sp.get("rows", []):
         row["batch"], row["cuda_graphs"], [round(x, 2) for x in row["tree_vs_plain"]], [round(x, 2) for x in row["default_vs_plain"]],
         [round(x, 2) for x in row["ngram_vs_plain"]], row["ngram_accepted_per_step"],
         row["tree_step_vs_plain_step"], row["default_planned_budgets"], {k: row["draft_graphs"][k] for k in ("graphs", "passes", "failures")} if row["draft_graphs"] else None))
+    if "tree_vs_tree_host_rows" in row:
+        steps = row["tree_steps"]
+        print("  tree, device top-k vs host rows: %s; draft ms/step %.1f (passes %.1f) vs host rows %.1f (passes %.1f)" % (
+            [round(x, 2) for x in row["tree_vs_tree_host_rows"]], row["tree_draft_s"] / steps * 1e3, row["tree_draft_pass_s"] / steps * 1e3,
+            row["tree_host_rows_draft_s"] / steps * 1e3, row["tree_host_rows_draft_pass_s"] / steps * 1e3))
+for batch, prof in r.get("step_profile", {}).items():
+    if isinstance(prof, dict) and "by_host_time" in prof:
+        with open(sys.argv[1].replace(".json", "_profile_B%s.txt" % batch), "w") as f:
+            f.write("%.1f ms per step\n%s\n%s\n%s\n" % (prof["wall_s"] / prof["steps"] * 1e3, prof["by_host_time"], prof["by_device_time"], prof["python_by_tottime"]))
 PY
 fi
 if [ "${SPLITS:-0}" = 1 ]; then

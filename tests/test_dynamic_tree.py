@@ -85,3 +85,54 @@ def test_confidence_threshold_stops_expansion(tiny_draft):
     full_state = drafter.new_state()
     full = drafter.propose(full_state, tokens, SpeculationConfig(depth=4, top_k=2, budget=6), 4).tree
     assert full.max_depth > 1 and full_state.levels > 1
+
+
+@pytest.mark.parametrize("vocab", [None, 250], ids=["same_vocab", "wider_draft"])
+def test_top_children_on_the_device_equal_whole_rows_on_the_host(tiny_draft, vocab):
+    """Top-k children chosen from [F, k] rows computed where the draft ran (one small copy per pass)
+    build the same trees as the reference that copies every frontier's whole [F, V] logits to the host:
+    a batch mixing greedy dynamic and static trees, a processed top-k tree and a drawn one, over three
+    steps with commits (the drafts' caches stay in step too)."""
+    import copy
+
+    from spruce.draft.model_drafter import DraftJob
+
+    model = copy.deepcopy(tiny_draft).to("cuda" if torch.cuda.is_available() else "cpu")
+    specs = [
+        SpeculationConfig(depth=3, top_k=2, budget=5),
+        SpeculationConfig(tree_paths=((0,), (1,), (0, 0), (0, 1), (0, 0, 0))),
+        SpeculationConfig(depth=3, top_k=3, budget=6, sampled_children=False),
+        SpeculationConfig(depth=3, top_k=2, budget=5),
+    ]
+    samplings = [None, None, (0.8, 5, 0.9), (0.7, 0, 1.0)]
+    fast, reference = ModelDrafter(model, vocab, num_slots=4), ModelDrafter(model, vocab, num_slots=4, host_rows=True)
+    runs = []
+    for drafter in (fast, reference):
+        states = [drafter.new_state() for _ in specs]
+        gens = [torch.Generator().manual_seed(5 + i) for i in range(len(specs))]
+        runs.append((drafter, states, gens))
+    tokens = [prompts(1, 20 + i)[0] + [7] for i in range(len(specs))]
+    for step in range(3):
+        trees = []
+        for drafter, states, gens in runs:
+            jobs = [
+                DraftJob(st, list(toks), spec, 3, None if s is None else DraftSampling(*s, generator=gen))
+                for st, toks, spec, s, gen in zip(states, tokens, specs, samplings, gens)
+            ]
+            trees.append(drafter.propose_batch(jobs))
+        for got, want in zip(*trees):
+            assert got.tree.tokens.tolist() == want.tree.tokens.tolist(), f"step {step}"
+            assert got.tree.parents.tolist() == want.tree.parents.tolist()
+            assert torch.allclose(got.tree.draft_logprobs, want.tree.draft_logprobs, atol=1e-5)
+            assert (got.draft_probs is None) == (want.draft_probs is None)
+            if got.draft_probs is not None:
+                assert torch.equal(got.draft_probs, want.draft_probs)
+        assert any(p.tree.num_nodes > 1 for p in trees[0])
+        # accept each tree's first child (where there is one), as verification would, then one more token
+        for i, proposal in enumerate(trees[0]):
+            path = [0, 1] if proposal.tree.num_nodes > 1 else [0]
+            for drafter, states, _ in runs:
+                drafter.commit(states[i], path)
+            tokens[i] += [int(proposal.tree.tokens[n]) for n in path[1:]] + [11 + step]
+    if vocab is not None:
+        assert all(int(t) < vocab for p in trees[0] for t in p.tree.tokens[1:])
