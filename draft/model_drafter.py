@@ -266,7 +266,20 @@ class ModelDrafter:
         if not top:
             return
         k = max(run.k for run, _ in top)
-        parts = [top_logprobs(self._logits(out) if self.host_rows else self._fit(out), k, run.job.sampling) for run, out in top]
+        if self.host_rows:
+            parts = [top_logprobs(self._logits(out), k, run.job.sampling) for run, out in top]
+        else:
+            # the greedy runs' rows in one product (on a GPU a batch of requests is then a few kernels,
+            # not a few per request); processed distributions per run
+            greedy = [out for run, out in top if run.job.sampling is None]
+            values, indices = top_logprobs(self._fit(torch.cat(greedy)), k, None) if greedy else (torch.zeros(0), torch.zeros(0))
+            parts, g = [], 0
+            for run, out in top:
+                if run.job.sampling is None:
+                    parts.append((values[g : g + out.shape[0]], indices[g : g + out.shape[0]]))
+                    g += out.shape[0]
+                else:
+                    parts.append(top_logprobs(self._fit(out), k, run.job.sampling))
         values = torch.cat([v for v, _ in parts]).cpu()
         indices = torch.cat([i for _, i in parts]).cpu()
         g = 0
