@@ -50,7 +50,8 @@ class TokenTree:
         n = tokens.numel()
         # Python lists, then one tensor: per-node tensor indexing cost ~20 us a node, and trees are built
         # on the host every step (a 9-node tree: 180 -> 20 us)
-        depth, rows = [0] * n, []
+        depth = [0] * n
+        rows: list[list[bool]] = []
         for i, p in enumerate(parents.tolist()):
             if i == 0:
                 if p != ROOT_PARENT:

@@ -22,6 +22,7 @@ Reported per configuration and concurrency:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -123,6 +124,16 @@ def summarize(runs: list[dict]) -> dict:
     }
 
 
+def _spec(name: str, default: SpeculationConfig | None) -> SpeculationConfig | None:
+    """A configuration by name: ``default`` (the engine's), ``default+prefill`` (the engine's, drafting
+    before the prefill pass too), or one of ``bench_spec``'s forms."""
+    if name == "default":
+        return default
+    if name == "default+prefill":
+        return None if default is None else dataclasses.replace(default, draft_on_prefill=True)
+    return parse_spec(name, default)
+
+
 def run(args: argparse.Namespace) -> dict:
     from spruce.engine import Engine
 
@@ -132,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
     configs: dict[str, SpeculationConfig | None] = {BASELINE: None}
     for name in args.configs:
         if name != BASELINE:
-            configs[name] = parse_spec(name, engine.default_speculation) if name != "default" else engine.default_speculation
+            configs[name] = _spec(name, engine.default_speculation)
     prompts = load_prompts(args.prompts, per_category=args.per_category)
     encoded, skipped = [], 0
     for p in _interleave(prompts):
@@ -227,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-category", type=int, help="first N prompts of each category")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--configs", nargs="+", default=[BASELINE, "tree:3:2:4", "default"],
-                   help="plain, default (the engine's: adaptive), or bench_spec's forms (chain:N, tree:D:K:B, auto, ...)")
+                   help="plain, default (the engine's: adaptive), default+prefill (drafting before the prefill pass too), or bench_spec's forms (chain:N, tree:D:K:B, auto, ...)")
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1,
                    help="run every configuration this many times per concurrency, alternating (ratios per round are reported)")

@@ -32,10 +32,14 @@ def parse_spec(text: str, default: SpeculationConfig | None = None) -> Speculati
     """``chain:N``, ``tree:DEPTH:TOPK:BUDGET`` (dynamic), ``static:0/1/00/10`` (sibling-rank paths),
     ``auto`` or ``auto:DEPTH:BUDGET`` (the cost model within those bounds; bare ``auto`` takes the
     default's), ``ngram:BUDGET``, and a model shape plus n-gram branches (``tree:3:2:4+ngram:2``). A
-    ``:topk`` suffix on a model shape makes sampling use the draft's top-k instead of drawn children."""
+    ``:topk`` suffix on a model shape makes sampling use the draft's top-k instead of drawn children;
+    a ``+prefill`` part drafts before the prefill pass too (``SpeculationConfig.draft_on_prefill``)."""
     fields: dict = {}
     for part in text.split("+"):
         kind, *nums = part.split(":")
+        if kind == "prefill" and not nums:
+            fields["draft_on_prefill"] = True
+            continue
         if nums and nums[-1] == "topk":
             fields["sampled_children"] = False
             nums = nums[:-1]

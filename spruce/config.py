@@ -89,6 +89,11 @@ class SpeculationConfig:
     dropped): a cheaper catch-up for a draft that may propose a little worse. The target still verifies
     every token, so the output is unchanged. Adaptive speculation sets it when reading everything
     would cost more than the expected saving allows (``spruce.costmodel.catch_up_tokens``).
+
+    ``draft_on_prefill``: the draft model reads the prompt and proposes a tree before the pass that
+    prefills the request, so its first pass can commit several tokens. Off (the default), that pass
+    carries n-gram branches at most and the first token comes as soon as plain decoding's would; the
+    draft catches up on the next step. On: fewer passes per request, a later first token.
     """
 
     drafter: str = "model"
@@ -111,6 +116,7 @@ class SpeculationConfig:
     adaptive: bool = False
     # the draft model reads at most this many of the latest committed tokens when it catches up (0: all)
     draft_window: int = 0
+    draft_on_prefill: bool = False
 
     def __post_init__(self) -> None:
         if self.tree_paths is not None:

@@ -6,7 +6,8 @@ tree per request rooted at its last committed token (draft forwards batched acro
 pass verifies every node of every tree (ragged: each request its own prefix length, tree and mask), and
 each request commits its accepted root path plus the bonus token; both KV slots keep exactly that path.
 A newly admitted request's prompt rides in that same pass (prefill and first verification share one
-read of the weights), so its first tokens come from its first pass. A
+read of the weights), so its first tokens come from its first pass; that pass carries no draft-model
+tree unless ``SpeculationConfig.draft_on_prefill`` (the first token waits for no draft). A
 request leaves the batch, and frees its slots, the moment it finishes, is aborted or fails.
 ``speculation=None`` runs the same loop with a root-only tree: plain target decoding, the baseline.
 
@@ -714,6 +715,14 @@ class Engine:
     def _step_spec(self, req: Request, batch: int) -> SpeculationConfig | None:
         spec = req.spec
         req.policy = None
+        if spec is not None and spec.uses_model and not req.prefilled and not spec.draft_on_prefill:
+            # no draft model before the prefill pass: the first token as soon as plain decoding's (the
+            # draft reading the prompt and building a tree cost 0.5 s of it at 1 request on a 2-core CPU)
+            if spec.adaptive and req.adaptive:
+                req.stats.record_plan(0)
+            if not spec.uses_ngram:
+                return None
+            return self.planner.ngram_only(req, spec, batch) if spec.adaptive else dataclasses.replace(spec, drafter="ngram")
         if spec is not None and spec.adaptive:
             spec = self.planner.plan(req, spec, batch) if req.adaptive else self._seeded_tree(spec)
         return spec

@@ -229,7 +229,7 @@ class Planner:
         """
         if not (spec.uses_model and self.drafter is not None):
             fixed = dataclasses.replace(spec, adaptive=False)
-            return self._ngram_only(req, fixed, batch) if spec.uses_ngram else fixed
+            return self.ngram_only(req, fixed, batch) if spec.uses_ngram else fixed
         if not self.draft_costs.known:
             self.calibrate(dataclasses.replace(spec, adaptive=False))
         sampling, context = not req.params.greedy, context_bucket(req.confidence)
@@ -275,7 +275,7 @@ class Planner:
         self._drafted_this_step |= budget > 0
         req.stats.record_plan(budget, plan.expected_tokens)
         if budget == 0:
-            return self._ngram_only(req, dataclasses.replace(spec, adaptive=False), batch) if spec.uses_ngram else None
+            return self.ngram_only(req, dataclasses.replace(spec, adaptive=False), batch) if spec.uses_ngram else None
         fixed = dataclasses.replace(spec, adaptive=False)
         if window and not 0 < fixed.draft_window <= window:  # a request's own smaller window stands
             fixed = dataclasses.replace(fixed, draft_window=window)
@@ -322,7 +322,7 @@ class Planner:
             if not planned[plan.budget]:
                 del planned[plan.budget]
             req.stats.record_plan(0)
-            specs[i] = self._ngram_only(req, spec, batch) if spec.uses_ngram else None
+            specs[i] = self.ngram_only(req, spec, batch) if spec.uses_ngram else None
         explorer = index.get(id(self._explorer))
         self._drafted_this_step = explorer is not None and specs[explorer] is not None
         return specs
@@ -343,7 +343,7 @@ class Planner:
         drafted, planned = self.keep_drafting.get(batch, (1.0, 1.0))
         return drafted / planned
 
-    def _ngram_only(self, req: Any, spec: SpeculationConfig, batch: int) -> SpeculationConfig | None:
+    def ngram_only(self, req: Any, spec: SpeculationConfig, batch: int) -> SpeculationConfig | None:
         """No draft model this step: the n-gram tokens worth verifying, from the request's measured
         n-gram acceptance (shrunk toward all requests') and the verify curve at this batch size; None
         (plain decoding) when none pays."""

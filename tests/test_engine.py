@@ -3,6 +3,8 @@ consistent, stop conditions and stats hold, and bad input fails clearly."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import EOS_ID, TINY_VOCAB, assert_close
@@ -67,6 +69,33 @@ def test_bad_draft_is_still_lossless(tiny_target, bad_draft, tokenizer, spec):
         base = engine.generate([prompt], params, speculation=None)[0]
         fast = engine.generate([prompt], params, speculation=spec)[0]
         assert fast.token_ids == base.token_ids
+
+
+@pytest.mark.parametrize("on_prefill", [False, True], ids=["default", "draft_on_prefill"])
+def test_prefill_pass_carries_a_draft_tree_only_when_asked(tiny_target, tokenizer, on_prefill):
+    """By default the pass that prefills a request verifies no draft-model tree, so its first token waits
+    for no draft reading the prompt; with ``draft_on_prefill`` the draft proposes before it and that
+    pass commits several tokens. The same tokens either way."""
+    engine = Engine(tiny_target, tokenizer, tiny_target)  # the target as its own draft: every draft is accepted
+    prompt = prompts(1, 3)[0]
+    params = SamplingParams(max_tokens=21, ignore_eos=True)
+    spec = dataclasses.replace(SpeculationConfig.chain(4), draft_on_prefill=on_prefill)
+    events = list(engine.stream(prompt, params, spec))
+    assert len(events[0].token_ids) == (5 if on_prefill else 1)
+    out = events[-1].output
+    assert out is not None and out.token_ids == engine.generate([prompt], params, None)[0].token_ids
+    # 21 tokens: 1 + 4 x 5 (the prefill pass plain), or 4 x 5 + 1 (the last step has no room to draft)
+    assert out.stats.acceptance_rate == 1.0 and out.stats.accepted == 16 and out.stats.steps == 5
+
+
+def test_prefill_pass_keeps_ngram_branches(tiny_engine):
+    """With drafter "both" the prefill pass still verifies the n-gram branch (a lookup reads nothing
+    first), only the draft model waits for the next step."""
+    spec = SpeculationConfig(drafter="both", depth=1, top_k=1, budget=1, ngram_budget=1)
+    # the prompt repeats "5 6 7" followed by 8: the lookup proposes 8 after the last 7; at most 2
+    # tokens, so only the prefill pass may draft (a deeper tree than remaining - 1 is never built)
+    out = tiny_engine.generate([[5, 6, 7, 8, 5, 6, 7]], SamplingParams(max_tokens=2, ignore_eos=True), spec)[0]
+    assert out.stats.drafted == 1
 
 
 def test_draft_equal_target_accepts_all(tiny_target, tokenizer):
