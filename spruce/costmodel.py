@@ -119,22 +119,29 @@ class AcceptanceProfile:
         on_path = set(accepted_nodes)
         parents = tree.parents.tolist()
         depth = tree.depth.tolist()
+        excluded = exclude.tolist() if exclude is not None else None
         ranks: dict[int, int] = {}
-        cells = []
+        rows, cols, hits = [], [], []
         for node in range(1, tree.num_nodes):
             rank = ranks.get(parents[node], 0)
             ranks[parents[node]] = rank + 1
-            if exclude is not None and bool(exclude[node]):
+            if excluded is not None and excluded[node]:
                 continue
             if parents[node] in on_path:
-                cells.append((min(depth[node], MAX_DEPTH) - 1, min(rank, MAX_RANK - 1), node in on_path))
+                rows.append(min(depth[node], MAX_DEPTH) - 1)
+                cols.append(min(rank, MAX_RANK - 1))
+                hits.append(float(node in on_path))
+        if not rows:
+            return
+        # one scatter-add per table (the host does this for every request every step)
+        index = (torch.tensor(rows), torch.tensor(cols))
+        ones, hit = torch.ones(len(rows), dtype=torch.float64), torch.tensor(hits, dtype=torch.float64)
         with self._lock:
-            for d, r, hit in cells:
-                self.tried[d, r] += 1
-                self.accepted[d, r] += hit
-                if context is not None:
-                    self.ctx_tried[context, d, r] += 1
-                    self.ctx_accepted[context, d, r] += hit
+            self.tried.index_put_(index, ones, accumulate=True)
+            self.accepted.index_put_(index, hit, accumulate=True)
+            if context is not None:
+                self.ctx_tried[context].index_put_(index, ones, accumulate=True)
+                self.ctx_accepted[context].index_put_(index, hit, accumulate=True)
 
     def rates(self, context: int | None = None) -> torch.Tensor:
         """[MAX_DEPTH, MAX_RANK] smoothed a[d][r], non-increasing in r; with ``context``, the rates
