@@ -6,7 +6,9 @@
 #                the launch-configuration sweep, ~1 minute; SPLITS=1 the small-batch key-split sweep,
 #                ~1.5 minutes; PROFILE=0 skips the engine-level profile, GRID=0 the backend grid,
 #                TESTS=0 the kernel tests; ENGINE=1 the engine's checks: float32 greedy outputs with graphs
-#                and trees against plain SDPA decoding, then plain / tree / default timed with graphs, ~5 min)
+#                and trees against plain SDPA decoding (~5.5 min alone on an H200, 2026-11-27), then plain /
+#                tree / default timed with graphs (~4 min with ENGINE_ARGS="--no-lossless --engine-rounds 2
+#                --step-profile"); both in one call need ENGINE_TIMEOUT=600 and the call's whole budget)
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
