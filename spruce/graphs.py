@@ -215,33 +215,52 @@ class GraphedPasses:
         return out
 
     def _fill(self, p: _Pass, bucket: Bucket, segments: list[Segment], trees: list[torch.Tensor]) -> int:
-        """Copy the pass's metadata into ``p``'s static buffers; returns its real row count."""
-        from spruce.kernels.reference import pack_bitmask
+        """Copy the pass's metadata into ``p``'s static buffers; returns its real row count. Built in
+        lists and whole tensors (one mask packing for all segments), not per-segment slices: this is
+        host time on every pass."""
+        from spruce.kernels.reference import WORD_BITS, pack_bitmask
 
         t, b, w = bucket.rows, bucket.segments, bucket.words
-        ints = torch.zeros(4 * t + t * w, dtype=torch.long)
-        int32 = torch.zeros(4 * b + 1, dtype=torch.int32)
+        tokens: list[torch.Tensor] = []
+        positions: list[torch.Tensor] = []
+        slots: list[int] = []
+        pos_index: list[int] = []
+        ends: list[int] = []
+        seg_slots: list[int] = []
+        lengths: list[int] = []
+        widths: list[int] = []
+        visible = torch.zeros(t, w * WORD_BITS, dtype=torch.bool)
         row = 0
-        for i, (seg, tree) in enumerate(zip(segments, trees)):
+        for seg, tree in zip(segments, trees):
             n = int(seg.tokens.numel())
             start = self.cache.lengths[seg.slot]
             if start + n > self.cache.capacity:
                 raise PoolExhaustedError(f"slot {seg.slot} holds {start} positions; {n} more exceed its {self.cache.capacity}")
-            ints[row : row + n] = seg.tokens
-            ints[t + row : t + row + n] = seg.positions
-            ints[2 * t + row : 2 * t + row + n] = seg.slot
-            ints[3 * t + row : 3 * t + row + n] = torch.arange(start, start + n)
-            ints[4 * t :].view(t, w)[row : row + n] = pack_bitmask(tree, w)
-            int32[1 + i] = row + n
-            int32[b + 1 + i] = seg.slot
-            int32[2 * b + 1 + i] = start + n
-            int32[3 * b + 1 + i] = tree.shape[1]
+            tokens.append(seg.tokens)
+            positions.append(seg.positions)
+            slots.extend([seg.slot] * n)
+            pos_index.extend(range(start, start + n))
+            visible[row : row + n, : tree.shape[1]] = tree
             row += n
-        # padding: rows with no segment write to the scratch slot; segments with no rows read nothing
-        ints[2 * t + row : 3 * t] = self.scratch
-        ints[3 * t + row : 4 * t] = torch.arange(t - row) % self.cache.capacity  # nothing reads them back
-        int32[1 + len(segments) : b + 1] = row
-        int32[b + 1 + len(segments) : 2 * b + 1] = self.scratch
+            ends.append(row)
+            seg_slots.append(seg.slot)
+            lengths.append(start + n)
+            widths.append(tree.shape[1])
+        # padding: rows with no segment write to the scratch slot (at positions nothing reads back);
+        # segments with no rows read nothing
+        pad, empty = t - row, b - len(segments)
+        zeros = torch.zeros(pad, dtype=torch.long)
+        ints = torch.cat([
+            *tokens, zeros,
+            *positions, zeros,
+            torch.tensor(slots, dtype=torch.long), torch.full((pad,), self.scratch, dtype=torch.long),
+            torch.tensor(pos_index, dtype=torch.long), torch.arange(pad) % self.cache.capacity,
+            pack_bitmask(visible, w).flatten(),
+        ])
+        int32 = torch.tensor(
+            [0, *ends, *[row] * empty, *seg_slots, *[self.scratch] * empty, *lengths, *[0] * empty, *widths, *[0] * empty],
+            dtype=torch.int32,
+        )
         p.ints.copy_(ints)
         p.int32.copy_(int32)
         return row
