@@ -22,7 +22,6 @@ Reported per configuration and concurrency:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 
 from spruce.config import DRAFT_DTYPES, DTYPES, SamplingParams, SpeculationConfig
-from spruce.evals.bench_spec import BASELINE, markdown_path, parse_spec, report_header
+from spruce.evals.bench_spec import BASELINE, HFBaseline, markdown_path, parse_config, report_header
 from spruce.evals.prompts import load_prompts
 from spruce.evals.report import quantile
 
@@ -125,13 +124,11 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def _spec(name: str, default: SpeculationConfig | None) -> SpeculationConfig | None:
-    """A configuration by name: ``default`` (the engine's), ``default+prefill`` (the engine's, drafting
-    before the prefill pass too), or one of ``bench_spec``'s forms."""
-    if name == "default":
-        return default
-    if name == "default+prefill":
-        return None if default is None else dataclasses.replace(default, draft_on_prefill=True)
-    return parse_spec(name, default)
+    """A configuration by name (``bench_spec.parse_config``; HF baselines do not run in the engine)."""
+    spec = parse_config(name, default)
+    if isinstance(spec, HFBaseline):
+        raise SystemExit(f"{name}: HF baselines run one request at a time (bench_spec), not under load")
+    return spec
 
 
 def run(args: argparse.Namespace) -> dict:

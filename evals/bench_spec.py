@@ -16,7 +16,7 @@ import json
 import platform
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -73,8 +73,12 @@ class HFBaseline:
 
 
 def parse_config(text: str, default: SpeculationConfig | None) -> SpeculationConfig | HFBaseline | None:
+    """``default`` (the engine's), ``default+prefill`` (the engine's, drafting before the prefill pass
+    too), the HF baselines (``hf:assist``, ``hf:lookup[:N]``), or one of ``parse_spec``'s forms."""
     if text == "default":
         return default
+    if text == "default+prefill":
+        return None if default is None else replace(default, draft_on_prefill=True)
     if text == "hf:assist":
         return HFBaseline("assist")
     if text.startswith("hf:lookup"):

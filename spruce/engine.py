@@ -718,11 +718,13 @@ class Engine:
         if spec is not None and spec.uses_model and not req.prefilled and not spec.draft_on_prefill:
             # no draft model before the prefill pass: the first token as soon as plain decoding's (the
             # draft reading the prompt and building a tree cost 0.5 s of it at 1 request on a 2-core CPU)
-            if spec.adaptive and req.adaptive:
+            adaptive = spec.adaptive and req.adaptive
+            if adaptive:
                 req.stats.record_plan(0)
             if not spec.uses_ngram:
                 return None
-            return self.planner.ngram_only(req, spec, batch) if spec.adaptive else dataclasses.replace(spec, drafter="ngram")
+            fixed = dataclasses.replace(spec, adaptive=False)  # as the planner hands out its plans
+            return self.planner.ngram_only(req, fixed, batch) if adaptive else dataclasses.replace(fixed, drafter="ngram")
         if spec is not None and spec.adaptive:
             spec = self.planner.plan(req, spec, batch) if req.adaptive else self._seeded_tree(spec)
         return spec
