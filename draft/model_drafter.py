@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 from spruce.draft.tree import ROOT_PARENT, Proposal, TokenTree
+from spruce.draft.vocab import narrow_head_of
 
 from spruce.attention import use_backend
 from spruce.config import SpeculationConfig
@@ -113,10 +114,19 @@ class ModelDrafter:
         ``KERNEL_MAX_FEED`` tokens per request) run through the tree-attention kernel, and with
         ``graphs`` replay CUDA graphs (``spruce.graphs``; one pool slot becomes their scratch slot);
         else SDPA per request. ``host_rows``: the reference path, every frontier's whole logits rows
-        copied to the host and its top-k children chosen there (tests and side-by-side timing)."""
+        copied to the host and its top-k children chosen there (tests and side-by-side timing).
+
+        A draft whose output layer is a ``spruce.draft.vocab.NarrowHead`` scores only its ids, unless a
+        job asks for the full vocabulary (``SpeculationConfig.full_draft_vocab``: then that whole pass
+        does); proposals are mapped back to token ids."""
         self.model = model
         self.host_rows = host_rows
         self.vocab_size = vocab_size
+        self.head = narrow_head_of(model)
+        # the token id of each logits column in the current passes (None: column j is token j)
+        self.columns: torch.Tensor | None = None if self.head is None else self.head.ids
+        # the head mode the draft's CUDA graphs were captured with (they replay only that one)
+        self._graph_narrow: bool | None = None
         use_backend(model, "sdpa")
         if capacity is None:
             context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
@@ -130,15 +140,24 @@ class ModelDrafter:
         self.last_feed: tuple[float, int] = (0.0, 0)
 
     def _fit(self, logits: torch.Tensor) -> torch.Tensor:
-        """Draft logits cut to the target's V where the draft's vocabulary is wider."""
+        """Draft logits cut to the target's V where the draft's vocabulary is wider (a narrow pass's
+        columns are token ids below it already)."""
         v = self.vocab_size
+        if self.columns is not None:
+            return logits
         return logits[:, :v] if v is not None and logits.shape[-1] > v else logits
 
     def _logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[F, V] draft logits on the CPU (drawing children is small, sequential work), fit to the
-        target's V (padded with -inf where the draft's vocabulary is narrower)."""
+        target's V (padded with -inf where the draft's vocabulary is narrower, and at every id a narrow
+        pass did not score)."""
         logits = self._fit(logits).float().cpu()
         v = self.vocab_size
+        if self.columns is not None:
+            width = v if v is not None else int(self.model.config.vocab_size)
+            full = torch.full((logits.shape[0], width), float("-inf"))
+            full[:, self.columns.cpu()] = logits
+            return full
         if v is None or logits.shape[-1] >= v:
             return logits
         return torch.nn.functional.pad(logits, (0, v - logits.shape[-1]), value=float("-inf"))
@@ -174,6 +193,17 @@ class ModelDrafter:
     def propose_batch(self, jobs: list[DraftJob]) -> list[Proposal]:
         """``propose`` for many requests at once: each tree is exactly what ``propose`` alone would build
         from the same logits; the draft forwards are shared."""
+        if self.head is None:
+            return self._propose_batch(jobs)
+        # a pass scores every id when one of its requests asks to; the narrow layer is the resting state
+        self.head.narrow_on = not any(job.config.full_draft_vocab for job in jobs)
+        self.columns = self.head.ids if self.head.narrow_on else None
+        try:
+            return self._propose_batch(jobs)
+        finally:
+            self.head.narrow_on, self.columns = True, self.head.ids
+
+    def _propose_batch(self, jobs: list[DraftJob]) -> list[Proposal]:
         runs = [_Run(job) for job in jobs]
         t0 = time.perf_counter()
         fed, outs = self._feed_pending(runs)
@@ -281,7 +311,10 @@ class ModelDrafter:
                 else:
                     parts.append(top_logprobs(self._fit(out), k, run.job.sampling))
         values = torch.cat([v for v, _ in parts]).cpu()
-        indices = torch.cat([i for _, i in parts]).cpu()
+        indices = torch.cat([i for _, i in parts])
+        if self.columns is not None and not self.host_rows:  # (host rows are token ids already)
+            indices = self.columns[indices]
+        indices = indices.cpu()
         g = 0
         for (run, _), (v, _) in zip(top, parts):
             n = v.shape[0]
@@ -293,7 +326,14 @@ class ModelDrafter:
         is short, else SDPA per request (a long catch-up is a prefill)."""
         if self.kernel is None or max(int(s.tokens.numel()) for s in segments) > KERNEL_MAX_FEED:
             return run_packed(self.model, self.pool, segments)
-        out = self.graphs.run(segments) if self.graphs is not None else None
+        out = None
+        if self.graphs is not None:
+            # graphs replay the head they were captured with: another mode runs eagerly
+            narrow = self.columns is not None
+            if self._graph_narrow is None:
+                self._graph_narrow = narrow
+            if narrow == self._graph_narrow:
+                out = self.graphs.run(segments)
         return out if out is not None else run_packed(self.model, self.pool, segments, self.kernel, device_logits=True)
 
     def _level_segment(self, run: _Run, level: int) -> Segment:

@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> dict:
     from spruce.engine import Engine
 
     engine = Engine.from_pretrained(
-        args.target, args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype, max_batch_size=max(args.concurrency)
+        args.target, args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype, max_batch_size=max(args.concurrency),
+        draft_vocab=args.draft_vocab,
     )
     configs: dict[str, SpeculationConfig | None] = {BASELINE: None}
     for name in args.configs:
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--draft-dtype", choices=DRAFT_DTYPES)
+    p.add_argument("--draft-vocab", type=int, default=0, help="token ids the draft's output layer scores (0: all)")
     p.add_argument("--out", help="write the JSON report here (and a .md table next to it)")
     args = p.parse_args(argv)
     args.command_line = "python -m spruce.evals.bench_load " + " ".join(argv if argv is not None else sys.argv[1:])

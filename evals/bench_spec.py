@@ -23,9 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from spruce.config import DRAFT_DTYPES, DTYPES, EngineConfig, SamplingParams, SpeculationConfig, parse_tree_paths
+from spruce.draft.vocab import full_vocab
 from spruce.evals.prompts import load_prompts
 
 BASELINE = "plain"
+
+
+# ``+name`` parts of a configuration that set a flag of the speculation config
+_FLAG_PARTS = {"prefill": "draft_on_prefill", "fullvocab": "full_draft_vocab"}
 
 
 def parse_spec(text: str, default: SpeculationConfig | None = None) -> SpeculationConfig:
@@ -33,12 +38,13 @@ def parse_spec(text: str, default: SpeculationConfig | None = None) -> Speculati
     ``auto`` or ``auto:DEPTH:BUDGET`` (the cost model within those bounds; bare ``auto`` takes the
     default's), ``ngram:BUDGET``, and a model shape plus n-gram branches (``tree:3:2:4+ngram:2``). A
     ``:topk`` suffix on a model shape makes sampling use the draft's top-k instead of drawn children;
-    a ``+prefill`` part drafts before the prefill pass too (``SpeculationConfig.draft_on_prefill``)."""
+    a ``+prefill`` part drafts before the prefill pass too (``SpeculationConfig.draft_on_prefill``), a
+    ``+fullvocab`` part scores the draft's whole vocabulary (``SpeculationConfig.full_draft_vocab``)."""
     fields: dict = {}
     for part in text.split("+"):
         kind, *nums = part.split(":")
-        if kind == "prefill" and not nums:
-            fields["draft_on_prefill"] = True
+        if kind in _FLAG_PARTS and not nums:
+            fields[_FLAG_PARTS[kind]] = True
             continue
         if nums and nums[-1] == "topk":
             fields["sampled_children"] = False
@@ -73,12 +79,20 @@ class HFBaseline:
 
 
 def parse_config(text: str, default: SpeculationConfig | None) -> SpeculationConfig | HFBaseline | None:
-    """``default`` (the engine's), ``default+prefill`` (the engine's, drafting before the prefill pass
-    too), the HF baselines (``hf:assist``, ``hf:lookup[:N]``), or one of ``parse_spec``'s forms."""
-    if text == "default":
-        return default
-    if text == "default+prefill":
-        return None if default is None else replace(default, draft_on_prefill=True)
+    """``default`` (the engine's), with ``+prefill`` / ``+fullvocab`` parts (the engine's, drafting before
+    the prefill pass too / scoring the draft's whole vocabulary), the HF baselines (``hf:assist``,
+    ``hf:lookup[:N]``), or one of ``parse_spec``'s forms."""
+    head, *parts = text.split("+")
+    if head == "default":
+        if any(part not in _FLAG_PARTS for part in parts):
+            raise argparse.ArgumentTypeError(f"bad configuration {text!r}: default takes +{' / +'.join(_FLAG_PARTS)}")
+        if default is None:
+            return None
+        return replace(
+            default,
+            draft_on_prefill=default.draft_on_prefill or "prefill" in parts,
+            full_draft_vocab=default.full_draft_vocab or "fullvocab" in parts,
+        )
     if text == "hf:assist":
         return HFBaseline("assist")
     if text.startswith("hf:lookup"):
@@ -104,7 +118,8 @@ def hf_generate(engine, text: str, params: SamplingParams, baseline: HFBaseline)
     else:
         kwargs["prompt_lookup_num_tokens"] = baseline.lookup_tokens
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    # HF's assistant must score every token id (a narrowed draft's output layer, whole again)
+    with torch.inference_mode(), full_vocab(engine.drafter.model if engine.drafter is not None else None):
         out = engine.target.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
     wall = time.perf_counter() - t0
     tokens = out[0, ids.shape[1] :].tolist()
@@ -114,7 +129,9 @@ def hf_generate(engine, text: str, params: SamplingParams, baseline: HFBaseline)
 def run(args: argparse.Namespace) -> dict:
     from spruce.engine import Engine
 
-    engine = Engine.from_pretrained(args.target, args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype)
+    engine = Engine.from_pretrained(
+        args.target, args.draft, dtype=args.dtype, draft_dtype=args.draft_dtype, draft_vocab=args.draft_vocab
+    )
     configs: dict[str, SpeculationConfig | HFBaseline | None] = {BASELINE: None}
     for name in args.configs:
         if name != BASELINE:
@@ -175,6 +192,7 @@ def report_header(args: argparse.Namespace, engine) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "dtype": args.dtype,
         "draft_dtype": engine.config.draft_dtype,
+        "draft_vocab": engine.config.draft_vocab,
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "ignore_eos": getattr(args, "ignore_eos", False),
@@ -229,7 +247,7 @@ def markdown(report: dict) -> str:
     cats = sorted({c for v in summary.values() for c in v if c not in ("overall", "first_differing_question_id")})
     cols = [*cats, "overall"]
     lines = [
-        f"dtype {report['dtype']}, draft dtype {report['draft_dtype']}, max_tokens {report['max_tokens']}, "
+        f"dtype {report['dtype']}, draft dtype {report['draft_dtype']}, draft vocab {report.get('draft_vocab') or 'all'}, max_tokens {report['max_tokens']}, "
         f"temperature {report['temperature']}"
         + (", every answer max_tokens long (--ignore-eos)" if report.get("ignore_eos") else "")
         + "; speedup = plain time / config time over the same prompts "
@@ -274,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft")
     p.add_argument("--dtype", default=EngineConfig().dtype, choices=DTYPES)
     p.add_argument("--draft-dtype", choices=DRAFT_DTYPES)
+    p.add_argument("--draft-vocab", type=int, default=0, help="token ids the draft's output layer scores (0: all)")
     p.add_argument("--prompts", help="Spec-Bench format JSONL (default: spruce's own prompt set)")
     p.add_argument("--per-category", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=64)

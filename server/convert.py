@@ -130,6 +130,7 @@ def model_info(engine: Engine, served_model_name: str, max_tokens_limit: int) ->
         default_drafter=_DRAFTER_ENUM[c.drafter],
         attention_backend=engine.attention_backend,
         max_tokens_limit=max_tokens_limit,
+        draft_vocab=engine.draft_vocab,
     )
 
 

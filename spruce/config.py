@@ -94,6 +94,10 @@ class SpeculationConfig:
     prefills the request, so its first pass can commit several tokens. Off (the default), that pass
     carries n-gram branches at most and the first token comes as soon as plain decoding's would; the
     draft catches up on the next step. On: fewer passes per request, a later first token.
+
+    ``full_draft_vocab``: where the engine narrowed the draft's output layer to its most frequent tokens
+    (``EngineConfig.draft_vocab``), score the whole vocabulary instead (every draft pass this request
+    shares does; a text of rare tokens, or a side-by-side comparison). The output is the same either way.
     """
 
     drafter: str = "model"
@@ -117,6 +121,7 @@ class SpeculationConfig:
     # the draft model reads at most this many of the latest committed tokens when it catches up (0: all)
     draft_window: int = 0
     draft_on_prefill: bool = False
+    full_draft_vocab: bool = False
 
     def __post_init__(self) -> None:
         if self.tree_paths is not None:
@@ -234,6 +239,9 @@ class EngineConfig:
     # the target's verify and decode passes as CUDA graphs (``spruce.graphs``): auto (on a GPU with the
     # Triton backend and one process), on, off
     cuda_graphs: str = "auto"
+    # > 0: the draft's output layer scores only its first this many token ids plus the special tokens (a
+    # BPE vocabulary's first ids are its most frequent; ``spruce.draft.vocab``); 0: every id
+    draft_vocab: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -253,6 +261,8 @@ class EngineConfig:
             raise InvalidRequestError(f"tensor_parallel must be an integer >= 1, got {self.tensor_parallel!r}")
         if self.cuda_graphs not in CUDA_GRAPHS:
             raise InvalidRequestError(f"cuda_graphs must be one of {CUDA_GRAPHS}, got {self.cuda_graphs!r}")
+        if not isinstance(self.draft_vocab, int) or self.draft_vocab < 0:
+            raise InvalidRequestError(f"draft_vocab must be an integer >= 0 (0: the whole vocabulary), got {self.draft_vocab!r}")
         if not isinstance(self.max_seq_len, int) or self.max_seq_len < 0 or self.max_seq_len == 1:
             raise InvalidRequestError(f"max_seq_len must be 0 (the model's) or an integer >= 2, got {self.max_seq_len!r}")
 

@@ -164,6 +164,7 @@ class Engine:
         max_seq_len: int = EngineConfig.max_seq_len,
         tensor_parallel: int = EngineConfig.tensor_parallel,
         cuda_graphs: str = EngineConfig.cuda_graphs,
+        draft_vocab: int = EngineConfig.draft_vocab,
     ) -> Engine:
         """Load target and draft. ``target=None`` and ``draft=None``: the embedded default pair.
 
@@ -180,6 +181,9 @@ class Engine:
         process per device; ``spruce.parallel``); the draft is replicated on each.
         ``cuda_graphs``: the target's verify and decode passes replay CUDA graphs (``spruce.graphs``):
         "auto" (on a GPU with the Triton backend in one process), "on" or "off".
+        ``draft_vocab`` > 0: the draft's output layer scores only its first that many token ids plus the
+        special tokens (``spruce.draft.vocab``; the output is the same, a draft level reads less, the draft
+        proposes a little worse); 0: every id.
         """
         from spruce.models import load_causal_lm, load_tokenizer, resolve_model_dir
 
@@ -196,6 +200,7 @@ class Engine:
             max_seq_len=max_seq_len,
             tensor_parallel=tensor_parallel,
             cuda_graphs=cuda_graphs,
+            draft_vocab=draft_vocab,
         )
         tp = parallel.init_tensor_parallel(tensor_parallel, device)
         dev = torch.device(device, torch.cuda.current_device()) if tp is not None and device == "cuda" else torch.device(device)
@@ -215,8 +220,21 @@ class Engine:
         draft_model = None
         if draft_dir is not None:
             chosen = draft_dtype or pick_draft_dtype(dev, dtype, draft_dir)
-            draft_model = load_causal_lm(draft_dir, torch_dtype(chosen), dev, trust_remote_code, int8_weights=chosen == "int8")
-            config = dataclasses.replace(config, draft_dtype=chosen)
+            keep, output_ids = draft_vocab, None
+            if keep:
+                from transformers import AutoConfig
+
+                from spruce.draft.vocab import draft_vocab_ids, special_ids
+
+                draft_cfg = AutoConfig.from_pretrained(draft_dir, trust_remote_code=trust_remote_code, local_files_only=True)
+                vocab = min(int(draft_cfg.vocab_size), int(target_model.config.vocab_size))
+                output_ids = draft_vocab_ids(vocab, keep, [*special_ids(tokenizer), *eos_ids(target_model, tokenizer)])
+                if output_ids.numel() >= vocab:
+                    output_ids, keep = None, 0  # nothing to leave out
+            draft_model = load_causal_lm(
+                draft_dir, torch_dtype(chosen), dev, trust_remote_code, int8_weights=chosen == "int8", output_ids=output_ids
+            )
+            config = dataclasses.replace(config, draft_dtype=chosen, draft_vocab=keep)
             check_tokenizers(tokenizer, load_tokenizer(draft_dir, trust_remote_code))
         return cls(target_model, tokenizer, draft_model, config)
 
@@ -357,10 +375,18 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation is bad input
             raise InvalidRequestError(f"the chat template rejected these messages: {exc}") from None
 
+    @property
+    def draft_vocab(self) -> int:
+        """How many token ids the draft's output layer scores (``spruce.draft.vocab``); 0: all of them."""
+        head = getattr(self.drafter, "head", None)
+        return int(head.ids.numel()) if head is not None else 0
+
     def speculation_telemetry(self) -> dict[str, Any]:
         """Engine-wide: the acceptance profile by depth and sibling rank, and the measured pass costs
-        (seconds by tree tokens for the target, by levels for the draft)."""
+        (seconds by tree tokens for the target, by levels for the draft), and how many token ids the
+        draft's output layer scores (``draft_vocab``: 0 = all)."""
         out = self.planner.telemetry()
+        out["draft_vocab"] = self.draft_vocab
         out["cuda_graphs"] = self.graphs.stats() if self.graphs is not None else None
         drafter_graphs = getattr(self.drafter, "graphs", None)
         out["draft_cuda_graphs"] = drafter_graphs.stats() if drafter_graphs is not None else None

@@ -217,6 +217,7 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     tensor_parallel: bool = False,
     int8_weights: bool = False,
+    output_ids: torch.Tensor | None = None,
 ):
     """Load a causal LM for inference (eval mode, no grad) with the SDPA attention implementation.
 
@@ -226,6 +227,8 @@ def load_causal_lm(
     (``spruce.kernels.cpu_int8``; for a draft, whose output the target verifies).
     ``tensor_parallel``: shard it over the running process group with transformers' plan for the
     architecture (``spruce.parallel``); the shards are placed by the plan, on this rank's device.
+    ``output_ids`` (a draft): its output layer also gets a narrow twin over those token ids
+    (``spruce.draft.vocab.NarrowHead``), made before the linear layers are converted.
     """
     from transformers import AutoModelForCausalLM
 
@@ -250,6 +253,10 @@ def load_causal_lm(
     if not tensor_parallel:
         model.to(device)  # type: ignore[arg-type]  # transformers' decorator hides the signature
     model.eval().requires_grad_(False)
+    if output_ids is not None:
+        from spruce.draft.vocab import narrow_output_layer
+
+        narrow_output_layer(model, output_ids)
     if int8_weights and (device.type != "cpu" or tensor_parallel):
         raise ValueError("int8 weights are a CPU path for an unsharded model")
     if device.type == "cpu" and not tensor_parallel:  # the fast paths know plain tensors, not shards

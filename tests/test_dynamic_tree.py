@@ -95,24 +95,38 @@ def test_top_children_on_the_device_equal_whole_rows_on_the_host(tiny_draft, voc
     steps with commits (the drafts' caches stay in step too)."""
     import copy
 
+    model = copy.deepcopy(tiny_draft).to("cuda" if torch.cuda.is_available() else "cpu")
+    trees = assert_same_trees(ModelDrafter(model, vocab, num_slots=4), ModelDrafter(model, vocab, num_slots=4, host_rows=True))
+    if vocab is not None:
+        assert all(int(t) < vocab for p in trees for t in p.tree.tokens[1:])
+
+
+# a batch of every kind of tree: greedy dynamic, static, processed top-k (sampling), drawn children
+MIXED_SPECS = [
+    SpeculationConfig(depth=3, top_k=2, budget=5),
+    SpeculationConfig(tree_paths=((0,), (1,), (0, 0), (0, 1), (0, 0, 0))),
+    SpeculationConfig(depth=3, top_k=3, budget=6, sampled_children=False),
+    SpeculationConfig(depth=3, top_k=2, budget=5),
+]
+MIXED_SAMPLINGS = [None, None, (0.8, 5, 0.9), (0.7, 0, 1.0)]
+
+
+def assert_same_trees(fast: ModelDrafter, reference: ModelDrafter, specs=None, steps: int = 3) -> list:
+    """Both drafters build the same trees (tokens, parents, draft log-probabilities, drawn children's
+    distributions) for ``specs`` (default: ``MIXED_SPECS`` with ``MIXED_SAMPLINGS``) in one batch over
+    ``steps`` steps, each committing the first child of every tree and one more token; returns the last
+    step's proposals."""
     from spruce.draft.model_drafter import DraftJob
 
-    model = copy.deepcopy(tiny_draft).to("cuda" if torch.cuda.is_available() else "cpu")
-    specs = [
-        SpeculationConfig(depth=3, top_k=2, budget=5),
-        SpeculationConfig(tree_paths=((0,), (1,), (0, 0), (0, 1), (0, 0, 0))),
-        SpeculationConfig(depth=3, top_k=3, budget=6, sampled_children=False),
-        SpeculationConfig(depth=3, top_k=2, budget=5),
-    ]
-    samplings = [None, None, (0.8, 5, 0.9), (0.7, 0, 1.0)]
-    fast, reference = ModelDrafter(model, vocab, num_slots=4), ModelDrafter(model, vocab, num_slots=4, host_rows=True)
+    specs = specs or MIXED_SPECS
+    samplings = MIXED_SAMPLINGS[: len(specs)] + [None] * (len(specs) - len(MIXED_SAMPLINGS))
     runs = []
     for drafter in (fast, reference):
         states = [drafter.new_state() for _ in specs]
         gens = [torch.Generator().manual_seed(5 + i) for i in range(len(specs))]
         runs.append((drafter, states, gens))
     tokens = [prompts(1, 20 + i)[0] + [7] for i in range(len(specs))]
-    for step in range(3):
+    for step in range(steps):
         trees = []
         for drafter, states, gens in runs:
             jobs = [
@@ -126,7 +140,7 @@ def test_top_children_on_the_device_equal_whole_rows_on_the_host(tiny_draft, voc
             assert torch.allclose(got.tree.draft_logprobs, want.tree.draft_logprobs, atol=1e-5)
             assert (got.draft_probs is None) == (want.draft_probs is None)
             if got.draft_probs is not None:
-                assert torch.equal(got.draft_probs, want.draft_probs)
+                assert torch.allclose(got.draft_probs, want.draft_probs, atol=1e-6)
         assert any(p.tree.num_nodes > 1 for p in trees[0])
         # accept each tree's first child (where there is one), as verification would, then one more token
         for i, proposal in enumerate(trees[0]):
@@ -134,5 +148,4 @@ def test_top_children_on_the_device_equal_whole_rows_on_the_host(tiny_draft, voc
             for drafter, states, _ in runs:
                 drafter.commit(states[i], path)
             tokens[i] += [int(proposal.tree.tokens[n]) for n in path[1:]] + [11 + step]
-    if vocab is not None:
-        assert all(int(t) < vocab for p in trees[0] for t in p.tree.tokens[1:])
+    return trees[0]

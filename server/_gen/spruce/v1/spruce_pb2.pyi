@@ -197,7 +197,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("served_model_name", "target", "draft", "dtype", "draft_dtype", "device", "vocab_size", "max_context_tokens", "default_drafter", "attention_backend", "max_tokens_limit")
+    __slots__ = ("served_model_name", "target", "draft", "dtype", "draft_dtype", "device", "vocab_size", "max_context_tokens", "default_drafter", "attention_backend", "max_tokens_limit", "draft_vocab")
     SERVED_MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,7 @@ class ModelInfo(_message.Message):
     DEFAULT_DRAFTER_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_VOCAB_FIELD_NUMBER: _ClassVar[int]
     served_model_name: str
     target: str
     draft: str
@@ -220,7 +221,8 @@ class ModelInfo(_message.Message):
     default_drafter: Drafter
     attention_backend: str
     max_tokens_limit: int
-    def __init__(self, served_model_name: _Optional[str] = ..., target: _Optional[str] = ..., draft: _Optional[str] = ..., dtype: _Optional[str] = ..., draft_dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., default_drafter: _Optional[_Union[Drafter, str]] = ..., attention_backend: _Optional[str] = ..., max_tokens_limit: _Optional[int] = ...) -> None: ...
+    draft_vocab: int
+    def __init__(self, served_model_name: _Optional[str] = ..., target: _Optional[str] = ..., draft: _Optional[str] = ..., dtype: _Optional[str] = ..., draft_dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., default_drafter: _Optional[_Union[Drafter, str]] = ..., attention_backend: _Optional[str] = ..., max_tokens_limit: _Optional[int] = ..., draft_vocab: _Optional[int] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
