@@ -123,6 +123,8 @@ class ModelDrafter:
         self.host_rows = host_rows
         self.vocab_size = vocab_size
         self.head = narrow_head_of(model)
+        if self.head is not None and vocab_size is not None and int(self.head.ids.max()) >= vocab_size:
+            raise ValueError(f"the draft's narrow output layer scores ids up to {int(self.head.ids.max())}, past the target's vocabulary ({vocab_size})")
         # the token id of each logits column in the current passes (None: column j is token j)
         self.columns: torch.Tensor | None = None if self.head is None else self.head.ids
         # the head mode the draft's CUDA graphs were captured with (they replay only that one)

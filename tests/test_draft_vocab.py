@@ -130,6 +130,8 @@ def test_draft_vocab_ids_and_bad_input(tiny_draft):
         narrow_output_layer(model, torch.tensor([3, 1]))
     with pytest.raises(ValueError, match=r"\[0, "):
         narrow_output_layer(model, torch.tensor([0, TINY_VOCAB]))
-    narrow_output_layer(model, torch.tensor([0, 1]))
+    narrow_output_layer(model, torch.tensor([0, 1, TINY_VOCAB - 1]))
     with pytest.raises(ValueError, match="already narrowed"):
         narrow_output_layer(model, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="past the target's vocabulary"):
+        ModelDrafter(model, TINY_VOCAB - 1)
