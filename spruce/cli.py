@@ -44,6 +44,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=_SAMPLING.top_k)
     p.add_argument("--seed", type=int, default=_SAMPLING.seed)
     p.add_argument("--stop", action="append", default=list(_SAMPLING.stop), help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate --max-tokens tokens even past end-of-text")
     p.add_argument("--no-speculation", action="store_true", help="plain target decoding (the baseline)")
     p.add_argument("--tree-depth", type=int, help="draft tree depth (default: sized for device and dtype)")
     p.add_argument("--tree-top-k", type=int, help="children per expanded draft node")
@@ -91,6 +92,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
         stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
     )
     engine = _load_engine(args)
     if engine.tp is not None and not engine.tp.is_leader:

@@ -20,6 +20,10 @@ def test_generate_json_contract(tiny_dirs, capsys):
     plain = json.loads(capsys.readouterr().out)
     assert plain["token_ids"] == spec["token_ids"]
     assert plain["stats"]["drafted"] == 0
+    # --ignore-eos: max_tokens tokens whatever is drawn (sampling, so an end-of-text could come early)
+    assert main([*args, "--json", "--ignore-eos", "--temperature", "1.0", "--max-tokens", "24"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 24 and out["finish_reason"] == "length"
 
 
 def test_generate_tree_flags_and_ngram(tiny_dirs, capsys):

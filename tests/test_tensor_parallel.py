@@ -63,8 +63,9 @@ def test_tensor_parallel_generate_equals_single_process(model_dirs, name, args, 
 @pytest.mark.slow
 def test_tensor_parallel_unseeded_sampling_agrees_across_ranks(model_dirs):
     """Without a seed each rank would draw its own: rank 0's is broadcast, so both ranks sample the same
-    tokens (if they did not, the sharded passes would diverge or hang, and the run would fail)."""
-    run = _torchrun_generate(model_dirs, "--max-tokens", "12", "--temperature", "1.0")
+    tokens (if they did not, the sharded passes would diverge or hang, and the run would fail). An
+    unseeded draw may end the text early: ``--ignore-eos`` keeps the run at its 12 tokens."""
+    run = _torchrun_generate(model_dirs, "--max-tokens", "12", "--temperature", "1.0", "--ignore-eos")
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(json.loads(run.stdout.splitlines()[-1])["token_ids"]) == 12
 
