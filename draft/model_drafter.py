@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 from spruce.draft.tree import ROOT_PARENT, Proposal, TokenTree
-from spruce.draft.vocab import narrow_head_of
+from spruce.draft.vocab import full_vocab, narrow_head_of
 
 from spruce.attention import use_backend
 from spruce.config import SpeculationConfig
@@ -125,8 +125,6 @@ class ModelDrafter:
         self.head = narrow_head_of(model)
         if self.head is not None and vocab_size is not None and int(self.head.ids.max()) >= vocab_size:
             raise ValueError(f"the draft's narrow output layer scores ids up to {int(self.head.ids.max())}, past the target's vocabulary ({vocab_size})")
-        # the token id of each logits column in the current passes (None: column j is token j)
-        self.columns: torch.Tensor | None = None if self.head is None else self.head.ids
         # the head mode the draft's CUDA graphs were captured with (they replay only that one)
         self._graph_narrow: bool | None = None
         use_backend(model, "sdpa")
@@ -140,6 +138,11 @@ class ModelDrafter:
         self.graphs = GraphedPasses(model, self.pool, kernel) if graphs and kernel is not None else None
         # the last propose_batch's first pass (the pending committed tokens): seconds and tokens fed
         self.last_feed: tuple[float, int] = (0.0, 0)
+
+    @property
+    def columns(self) -> torch.Tensor | None:
+        """The token id of each logits column of the draft's passes now (None: column j is token j)."""
+        return self.head.ids if self.head is not None and self.head.narrow_on else None
 
     def _fit(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft logits cut to the target's V where the draft's vocabulary is wider (a narrow pass's
@@ -195,15 +198,11 @@ class ModelDrafter:
     def propose_batch(self, jobs: list[DraftJob]) -> list[Proposal]:
         """``propose`` for many requests at once: each tree is exactly what ``propose`` alone would build
         from the same logits; the draft forwards are shared."""
-        if self.head is None:
-            return self._propose_batch(jobs)
-        # a pass scores every id when one of its requests asks to; the narrow layer is the resting state
-        self.head.narrow_on = not any(job.config.full_draft_vocab for job in jobs)
-        self.columns = self.head.ids if self.head.narrow_on else None
-        try:
-            return self._propose_batch(jobs)
-        finally:
-            self.head.narrow_on, self.columns = True, self.head.ids
+        # a narrowed draft's passes score every id when one of their requests asks to
+        if self.head is not None and any(job.config.full_draft_vocab for job in jobs):
+            with full_vocab(self.model):
+                return self._propose_batch(jobs)
+        return self._propose_batch(jobs)
 
     def _propose_batch(self, jobs: list[DraftJob]) -> list[Proposal]:
         runs = [_Run(job) for job in jobs]

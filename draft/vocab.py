@@ -55,9 +55,10 @@ class NarrowHead(torch.nn.Module):
 
     ids: torch.Tensor
 
-    def __init__(self, full: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor) -> None:
+    def __init__(self, full: torch.nn.Linear, ids: torch.Tensor) -> None:
         super().__init__()
         self.full = full
+        weight, bias = full.weight, full.bias
         rows = ids.to(weight.device)
         self.narrow = torch.nn.Linear(weight.shape[1], rows.numel(), bias=bias is not None, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
@@ -89,7 +90,7 @@ def narrow_output_layer(model: torch.nn.Module, ids: torch.Tensor) -> NarrowHead
     ids = ids.to(torch.long).flatten()
     if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= head.out_features or bool((ids[1:] <= ids[:-1]).any()):
         raise ValueError(f"narrow output ids must be distinct, sorted and in [0, {head.out_features}), got {ids.numel()} ids")
-    wrapped = NarrowHead(head, head.weight, head.bias, ids)
+    wrapped = NarrowHead(head, ids)
     model.set_output_embeddings(wrapped)  # type: ignore[operator]
     return wrapped
 

@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -86,13 +87,8 @@ def parse_config(text: str, default: SpeculationConfig | None) -> SpeculationCon
     if head == "default":
         if any(part not in _FLAG_PARTS for part in parts):
             raise argparse.ArgumentTypeError(f"bad configuration {text!r}: default takes +{' / +'.join(_FLAG_PARTS)}")
-        if default is None:
-            return None
-        return replace(
-            default,
-            draft_on_prefill=default.draft_on_prefill or "prefill" in parts,
-            full_draft_vocab=default.full_draft_vocab or "fullvocab" in parts,
-        )
+        flags: dict[str, Any] = {_FLAG_PARTS[part]: True for part in parts}
+        return None if default is None else replace(default, **flags)
     if text == "hf:assist":
         return HFBaseline("assist")
     if text.startswith("hf:lookup"):
