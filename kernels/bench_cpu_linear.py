@@ -1,11 +1,16 @@
 """Microbenchmark: F.linear vs the small-rows path on CPU, by row count and dtype (median of repeats);
 with ``--int8``, bfloat16 F.linear vs int8 weights (``spruce.kernels.cpu_int8``) with cache-cold weights;
 with ``--onednn``, float32 F.linear vs the small-rows path vs oneDNN with prepacked weights, cache-cold;
+with ``--w8a8``, float32 rows through int8 weights (the weight-only kernel) vs int8 weights and
+activations (fbgemm), cache-cold; with ``--w8a8-levels``, whole draft levels of the embedded draft loaded
+both ways (``--draft-dtype int8`` and ``w8a8``), alternating;
 with ``--model target|draft``, one forward of T tokens after a 300-token prefix through the embedded
 model in float32, by linear path (its layers switched in place between timings).
 
     python -m spruce.kernels.bench_cpu_linear [--out-features 4864] [--in-features 896] [--int8 | --onednn]
     python -m spruce.kernels.bench_cpu_linear --model target
+    python -m spruce.kernels.bench_cpu_linear --w8a8 --out-features 151936
+    python -m spruce.kernels.bench_cpu_linear --w8a8-levels
 
 Prints one Markdown table; the figures measured on the development machine are in kernels/NOTES.md.
 """
@@ -43,6 +48,72 @@ def int8_table(out_features: int, in_features: int, weights_mb: int = 400) -> No
         fast = median_ms(lambda x=x: [int8_linear(x, q, s, None) for q, s in qs], repeats=7) / count
         gbs = 2 * out_features * in_features / (ref * 1e-3) / 1e9
         print(f"| {rows} | {ref:.3f} | {fast:.3f} | {rows <= INT8_ROWS_MAX} | {gbs:.1f} |")
+
+
+def w8a8_table(out_features: int, in_features: int, weights_mb: int = 256) -> None:
+    """float32 rows through ``int8_linear`` (weight-only: the kernel in bfloat16 up to its row limit) and
+    through ``w8a8_linear`` (unit smoothing), by rows, cycling distinct weights as ``int8_table`` does;
+    with each path's relative error from the float product on the last weight."""
+    from spruce.kernels.cpu_int8 import int8_linear, quantize_int8, w8a8_available, w8a8_linear, w8a8_pack
+
+    if not w8a8_available():
+        raise SystemExit("no fbgemm dynamic linear here: nothing to compare")
+    count = max(2, weights_mb * 2**20 // (out_features * in_features))
+    ws = [torch.randn(out_features, in_features) * 0.02 for _ in range(count)]
+    qs = [quantize_int8(w, torch.bfloat16) for w in ws]
+    w8 = [w8a8_pack(w, None, torch.ones(in_features)) for w in ws]
+    print(f"| rows | int8 weights ms | w8a8 ms | error int8 / w8a8 |  ({count} weights cycled)")
+    print("|---|---|---|---|")
+    for rows in (1, 2, 4, 8, 16, 32):
+        x = torch.randn(rows, in_features)
+        weight_only = median_ms(lambda x=x: [int8_linear(x, q, s, None) for q, s in qs], repeats=7) / count
+        both = median_ms(lambda x=x: [w8a8_linear(x, w) for w in w8], repeats=7) / count
+        exact = x @ ws[-1].t()
+
+        def rel(out: torch.Tensor, exact: torch.Tensor = exact) -> float:
+            return float((out - exact).norm() / exact.norm())
+
+        errors = f"{rel(int8_linear(x, *qs[-1], None)):.4f} / {rel(w8a8_linear(x, w8[-1])):.4f}"
+        print(f"| {rows} | {weight_only:.3f} | {both:.3f} | {errors} |", flush=True)
+
+
+def w8a8_levels(prefix: int = 300, sizes: tuple[int, ...] = (1, 2, 4, 8), repeats: int = 5) -> None:
+    """Whole passes of T tokens after a ``prefix``-token prompt through the embedded draft loaded as an
+    int8 draft and as a w8a8 one (float32 activations), alternating, median of ``repeats``; the two
+    drafts' argmax agreement on the last pass."""
+    from transformers import DynamicCache
+
+    from spruce.models import load_causal_lm, resolve_model_dir
+
+    cpu = torch.device("cpu")
+    draft_dir = resolve_model_dir(None, "draft")
+    models = {
+        "int8": load_causal_lm(draft_dir, torch.float32, cpu, int8_weights=True),
+        "w8a8": load_causal_lm(draft_dir, torch.float32, cpu, int8_weights=True, int8_activations=True),
+    }
+    gen = torch.Generator().manual_seed(0)
+    vocab = next(iter(models.values())).config.vocab_size
+    prompt = torch.randint(0, min(vocab, 32768), (1, prefix), generator=gen)
+    caches = {}
+    with torch.inference_mode():
+        for name, model in models.items():
+            caches[name] = DynamicCache()
+            model(prompt, past_key_values=caches[name], use_cache=True)
+        print("| T | int8 ms | w8a8 ms | ratio | argmax agreement |")
+        print("|---|---|---|---|---|")
+        for t in sizes:
+            times: dict[str, list[float]] = {name: [] for name in models}
+            logits = {}
+            for _ in range(repeats):
+                ids = torch.randint(0, min(vocab, 32768), (1, t), generator=gen)
+                for name, model in models.items():
+                    start = time.perf_counter()
+                    logits[name] = model(ids, past_key_values=caches[name], use_cache=True).logits
+                    times[name].append((time.perf_counter() - start) * 1e3)
+                    caches[name].crop(-t)
+            a, b = (statistics.median(v) for v in times.values())
+            agree = float((logits["int8"].argmax(-1) == logits["w8a8"].argmax(-1)).float().mean())
+            print(f"| {t} | {a:.1f} | {b:.1f} | {b / a:.2f} | {agree:.2f} |", flush=True)
 
 
 def onednn_table(out_features: int, in_features: int, weights_mb: int = 400) -> None:
@@ -131,6 +202,8 @@ def main() -> None:
     p.add_argument("--in-features", type=int, default=896)
     p.add_argument("--int8", action="store_true", help="bfloat16 against int8 weights, cache-cold")
     p.add_argument("--onednn", action="store_true", help="float32: F.linear, small rows, oneDNN, cache-cold")
+    p.add_argument("--w8a8", action="store_true", help="float32 rows: int8 weights vs int8 weights and activations")
+    p.add_argument("--w8a8-levels", action="store_true", help="whole draft levels: int8 draft vs w8a8 draft")
     p.add_argument("--model", choices=("target", "draft"), help="whole passes of the embedded model, by path")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="with --model")
     args = p.parse_args()
@@ -138,7 +211,14 @@ def main() -> None:
         print(f"threads {torch.get_num_threads()}, embedded {args.model}, {args.dtype}\n")
         model_table(args.model, getattr(torch, args.dtype))
         return
+    if args.w8a8_levels:
+        print(f"threads {torch.get_num_threads()}, embedded draft, float32 activations\n")
+        w8a8_levels()
+        return
     print(f"threads {torch.get_num_threads()}, weight [{args.out_features} x {args.in_features}]\n")
+    if args.w8a8:
+        w8a8_table(args.out_features, args.in_features)
+        return
     if args.int8:
         int8_table(args.out_features, args.in_features)
         return

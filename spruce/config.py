@@ -14,7 +14,10 @@ from spruce.errors import InvalidRequestError
 DTYPES = ("float32", "bfloat16")
 # the draft may also keep its linear layers' weights in int8 (one scale per output row, bfloat16
 # activations; CPU only: ``spruce.kernels.cpu_int8``): it only proposes, the target verifies
-DRAFT_DTYPES = (*DTYPES, "int8")
+DRAFT_DTYPES = (*DTYPES, "int8", "w8a8")
+# the draft dtypes that keep int8 weights (CPU only); w8a8: int8 activations too where measured harmless
+# (``spruce.kernels.cpu_int8.w8a8_linear``)
+INT8_DRAFT_DTYPES = ("int8", "w8a8")
 
 
 @dataclass(frozen=True)
@@ -250,9 +253,9 @@ class EngineConfig:
             raise InvalidRequestError(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
         if self.draft_dtype is not None and self.draft_dtype not in DRAFT_DTYPES:
             raise InvalidRequestError(f"draft_dtype must be one of {DRAFT_DTYPES}, got {self.draft_dtype!r}")
-        if self.draft_dtype == "int8" and self.device != "cpu":
+        if self.draft_dtype in INT8_DRAFT_DTYPES and self.device != "cpu":
             raise InvalidRequestError(
-                f"draft_dtype int8 runs on CPU only (torch's CPU kernel for int8 weights), not on {self.device!r}: "
+                f"draft_dtype {self.draft_dtype} runs on CPU only (torch's CPU kernels for int8), not on {self.device!r}: "
                 "use bfloat16 there"
             )
         if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from spruce.config import (
+    INT8_DRAFT_DTYPES,
     EngineConfig,
     SamplingParams,
     SpeculationConfig,
@@ -172,7 +173,9 @@ class Engine:
         given). ``draft_dtype=None`` picks bfloat16 on CPUs where bfloat16 is fast (int8 weights there if torch lacks
         oneDNN), else ``dtype``
         (the draft's precision never changes the output); "int8" keeps the draft's linear weights in int8
-        (CPU: a draft step reads half the bytes; ``spruce.kernels.cpu_int8``). ``drafter`` picks what the default speculation
+        (CPU: a draft step reads half the bytes; ``spruce.kernels.cpu_int8``); "w8a8" also quantizes the
+        activations of the layers that read a normalization's output (fbgemm's integer products: faster
+        where bfloat16 is emulated). ``drafter`` picks what the default speculation
         uses: "model", "ngram" (prompt lookup; no draft model is loaded) or "both".
         ``attention_backend``: how the target attends over a tree (``spruce.kernels.backend``): auto, sdpa,
         triton, flex or flash. ``max_batch_size`` requests run at once, each with up to ``max_seq_len``
@@ -232,7 +235,13 @@ class Engine:
                 if output_ids.numel() >= vocab:
                     output_ids, keep = None, 0  # nothing to leave out
             draft_model = load_causal_lm(
-                draft_dir, torch_dtype(chosen), dev, trust_remote_code, int8_weights=chosen == "int8", output_ids=output_ids
+                draft_dir,
+                torch_dtype(chosen),
+                dev,
+                trust_remote_code,
+                int8_weights=chosen in INT8_DRAFT_DTYPES,
+                int8_activations=chosen == "w8a8",
+                output_ids=output_ids,
             )
             config = dataclasses.replace(config, draft_dtype=chosen, draft_vocab=keep)
             check_tokenizers(tokenizer, load_tokenizer(draft_dir, trust_remote_code))

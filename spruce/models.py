@@ -217,6 +217,7 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     tensor_parallel: bool = False,
     int8_weights: bool = False,
+    int8_activations: bool = False,
     output_ids: torch.Tensor | None = None,
 ):
     """Load a causal LM for inference (eval mode, no grad) with the SDPA attention implementation.
@@ -224,7 +225,8 @@ def load_causal_lm(
     On CPU its linear layers take a fast path (``spruce.kernels.cpu_linear``): oneDNN with prepacked weights
     (float32, bfloat16) where torch has it, else the small-rows path.
     ``int8_weights`` (CPU): every linear layer keeps int8 weights with per-row scales, ``dtype`` activations
-    (``spruce.kernels.cpu_int8``; for a draft, whose output the target verifies).
+    (``spruce.kernels.cpu_int8``; for a draft, whose output the target verifies); ``int8_activations``
+    with them: the layers reading a normalization's output also quantize their inputs (``w8a8_linear``).
     ``tensor_parallel``: shard it over the running process group with transformers' plan for the
     architecture (``spruce.parallel``); the shards are placed by the plan, on this rank's device.
     ``output_ids`` (a draft): its output layer also gets a narrow twin over those token ids
@@ -259,11 +261,13 @@ def load_causal_lm(
         narrow_output_layer(model, output_ids)
     if int8_weights and (device.type != "cpu" or tensor_parallel):
         raise ValueError("int8 weights are a CPU path for an unsharded model")
+    if int8_activations and not int8_weights:
+        raise ValueError("int8 activations come with int8 weights (int8_weights=True)")
     if device.type == "cpu" and not tensor_parallel:  # the fast paths know plain tensors, not shards
         if int8_weights:
             from spruce.kernels.cpu_int8 import use_int8_weights
 
-            use_int8_weights(model)  # (its float weights for many rows prepacked where oneDNN runs them)
+            use_int8_weights(model, activations=int8_activations)  # (its float weights for many rows prepacked where oneDNN runs them)
             _own_storage(model)
         elif onednn_linear_available(dtype):
             use_onednn_linear(model)

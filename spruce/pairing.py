@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from spruce.config import INT8_DRAFT_DTYPES
 from spruce.errors import IncompatibleModelsError
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype a model loads in. An int8 draft (int8 linear weights) computes in bfloat16 on a
     CPU with native bfloat16, else in float32 (its int8 products still run in bfloat16:
     ``spruce.kernels.cpu_int8``; the rest of a bfloat16 model is slow where bfloat16 is emulated)."""
-    if name == "int8":
+    if name in INT8_DRAFT_DTYPES:
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 

@@ -1,5 +1,7 @@
 """Int8 draft weights (``spruce.kernels.cpu_int8``): the fast path against its reference twin and the
-exact product on fresh random inputs, the model switch, and an int8 draft keeping speculation lossless."""
+exact product on fresh random inputs, the model switch, and an int8 draft keeping speculation lossless;
+the same for int8 activations (w8a8: fbgemm's product against its written-out twin, the error bound of
+both quantizations, smoothing, the output layer's rescoring, which layers take it)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,22 @@ import torch.nn.functional as F
 from conftest import TINY_VOCAB, assert_close
 from spruce.kernels.cpu_int8 import (
     INT8_ROWS_MAX,
+    RESCORE_TOP,
+    W8A8_ROWS_MAX,
     Int8Linear,
     dequantize_int8,
     int8_linear,
     int8_linear_reference,
+    quantize_activations,
     quantize_int8,
+    rescore_top,
+    smooth_factors,
+    use_int8_weights,
     uses_int8_kernel,
+    w8a8_available,
+    w8a8_linear,
+    w8a8_linear_reference,
+    w8a8_pack,
 )
 from spruce.kernels.cpu_linear import onednn_linear, onednn_linear_available
 
@@ -24,6 +36,8 @@ from spruce import Engine, SamplingParams, SpeculationConfig
 from spruce.config import EngineConfig
 from spruce.errors import InvalidRequestError
 from spruce.modeling import forward_tokens, new_cache
+
+needs_w8a8 = pytest.mark.skipif(not w8a8_available(), reason="no fbgemm dynamic linear (torch's x86 quantized engine) here")
 
 
 def _exact(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -127,16 +141,21 @@ def test_model_with_int8_weights_tracks_the_float_model(tiny_target):
         assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 2 / 3
 
 
-@pytest.mark.parametrize("native_bf16", [True, False])
-def test_int8_draft_keeps_greedy_lossless(tiny_dirs, monkeypatch, native_bf16):
+@pytest.mark.parametrize(
+    "native_bf16,draft_dtype",
+    [(True, "int8"), (False, "int8"), pytest.param(False, "w8a8", marks=needs_w8a8)],
+)
+def test_int8_draft_keeps_greedy_lossless(tiny_dirs, monkeypatch, native_bf16, draft_dtype):
     """An int8 draft computes in bfloat16 where the CPU has it natively, else in float32 (its int8
-    products in bfloat16 either way); speculation with it stays token-identical to plain decoding."""
+    products in bfloat16 either way); speculation with it stays token-identical to plain decoding, with
+    int8 activations too."""
     from spruce import pairing
 
     monkeypatch.setattr(pairing, "cpu_has_native_bf16", lambda: native_bf16)
     target_dir, draft_dir = tiny_dirs
-    engine = Engine.from_pretrained(target=target_dir, draft=draft_dir, draft_dtype="int8")
-    assert engine.config.draft_dtype == "int8"
+    engine = Engine.from_pretrained(target=target_dir, draft=draft_dir, draft_dtype=draft_dtype)
+    assert engine.config.draft_dtype == draft_dtype
+    assert any(getattr(m, "w8a8", None) is not None for m in engine.drafter.model.modules()) == (draft_dtype == "w8a8")
     assert engine.drafter is not None
     assert engine.drafter.model.dtype == (torch.bfloat16 if native_bf16 else torch.float32)
     assert any(isinstance(m, Int8Linear) for m in engine.drafter.model.modules())
@@ -152,8 +171,9 @@ def test_int8_draft_keeps_greedy_lossless(tiny_dirs, monkeypatch, native_bf16):
 
 
 def test_int8_draft_dtype_is_checked():
-    with pytest.raises(InvalidRequestError, match="CPU only"):
-        EngineConfig(device="cuda", draft_dtype="int8")
+    for dtype in ("int8", "w8a8"):
+        with pytest.raises(InvalidRequestError, match=f"{dtype} runs on CPU only"):
+            EngineConfig(device="cuda", draft_dtype=dtype)
     with pytest.raises(InvalidRequestError, match="draft_dtype must be one of"):
         EngineConfig(draft_dtype="int4")
 
@@ -197,3 +217,104 @@ def test_int8_speedup_is_measured():
 
     ratio = int8_speedup(64, 96, weights_mb=1)
     assert 0 < ratio < float("inf")
+
+
+@needs_w8a8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, W8A8_ROWS_MAX])
+@pytest.mark.parametrize("bias", [False, True])
+def test_w8a8_linear_matches_reference_and_exact(dtype, rows, bias):
+    """fbgemm's product equals its written-out twin (same codes, same integer sums: float rounding
+    apart), and both stay within the error bound of the two quantizations from the exact product."""
+    gen = torch.Generator().manual_seed(rows * 10 + bias + (dtype == torch.bfloat16) * 100)
+    k, n = 96, 40
+    weight = torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    x = torch.randn(2, rows, k, generator=gen)
+    x[..., 7] *= 30  # an outlier channel: what the smoothing is for
+    x = x.to(dtype)
+    w = w8a8_pack(weight, b, smooth_factors(x.reshape(-1, k).abs().amax(dim=0), weight))
+    got, want = w8a8_linear(x, w), w8a8_linear_reference(x, w)
+    assert got.shape == (2, rows, n) and got.dtype == dtype and want.dtype == dtype
+    scale_of_output = float(want.float().abs().max())
+    rounding = 1e-4 if dtype == torch.float32 else 2**-7  # the output's own rounding
+    assert_close(got.float(), want.float(), atol=rounding * scale_of_output, what="w8a8 vs reference")
+    # |error| <= (activation step) * |row of the quantized smoothed weight|_1 + |smoothed row|_1 * (weight step / 2)
+    smoothed = x.reshape(-1, k).float() * w.inv_smooth
+    _, step, _ = quantize_activations(smoothed)
+    wq = dequantize_int8(w.qweight, w.scales, torch.float32).double()
+    bound = step * wq.abs().sum(dim=1)[None, :] + smoothed.double().abs().sum(dim=1, keepdim=True) * w.scales.double()[None, :] / 2
+    exact = F.linear(x.reshape(-1, k).double(), weight.double(), None if b is None else b.double())
+    err = (want.reshape(-1, n).double() - exact).abs()
+    assert bool((err <= bound + rounding * exact.abs() + 1e-3).all())
+
+
+@needs_w8a8
+def test_smoothing_cuts_the_error_of_an_outlier_channel():
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(64, 128, generator=gen)
+    x = torch.randn(6, 128, generator=gen)
+    x[:, 3] *= 50
+    exact = x.double() @ weight.double().t()
+    plain = w8a8_pack(weight, None, torch.ones(128))
+    smoothed = w8a8_pack(weight, None, smooth_factors(x.abs().amax(dim=0), weight))
+
+    def rel(w):
+        return float((w8a8_linear(x, w).double() - exact).norm() / exact.norm())
+
+    assert rel(smoothed) < 0.5 * rel(plain)
+
+
+def test_rescore_top_ranks_the_candidates_exactly():
+    """The top R of the approximate output per row get the int8 weight's float product; every other
+    entry is capped below them, so the candidates rank first and exactly among themselves."""
+    gen = torch.Generator().manual_seed(8)
+    n, k, top = 300, 64, 16
+    q, scales = quantize_int8(torch.randn(n, k, generator=gen))
+    b = torch.randn(n, generator=gen)
+    x = torch.randn(1, 3, k, generator=gen)
+    exact = int8_linear_reference(x.float(), q, scales.float(), b).reshape(3, n)
+    approx = (exact + 0.3 * torch.randn(3, n, generator=gen)).reshape(1, 3, n)
+    out = rescore_top(x, approx, q, scales, b, top).reshape(3, n)
+    assert out.shape == (3, n) and out.dtype == x.dtype
+    for r in range(3):
+        picked = approx[0, r].topk(top).indices
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[picked] = False
+        assert_close(out[r, picked].double(), exact[r, picked].double(), atol=1e-4, what="candidates")
+        floor = out[r, picked].min()
+        assert torch.equal(out[r, rest], torch.minimum(approx[0, r, rest], floor))
+        # the exact winner is among the candidates here (noise << the logits' spread): it wins
+        assert int(out[r].argmax()) == int(exact[r].argmax())
+        assert out[r].topk(3).indices.tolist() == exact[r].topk(3).indices.tolist()
+
+
+@needs_w8a8
+def test_w8a8_goes_to_the_layers_that_read_a_norm(tiny_target):
+    """With activations: q/k/v and gate/up (inputs from an RMSNorm) and the output layer (rescored) get
+    w8a8, the attention output and down projections stay weight-only; passes of more than
+    ``W8A8_ROWS_MAX`` rows take the float weight; the model tracks the float one."""
+    model = copy.deepcopy(tiny_target)
+    reference = copy.deepcopy(model)
+    use_int8_weights(model, activations=True)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+    normed = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
+    assert {name for name, m in layers.items() if m.w8a8 is not None} == {
+        name for name in layers if name.rsplit(".", 1)[-1] in normed
+    }
+    assert {name for name, m in layers.items() if m.rescore} == {"lm_head"} and model.lm_head.rescore == RESCORE_TOP
+    gen = torch.Generator().manual_seed(6)
+    up = model.model.layers[0].mlp.up_proj
+    many = torch.randn(W8A8_ROWS_MAX + 1, up.in_features, generator=gen)
+    assert torch.equal(up(many), int8_linear(many, up.qweight, up.scales, up.bias, up.packed if up.packed is not None else up.weight))
+    few = many[:2]
+    assert torch.equal(up(few), w8a8_linear(few, up.w8a8))
+    ids = torch.randint(0, TINY_VOCAB, (12,), generator=gen)
+    for t in (1, 3):
+        a_cache, b_cache = new_cache(model), new_cache(reference)
+        forward_tokens(model, a_cache, ids[:-t], torch.arange(12 - t), None)
+        forward_tokens(reference, b_cache, ids[:-t], torch.arange(12 - t), None)
+        got = forward_tokens(model, a_cache, ids[-t:], torch.arange(12 - t, 12), None).float()
+        want = forward_tokens(reference, b_cache, ids[-t:], torch.arange(12 - t, 12), None).float()
+        assert float((got - want).abs().max()) < 0.1 * float(want.abs().max())
+        assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 2 / 3

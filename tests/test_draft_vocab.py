@@ -11,6 +11,7 @@ import torch
 from conftest import TINY_VOCAB
 from spruce.draft.model_drafter import DraftJob, ModelDrafter
 from spruce.draft.vocab import NarrowHead, draft_vocab_ids, full_vocab, narrow_head_of, narrow_output_layer
+from spruce.kernels.cpu_int8 import w8a8_available
 from test_dynamic_tree import assert_same_trees
 from test_engine import prompts
 
@@ -99,7 +100,10 @@ def test_narrow_draft_keeps_greedy_output_and_the_full_vocab_context(tiny_target
     assert head.narrow_on
 
 
-@pytest.mark.parametrize("draft_dtype", ["float32", "int8"])
+@pytest.mark.parametrize(
+    "draft_dtype",
+    ["float32", "int8", pytest.param("w8a8", marks=pytest.mark.skipif(not w8a8_available(), reason="no fbgemm dynamic linear"))],
+)
 def test_from_pretrained_narrows_the_draft_it_loads(tiny_dirs, draft_dtype):
     """``draft_vocab=N``: the loader narrows the draft before converting its linear layers (both heads
     converted, int8 too); the engine records N; output equals plain decoding's. ``draft_vocab=0``: none."""
@@ -111,6 +115,8 @@ def test_from_pretrained_narrows_the_draft_it_loads(tiny_dirs, draft_dtype):
     special = {int(i) for i in engine.eos_ids}
     assert set(range(100)) <= set(head.ids.tolist()) and special <= set(head.ids.tolist())
     assert type(head.narrow) is type(head.full)  # converted alike (oneDNN / int8 / small rows)
+    if draft_dtype == "w8a8":  # both halves rescored, the one the calibration pass did not run too
+        assert head.narrow.w8a8 is not None and head.full.w8a8 is not None and head.narrow.rescore and head.full.rescore
     batch = prompts(3, 30)
     params = SamplingParams(max_tokens=16)
     assert [o.token_ids for o in engine.generate(batch, params)] == [o.token_ids for o in engine.generate(batch, params, speculation=None)]
