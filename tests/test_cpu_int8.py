@@ -180,8 +180,8 @@ def test_int8_draft_dtype_is_checked():
 
 def test_draft_dtype_pick(monkeypatch, tiny_dirs):
     """Left out, the draft's dtype on a CPU with fast bfloat16 is bfloat16 where oneDNN runs it, else int8
-    (with torch's int8 kernel), else bfloat16; on other CPUs int8 where measured clearly faster, else
-    the target's; off the CPU the target's."""
+    (with torch's int8 kernel), else bfloat16; on other CPUs int8 where measured clearly faster (w8a8
+    where fbgemm's dynamic product runs), else the target's; off the CPU the target's."""
     from spruce.kernels import cpu_int8, cpu_linear
 
     from spruce import pairing
@@ -207,7 +207,11 @@ def test_draft_dtype_pick(monkeypatch, tiny_dirs):
     monkeypatch.setattr(cpu_int8, "int8_speedup", lambda *a, **k: 2.7)
     assert pairing.pick_draft_dtype(cpu, "float32", draft_dir) == "float32"
     monkeypatch.setattr(pairing, "_INT8_MIN_LAYER_BYTES", 0)
+    monkeypatch.setattr(cpu_int8, "w8a8_available", lambda: False)
     assert pairing.pick_draft_dtype(cpu, "float32", draft_dir) == "int8"
+    # and int8 activations too where fbgemm's dynamic product runs
+    monkeypatch.setattr(cpu_int8, "w8a8_available", lambda: True)
+    assert pairing.pick_draft_dtype(cpu, "float32", draft_dir) == "w8a8"
     monkeypatch.setattr(cpu_int8, "int8_speedup", lambda *a, **k: 1.2)
     assert pairing.pick_draft_dtype(cpu, "float32", draft_dir) == "float32"
 
