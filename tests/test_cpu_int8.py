@@ -168,6 +168,13 @@ def test_int8_draft_keeps_greedy_lossless(tiny_dirs, monkeypatch, native_bf16, d
         spec = engine.generate([prompt], params, SpeculationConfig(depth=3, top_k=2, budget=6))[0]
         assert spec.token_ids == plain.token_ids
         assert spec.stats.drafted > 0
+    # sampling through the same draft: a seed reproduces its output (the draft's products are
+    # deterministic), and the tokens are the vocabulary's
+    sampled = SamplingParams(max_tokens=16, ignore_eos=True, temperature=0.8, seed=7)
+    tree = SpeculationConfig(depth=3, top_k=2, budget=6)
+    first, again = (engine.generate([[5, 6, 7, 8]], sampled, tree)[0] for _ in range(2))
+    assert first.token_ids == again.token_ids and len(first.token_ids) == 16
+    assert first.stats.drafted > 0 and all(0 <= t < TINY_VOCAB for t in first.token_ids)
 
 
 def test_int8_draft_dtype_is_checked():
