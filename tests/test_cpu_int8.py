@@ -111,8 +111,6 @@ def test_many_rows_take_the_float_weight_when_kept():
 
 
 def test_tied_output_layer_keeps_the_embedding_dense(tiny_target):
-    from spruce.kernels.cpu_int8 import use_int8_weights
-
     model = copy.deepcopy(tiny_target)
     model.lm_head.weight = model.get_input_embeddings().weight  # tie them
     use_int8_weights(model)
@@ -121,22 +119,25 @@ def test_tied_output_layer_keeps_the_embedding_dense(tiny_target):
 
 
 def test_model_with_int8_weights_tracks_the_float_model(tiny_target):
-    from spruce.kernels.cpu_int8 import use_int8_weights
-
     model = copy.deepcopy(tiny_target).to(torch.bfloat16)
     reference = copy.deepcopy(model)
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert use_int8_weights(model) == linears
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
-    gen = torch.Generator().manual_seed(5)
+    assert_tracks(model, reference, torch.Generator().manual_seed(5))
+
+
+def assert_tracks(model: torch.nn.Module, reference: torch.nn.Module, gen: torch.Generator) -> None:
+    """Decode-sized passes (1 and 3 tokens after a prefix: the int8 / w8a8 kernels) of ``model`` stay
+    near its float ``reference``: int8 moves the logits a little (they are a draft's), not the ranking of
+    clear winners."""
     ids = torch.randint(0, TINY_VOCAB, (12,), generator=gen)
-    for t in (1, 3):  # decode-sized passes: the int8 kernel
+    for t in (1, 3):
         a_cache, b_cache = new_cache(model), new_cache(reference)
         forward_tokens(model, a_cache, ids[:-t], torch.arange(12 - t), None)
         forward_tokens(reference, b_cache, ids[:-t], torch.arange(12 - t), None)
         got = forward_tokens(model, a_cache, ids[-t:], torch.arange(12 - t, 12), None).float()
         want = forward_tokens(reference, b_cache, ids[-t:], torch.arange(12 - t, 12), None).float()
-        # int8 weights move the logits a little (they are a draft's), not the ranking of clear winners
         assert float((got - want).abs().max()) < 0.1 * float(want.abs().max())
         assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 2 / 3
 
@@ -320,12 +321,4 @@ def test_w8a8_goes_to_the_layers_that_read_a_norm(tiny_target):
     assert torch.equal(up(many), int8_linear(many, up.qweight, up.scales, up.bias, up.packed if up.packed is not None else up.weight))
     few = many[:2]
     assert torch.equal(up(few), w8a8_linear(few, up.w8a8))
-    ids = torch.randint(0, TINY_VOCAB, (12,), generator=gen)
-    for t in (1, 3):
-        a_cache, b_cache = new_cache(model), new_cache(reference)
-        forward_tokens(model, a_cache, ids[:-t], torch.arange(12 - t), None)
-        forward_tokens(reference, b_cache, ids[:-t], torch.arange(12 - t), None)
-        got = forward_tokens(model, a_cache, ids[-t:], torch.arange(12 - t, 12), None).float()
-        want = forward_tokens(reference, b_cache, ids[-t:], torch.arange(12 - t, 12), None).float()
-        assert float((got - want).abs().max()) < 0.1 * float(want.abs().max())
-        assert float((got.argmax(-1) == want.argmax(-1)).float().mean()) >= 2 / 3
+    assert_tracks(model, reference, gen)

@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_VOCAB
 from spruce.draft.model_drafter import DraftJob, ModelDrafter
 from spruce.draft.vocab import NarrowHead, draft_vocab_ids, full_vocab, narrow_head_of, narrow_output_layer
-from spruce.kernels.cpu_int8 import w8a8_available
+from test_cpu_int8 import needs_w8a8
 from test_dynamic_tree import assert_same_trees
 from test_engine import prompts
 
@@ -102,7 +102,7 @@ def test_narrow_draft_keeps_greedy_output_and_the_full_vocab_context(tiny_target
 
 @pytest.mark.parametrize(
     "draft_dtype",
-    ["float32", "int8", pytest.param("w8a8", marks=pytest.mark.skipif(not w8a8_available(), reason="no fbgemm dynamic linear"))],
+    ["float32", "int8", pytest.param("w8a8", marks=needs_w8a8)],
 )
 def test_from_pretrained_narrows_the_draft_it_loads(tiny_dirs, draft_dtype):
     """``draft_vocab=N``: the loader narrows the draft before converting its linear layers (both heads
