@@ -77,10 +77,11 @@ def w8a8_table(out_features: int, in_features: int, weights_mb: int = 256) -> No
         print(f"| {rows} | {weight_only:.3f} | {both:.3f} | {errors} |", flush=True)
 
 
-def w8a8_levels(prefix: int = 300, sizes: tuple[int, ...] = (1, 2, 4, 8), repeats: int = 5) -> None:
+def w8a8_levels(prefix: int = 300, sizes: tuple[int, ...] = (1, 2, 4, 8), repeats: int = 9) -> None:
     """Whole passes of T tokens after a ``prefix``-token prompt through the embedded draft loaded as an
-    int8 draft and as a w8a8 one (float32 activations), alternating, median of ``repeats``; the two
-    drafts' argmax agreement on the last pass."""
+    int8 draft, as a w8a8 one with a product per layer and as a w8a8 one whose layers reading the same
+    norm output share one product (the default; float32 activations), alternating, median of
+    ``repeats``; each w8a8 draft's argmax agreement with the int8 one on the last pass."""
     from transformers import DynamicCache
 
     from spruce.models import load_causal_lm, resolve_model_dir
@@ -89,7 +90,8 @@ def w8a8_levels(prefix: int = 300, sizes: tuple[int, ...] = (1, 2, 4, 8), repeat
     draft_dir = resolve_model_dir(None, "draft")
     models = {
         "int8": load_causal_lm(draft_dir, torch.float32, cpu, int8_weights=True),
-        "w8a8": load_causal_lm(draft_dir, torch.float32, cpu, int8_weights=True, int8_activations=True),
+        "w8a8 per layer": load_causal_lm(draft_dir, torch.float32, cpu, int8_weights=True, int8_activations=True, shared_inputs=False),
+        "w8a8 shared": load_causal_lm(draft_dir, torch.float32, cpu, int8_weights=True, int8_activations=True),
     }
     gen = torch.Generator().manual_seed(0)
     vocab = next(iter(models.values())).config.vocab_size
@@ -99,8 +101,8 @@ def w8a8_levels(prefix: int = 300, sizes: tuple[int, ...] = (1, 2, 4, 8), repeat
         for name, model in models.items():
             caches[name] = DynamicCache()
             model(prompt, past_key_values=caches[name], use_cache=True)
-        print("| T | int8 ms | w8a8 ms | ratio | argmax agreement |")
-        print("|---|---|---|---|---|")
+        print("| T | " + " | ".join(f"{name} ms" for name in models) + " | shared / per layer | agreement with int8, per layer / shared |")
+        print("|---|" + "---|" * (len(models) + 2))
         for t in sizes:
             times: dict[str, list[float]] = {name: [] for name in models}
             logits = {}
@@ -111,9 +113,11 @@ def w8a8_levels(prefix: int = 300, sizes: tuple[int, ...] = (1, 2, 4, 8), repeat
                     logits[name] = model(ids, past_key_values=caches[name], use_cache=True).logits
                     times[name].append((time.perf_counter() - start) * 1e3)
                     caches[name].crop(-t)
-            a, b = (statistics.median(v) for v in times.values())
-            agree = float((logits["int8"].argmax(-1) == logits["w8a8"].argmax(-1)).float().mean())
-            print(f"| {t} | {a:.1f} | {b:.1f} | {b / a:.2f} | {agree:.2f} |", flush=True)
+            ms = {name: statistics.median(v) for name, v in times.items()}
+            agree = [float((logits[name].argmax(-1) == logits["int8"].argmax(-1)).float().mean()) for name in ("w8a8 per layer", "w8a8 shared")]
+            cells = " | ".join(f"{v:.1f}" for v in ms.values())
+            ratio = ms["w8a8 shared"] / ms["w8a8 per layer"]
+            print(f"| {t} | {cells} | {ratio:.2f} | {agree[0]:.2f} / {agree[1]:.2f} |", flush=True)
 
 
 def onednn_table(out_features: int, in_features: int, weights_mb: int = 400) -> None:
@@ -203,7 +207,7 @@ def main() -> None:
     p.add_argument("--int8", action="store_true", help="bfloat16 against int8 weights, cache-cold")
     p.add_argument("--onednn", action="store_true", help="float32: F.linear, small rows, oneDNN, cache-cold")
     p.add_argument("--w8a8", action="store_true", help="float32 rows: int8 weights vs int8 weights and activations")
-    p.add_argument("--w8a8-levels", action="store_true", help="whole draft levels: int8 draft vs w8a8 draft")
+    p.add_argument("--w8a8-levels", action="store_true", help="whole draft levels: int8 draft vs w8a8 drafts (a product per layer, shared products)")
     p.add_argument("--model", choices=("target", "draft"), help="whole passes of the embedded model, by path")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="with --model")
     args = p.parse_args()

@@ -39,7 +39,10 @@ s_j = sqrt(max|x_j| / max|W_j|) with max|x_j| from a calibration pass); and the 
 logits only pick candidates: its top ``RESCORE_TOP`` ids per row are scored again with the int8 weights
 and float activations (``rescore_top``; on the embedded draft the weight-only top-1 was among the w8a8
 top 8 in 749 of 749 rows of Spec-Bench text). ``w8a8_linear_reference`` is the product's twin (the same
-quantization written out, then ``F.linear``).
+quantization written out, then ``F.linear``). Layers that read the very same norm output (found in the
+calibration pass: a decoder's q/k/v, its gate/up) share one product over their weights side by side
+(``SharedInput``): one activation quantization and one fbgemm call instead of three or two (a draft
+level of the embedded draft 4-7% faster at 1-4 tokens; kernels/NOTES.md).
 """
 
 from __future__ import annotations
@@ -160,15 +163,24 @@ def int8_linear(
 
 @dataclasses.dataclass
 class W8A8Weight:
-    """A layer's weight for ``w8a8_linear``: the input is multiplied by ``inv_smooth`` [K] (1 / s), the
-    smoothed weight W * s is ``qweight`` [N, K] int8 times ``scales`` [N] (float32), ``bias`` [N] float32
-    or None; ``packed`` is fbgemm's prepacked form of the same (opaque)."""
+    """A layer's weight for ``w8a8_linear``: the input is multiplied by ``inv_smooth`` [K] (1 / s), then
+    goes through ``packed``, fbgemm's prepacked form of the smoothed weight W * s in int8 with one float32
+    scale per output row; ``bias`` [N] float32 or None. The int8 values live only in ``packed``
+    (``qweight`` / ``scales`` unpack them, for the twin and tests)."""
 
     inv_smooth: torch.Tensor
-    qweight: torch.Tensor
-    scales: torch.Tensor
     bias: torch.Tensor | None
     packed: object
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """[N, K] int8."""
+        return torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """[N] float32."""
+        return torch.ops.quantized.linear_unpack(self.packed)[0].q_per_channel_scales().float()
 
 
 def smooth_factors(input_absmax: torch.Tensor, weight: torch.Tensor, alpha: float = SMOOTH_ALPHA) -> torch.Tensor:
@@ -187,7 +199,7 @@ def w8a8_pack(weight: torch.Tensor, bias: torch.Tensor | None, smooth: torch.Ten
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         qt = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros(q.shape[0], dtype=torch.long), 0)
     b = None if bias is None else bias.detach().float().contiguous()
-    return W8A8Weight((1.0 / smooth.float()).contiguous(), q, scales, b, torch.ops.quantized.linear_prepack(qt, b))
+    return W8A8Weight((1.0 / smooth.float()).contiguous(), b, torch.ops.quantized.linear_prepack(qt, b))
 
 
 def w8a8_linear(x: torch.Tensor, w: W8A8Weight) -> torch.Tensor:
@@ -277,26 +289,32 @@ def _is_norm(module: torch.nn.Module) -> bool:
     return isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
-def normalized_input_absmax(model: torch.nn.Module, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{name: [K] max |x_j|} of every ``nn.Linear`` of ``model`` whose input is the output of a
-    normalization layer (RMSNorm / LayerNorm: a decoder's q/k/v and gate/up projections) and of its
-    output layer (which reads the final norm's output through a slice), measured over one forward of
-    ``tokens`` [1, T]."""
+def normalized_input_absmax(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
+    """({name: [K] max |x_j|}, groups), measured over one forward of ``tokens`` [1, T]: the input ranges of
+    every ``nn.Linear`` of ``model`` whose input is the output of a normalization layer (RMSNorm /
+    LayerNorm: a decoder's q/k/v and gate/up projections) and of its output layer (which reads the final
+    norm's output through a slice); ``groups``: the names of the layers (not the output layer's) that read
+    the very same norm output, two or more, in call order (q/k/v, gate/up: ``SharedInput``)."""
     names = {id(m): name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     heads = _output_layers(model)
     # the norms' outputs stay referenced during the pass so that no other tensor takes their ids
     outputs: list[torch.Tensor] = []
+    readers: list[list[str]] = []
     absmax: dict[str, torch.Tensor] = {}
 
     def after_norm(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
         outputs.append(output)
+        readers.append([])
 
     def before_linear(module: torch.nn.Module, args: tuple) -> None:
         x = args[0]
-        if id(module) in heads or any(x is o for o in outputs):
+        source = next((i for i, o in enumerate(outputs) if x is o), None)
+        if id(module) in heads or source is not None:
             a = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
             name = names[id(module)]
             absmax[name] = torch.maximum(absmax[name], a) if name in absmax else a
+            if source is not None and id(module) not in heads:
+                readers[source].append(name)
 
     handles = [m.register_forward_hook(after_norm) for m in model.modules() if _is_norm(m)]
     handles += [m.register_forward_pre_hook(before_linear) for m in model.modules() if id(m) in names]
@@ -311,7 +329,13 @@ def normalized_input_absmax(model: torch.nn.Module, tokens: torch.Tensor) -> dic
     for key in heads:
         if key in names and measured:
             absmax.setdefault(names[key], measured[0])
-    return absmax
+    # a layer run twice in the pass (shared weights) reads two inputs: it stays out of groups
+    counts: dict[str, int] = {}
+    for group in readers:
+        for name in group:
+            counts[name] = counts.get(name, 0) + 1
+    groups = [g for g in readers if len(g) > 1 and len(set(g)) == len(g) and all(counts[n] == 1 for n in g)]
+    return absmax, groups
 
 
 def _output_layers(model: torch.nn.Module) -> set[int]:
@@ -327,6 +351,40 @@ def calibration_tokens(vocab_size: int, count: int = CALIBRATION_TOKENS) -> torc
     Spec-Bench text, 0.977 vs 0.986 with 0.979 for weight-only int8: within the measure's spread.)"""
     gen = torch.Generator().manual_seed(0)
     return torch.randint(0, min(vocab_size, CALIBRATION_IDS), (1, count), generator=gen)
+
+
+class SharedInput:
+    """One w8a8 product for several layers that read the same tensor (a decoder's q/k/v projections, its
+    gate/up pair): their weights side by side in one ``W8A8Weight``, smoothed together (the input is
+    the same, so one s_j per input channel, from the concatenated columns), so that a pass quantizes
+    that input once and makes one fbgemm call instead of one per layer (measured on the embedded draft:
+    the per-call cost is ~70 us on the 2-core AVX2 machine, kernels/NOTES.md). The first member called
+    with an input computes every member's output; the others take theirs while the input is the very
+    same tensor object (the layers of a decoder get their norm's output one after another); any other
+    input is computed afresh, so a member called alone still gets its own product."""
+
+    def __init__(self, linears: list[torch.nn.Linear], input_absmax: torch.Tensor) -> None:
+        weight = torch.cat([m.weight.detach().float() for m in linears])
+        biases = [m.bias for m in linears]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b.detach().float() if b is not None else torch.zeros(m.out_features) for m, b in zip(linears, biases)])
+        self.weight = w8a8_pack(weight, bias, smooth_factors(input_absmax, weight))
+        self.sizes = [m.out_features for m in linears]
+        self._input: torch.Tensor | None = None
+        self._outputs: list[torch.Tensor] = []
+        self._left = 0
+
+    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Member ``index``'s part of the product with ``x`` (whose rows ``w8a8_linear`` takes)."""
+        if self._input is not x:
+            self._outputs = [part.contiguous() for part in w8a8_linear(x, self.weight).split(self.sizes, dim=-1)]
+            self._input, self._left = x, len(self.sizes)
+        out = self._outputs[index]
+        self._left -= 1
+        if self._left <= 0:  # every member had its part: nothing held past the layers' use
+            self._input, self._outputs = None, []
+        return out
 
 
 class Int8Linear(torch.nn.Module):
@@ -365,9 +423,14 @@ class Int8Linear(torch.nn.Module):
         # top that many of those outputs per row are scored again (``rescore_top``)
         self.w8a8 = None if input_absmax is None else w8a8_pack(w, linear.bias, smooth_factors(input_absmax, w))
         self.rescore = rescore
+        # (group, index): this layer's w8a8 product comes from a ``SharedInput`` (set by ``use_int8_weights``)
+        self.shared: tuple[SharedInput, int] | None = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.w8a8 is not None and input.numel() // max(input.shape[-1], 1) <= W8A8_ROWS_MAX and input.device.type == "cpu":
+        few = input.numel() // max(input.shape[-1], 1) <= W8A8_ROWS_MAX and input.device.type == "cpu"
+        if self.shared is not None and few:
+            return self.shared[0].output(input, self.shared[1])
+        if self.w8a8 is not None and few:
             out = w8a8_linear(input, self.w8a8)
             if self.rescore:
                 out = rescore_top(input, out, self.qweight, self.scales, self.bias, self.rescore)
@@ -377,36 +440,47 @@ class Int8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         many = "oneDNN packed" if self.packed is not None else "dense" if self.weight is not None else "dequantized"
-        w8a8 = f", w8a8 up to {W8A8_ROWS_MAX} rows" if self.w8a8 is not None else ""
+        w8a8 = f", w8a8 up to {W8A8_ROWS_MAX} rows" if self.w8a8 is not None or self.shared is not None else ""
+        w8a8 += f" (shared input, part {self.shared[1]} of {len(self.shared[0].sizes)})" if self.shared is not None else ""
         w8a8 += f" (top {self.rescore} rescored)" if self.w8a8 is not None and self.rescore else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8{w8a8}, many rows: {many}"
 
 
-def use_int8_weights(model: torch.nn.Module, keep_float: bool = True, activations: bool = False) -> int:
+def use_int8_weights(model: torch.nn.Module, keep_float: bool = True, activations: bool = False, shared_inputs: bool = True) -> int:
     """Replace every ``nn.Linear`` of ``model`` (its output layer included, tied or not) by an
     ``Int8Linear`` quantized from it; returns how many. Without ``keep_float`` the float weights of
     replaced layers are freed unless something else holds them (a tied input embedding keeps its own).
     ``activations``: the layers that read a normalization's output also get int8 activations
     (``w8a8_linear``), smoothed by their input ranges measured first on the float model
     (``normalized_input_absmax`` over ``calibration_tokens``), the output layer's rescored
-    (``rescore_top``); needs ``w8a8_available()``."""
+    (``rescore_top``); needs ``w8a8_available()``. With ``shared_inputs`` the layers found reading the
+    same norm output share one product (``SharedInput``); without, each has its own."""
     absmax: dict[str, torch.Tensor] = {}
+    groups: list[list[str]] = []
     if activations:
         if not w8a8_available():
             raise RuntimeError("int8 activations need fbgemm's dynamic linear (torch's x86 quantized engine), not found here")
         get = getattr(model, "get_input_embeddings", None)
         embeddings = get() if callable(get) else None
         vocab = embeddings.num_embeddings if isinstance(embeddings, torch.nn.Embedding) else CALIBRATION_IDS
-        absmax = normalized_input_absmax(model, calibration_tokens(vocab))
+        absmax, groups = normalized_input_absmax(model, calibration_tokens(vocab))
+    shared: dict[str, tuple[SharedInput, int]] = {}
+    for group in groups if shared_inputs else []:
+        # (every name in a group is a linear layer's; the filter only tells the type checker so)
+        members = [m for m in map(model.get_submodule, group) if isinstance(m, torch.nn.Linear)]
+        joint = SharedInput(members, absmax[group[0]])
+        shared.update((name, (joint, i)) for i, name in enumerate(group))
     heads = _output_layers(model)
     uses = parameter_uses(model)
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        shared = uses.get(id(module.weight), 1) > 1
+        is_shared = uses.get(id(module.weight), 1) > 1
         rescore = RESCORE_TOP if id(module) in heads else 0
-        layer = Int8Linear(module, keep_float, shared=shared, input_absmax=absmax.get(name), rescore=rescore)
+        own = None if name in shared else absmax.get(name)
+        layer = Int8Linear(module, keep_float, shared=is_shared, input_absmax=own, rescore=rescore)
+        layer.shared = shared.get(name)
         setattr(parent, child, layer)
     return len(targets)
 

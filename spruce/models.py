@@ -219,6 +219,7 @@ def load_causal_lm(
     int8_weights: bool = False,
     int8_activations: bool = False,
     output_ids: torch.Tensor | None = None,
+    shared_inputs: bool = True,
 ):
     """Load a causal LM for inference (eval mode, no grad) with the SDPA attention implementation.
 
@@ -231,6 +232,8 @@ def load_causal_lm(
     architecture (``spruce.parallel``); the shards are placed by the plan, on this rank's device.
     ``output_ids`` (a draft): its output layer also gets a narrow twin over those token ids
     (``spruce.draft.vocab.NarrowHead``), made before the linear layers are converted.
+    ``shared_inputs=False`` (for comparisons): each w8a8 layer keeps a product of its own instead of
+    sharing one with the layers that read the same norm output (``cpu_int8.SharedInput``).
     """
     from transformers import AutoModelForCausalLM
 
@@ -267,7 +270,7 @@ def load_causal_lm(
         if int8_weights:
             from spruce.kernels.cpu_int8 import use_int8_weights
 
-            use_int8_weights(model, activations=int8_activations)  # (its float weights for many rows prepacked where oneDNN runs them)
+            use_int8_weights(model, activations=int8_activations, shared_inputs=shared_inputs)  # (its float weights for many rows prepacked where oneDNN runs them)
             _own_storage(model)
         elif onednn_linear_available(dtype):
             use_onednn_linear(model)

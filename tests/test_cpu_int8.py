@@ -16,6 +16,7 @@ from spruce.kernels.cpu_int8 import (
     RESCORE_TOP,
     W8A8_ROWS_MAX,
     Int8Linear,
+    SharedInput,
     dequantize_int8,
     int8_linear,
     int8_linear_reference,
@@ -304,21 +305,61 @@ def test_rescore_top_ranks_the_candidates_exactly():
 @needs_w8a8
 def test_w8a8_goes_to_the_layers_that_read_a_norm(tiny_target):
     """With activations: q/k/v and gate/up (inputs from an RMSNorm) and the output layer (rescored) get
-    w8a8, the attention output and down projections stay weight-only; passes of more than
-    ``W8A8_ROWS_MAX`` rows take the float weight; the model tracks the float one."""
+    w8a8, the attention output and down projections stay weight-only; each decoder's q/k/v share one
+    product, its gate/up another (``SharedInput``); passes of more than ``W8A8_ROWS_MAX`` rows take the
+    float weight; the model tracks the float one."""
     model = copy.deepcopy(tiny_target)
     reference = copy.deepcopy(model)
     use_int8_weights(model, activations=True)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
     normed = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
-    assert {name for name, m in layers.items() if m.w8a8 is not None} == {
+    assert {name for name, m in layers.items() if m.w8a8 is not None or m.shared is not None} == {
         name for name in layers if name.rsplit(".", 1)[-1] in normed
     }
     assert {name for name, m in layers.items() if m.rescore} == {"lm_head"} and model.lm_head.rescore == RESCORE_TOP
+    assert model.lm_head.shared is None and model.lm_head.w8a8 is not None
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        assert [attn.q_proj.shared[1], attn.k_proj.shared[1], attn.v_proj.shared[1]] == [0, 1, 2]
+        assert attn.q_proj.shared[0] is attn.k_proj.shared[0] is attn.v_proj.shared[0]
+        assert mlp.gate_proj.shared[0] is mlp.up_proj.shared[0] and mlp.up_proj.shared[1] == 1
+        assert attn.o_proj.shared is None and mlp.down_proj.shared is None and attn.q_proj.w8a8 is None
     gen = torch.Generator().manual_seed(6)
     up = model.model.layers[0].mlp.up_proj
     many = torch.randn(W8A8_ROWS_MAX + 1, up.in_features, generator=gen)
     assert torch.equal(up(many), int8_linear(many, up.qweight, up.scales, up.bias, up.packed if up.packed is not None else up.weight))
     few = many[:2]
-    assert torch.equal(up(few), w8a8_linear(few, up.w8a8))
+    joint = up.shared[0]
+    assert torch.equal(up(few), w8a8_linear(few, joint.weight)[:, joint.sizes[0] :])
     assert_tracks(model, reference, gen)
+    separate = copy.deepcopy(reference)
+    use_int8_weights(separate, activations=True, shared_inputs=False)
+    assert all(m.shared is None for m in separate.modules() if isinstance(m, Int8Linear))
+    assert_tracks(model, separate, gen)
+
+
+@needs_w8a8
+@pytest.mark.parametrize("bias", [False, True])
+def test_shared_input_gives_each_layer_its_part(bias):
+    """Layers sharing one product get their parts of the twin's product with their weights side by side,
+    called in turn with one input or each with its own; within the quantization bound of each exact
+    product; nothing is held once every part was taken."""
+    gen = torch.Generator().manual_seed(11 + bias)
+    k = 64
+    linears = [torch.nn.Linear(k, n, bias=bias and i != 1) for i, n in enumerate((48, 16, 16))]
+    for m in linears:
+        torch.nn.init.normal_(m.weight, generator=gen)
+    x = torch.randn(3, k, generator=gen)
+    x[:, 5] *= 40
+    joint = SharedInput(linears, x.abs().amax(dim=0))
+    want = w8a8_linear_reference(x, joint.weight).split(joint.sizes, dim=-1)
+    in_turn = [joint.output(x, i) for i in range(3)]
+    assert joint._input is None and joint._outputs == []
+    # each part asked for with a tensor of its own (the same values): computed afresh, the same
+    alone = {i: joint.output(x.clone(), i) for i in (2, 0, 1)}
+    for i, (got, w, m) in enumerate(zip(in_turn, want, linears)):
+        assert torch.equal(alone[i], got)
+        assert got.shape == w.shape and got.is_contiguous()
+        assert_close(got, w, atol=1e-4 * float(w.abs().max()), what="shared part vs twin")
+        exact = m(x).detach()
+        assert float((got - exact).abs().max()) < 0.05 * float(exact.abs().max())
