@@ -198,7 +198,9 @@ def w8a8_pack(weight: torch.Tensor, bias: torch.Tensor | None, smooth: torch.Ten
         # drops them, ``w8a8_available`` says no and the draft keeps weight-only int8)
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         qt = torch._make_per_channel_quantized_tensor(q, scales.double(), torch.zeros(q.shape[0], dtype=torch.long), 0)
-    b = None if bias is None else bias.detach().float().contiguous()
+    # a copy: a float32 bias would otherwise be the caller's tensor, which may be backed by the memory-mapped
+    # checkpoint (a loaded model's), keeping the whole mapping resident
+    b = None if bias is None else bias.detach().to(torch.float32, copy=True).contiguous()
     return W8A8Weight((1.0 / smooth.float()).contiguous(), b, torch.ops.quantized.linear_prepack(qt, b))
 
 

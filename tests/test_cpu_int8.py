@@ -247,6 +247,8 @@ def test_w8a8_linear_matches_reference_and_exact(dtype, rows, bias):
     x[..., 7] *= 30  # an outlier channel: what the smoothing is for
     x = x.to(dtype)
     w = w8a8_pack(weight, b, smooth_factors(x.reshape(-1, k).abs().amax(dim=0), weight))
+    if b is not None:  # its own copy: a loaded model's bias may live in the memory-mapped checkpoint
+        assert w.bias is not None and w.bias.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
     got, want = w8a8_linear(x, w), w8a8_linear_reference(x, w)
     assert got.shape == (2, rows, n) and got.dtype == dtype and want.dtype == dtype
     scale_of_output = float(want.float().abs().max())
