@@ -421,13 +421,14 @@ class _TreeBuilder:
         self.cums: list[float] = [0.0]
         # sibling-rank path of each node (static trees look their shape up by it)
         self.paths: list[tuple[int, ...]] = [()]
-        # nodes whose children are being chosen, and their cumulative draft log-probabilities
+        # nodes whose children are being chosen, and their cumulative draft log-probabilities (float64: the
+        # values of ``cums`` exactly, so that no child scores above its parent; see ``rerank``)
         self.frontier = [0]
-        self.cum = torch.zeros(1)
+        self.cum = torch.zeros(1, dtype=torch.float64)
         # node -> the draft distribution its sampled children were drawn from
         self.expanded: dict[int, torch.Tensor] = {}
         # cumulative log-probabilities of the nodes the last ``add`` appended
-        self._new_cum = torch.zeros(0)
+        self._new_cum = torch.zeros(0, dtype=torch.float64)
 
     @property
     def num_draft_nodes(self) -> int:
@@ -447,6 +448,7 @@ class _TreeBuilder:
         for rank, (f, token, logq) in _ranked(picks):
             if not math.isfinite(logq):
                 continue  # filtered out by top-k / top-p: the target can never accept it
+            logq = min(logq, 0.0)  # a log-probability (rounding must not score a child above its parent)
             parent = self.frontier[f]
             new_nodes.append(len(self.tokens))
             self.tokens.append(token)
@@ -455,7 +457,7 @@ class _TreeBuilder:
             self.logprobs.append(logq)
             new_cum.append(cum[f] + logq)
             self.cums.append(new_cum[-1])
-        self._new_cum = torch.tensor(new_cum)
+        self._new_cum = torch.tensor(new_cum, dtype=torch.float64)
         return new_nodes
 
     def advance(self, new_nodes: list[int], top_k: int, static: dict[tuple[int, ...], int] | None) -> None:

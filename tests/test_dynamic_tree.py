@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spruce.draft.model_drafter import DraftSampling, ModelDrafter
+from spruce.draft.model_drafter import DraftSampling, ModelDrafter, _TreeBuilder
 from test_engine import prompts
 
 from spruce import SpeculationConfig
@@ -149,3 +149,17 @@ def assert_same_trees(fast: ModelDrafter, reference: ModelDrafter, specs=None, s
                 drafter.commit(states[i], path)
             tokens[i] += [int(proposal.tree.tokens[n]) for n in path[1:]] + [11 + step]
     return trees[0]
+
+
+def test_rerank_keeps_the_parent_of_a_certain_child():
+    """A child the draft is certain of (log q = 0: a sharp distribution at temperature 0.7 rounds to
+    probability 1) scores exactly its parent's cumulative log-probability, never above it, so a budget
+    that keeps the child keeps the parent (the frontier's scores once went through float32, which moved
+    -0.7 up to -0.69999999, and the rerank dropped the parent: "rerank dropped an ancestor")."""
+    tree = _TreeBuilder(root_token=0)
+    parent = tree.add([(0, 5, -0.7), (0, 6, -2.0)])[0]
+    tree.advance([parent, parent + 1], top_k=1, static=None)
+    (child,) = tree.add([(0, 7, 0.0)])
+    assert tree.cums[child] == tree.cums[parent]
+    kept = tree.rerank(budget=1)
+    assert kept == {0: 0, parent: 1} and tree.tokens == [0, 5]
