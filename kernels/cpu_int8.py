@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -332,11 +333,8 @@ def normalized_input_absmax(model: torch.nn.Module, tokens: torch.Tensor) -> tup
         if key in names and measured:
             absmax.setdefault(names[key], measured[0])
     # a layer run twice in the pass (shared weights) reads two inputs: it stays out of groups
-    counts: dict[str, int] = {}
-    for group in readers:
-        for name in group:
-            counts[name] = counts.get(name, 0) + 1
-    groups = [g for g in readers if len(g) > 1 and len(set(g)) == len(g) and all(counts[n] == 1 for n in g)]
+    counts = Counter(name for group in readers for name in group)
+    groups = [g for g in readers if len(g) > 1 and all(counts[n] == 1 for n in g)]
     return absmax, groups
 
 
@@ -425,14 +423,16 @@ class Int8Linear(torch.nn.Module):
         # top that many of those outputs per row are scored again (``rescore_top``)
         self.w8a8 = None if input_absmax is None else w8a8_pack(w, linear.bias, smooth_factors(input_absmax, w))
         self.rescore = rescore
-        # (group, index): this layer's w8a8 product comes from a ``SharedInput`` (set by ``use_int8_weights``)
-        self.shared: tuple[SharedInput, int] | None = None
+        # (group, index): this layer's w8a8 product comes from a ``SharedInput`` (set by ``use_int8_weights``;
+        # not to be confused with ``shared``, a weight another module also holds)
+        self.shared_input: tuple[SharedInput, int] | None = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        few = input.numel() // max(input.shape[-1], 1) <= W8A8_ROWS_MAX and input.device.type == "cpu"
-        if self.shared is not None and few:
-            return self.shared[0].output(input, self.shared[1])
-        if self.w8a8 is not None and few:
+        w8a8 = self.w8a8 is not None or self.shared_input is not None
+        if w8a8 and input.numel() // max(input.shape[-1], 1) <= W8A8_ROWS_MAX and input.device.type == "cpu":
+            if self.shared_input is not None:
+                return self.shared_input[0].output(input, self.shared_input[1])
+            assert self.w8a8 is not None
             out = w8a8_linear(input, self.w8a8)
             if self.rescore:
                 out = rescore_top(input, out, self.qweight, self.scales, self.bias, self.rescore)
@@ -442,8 +442,9 @@ class Int8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         many = "oneDNN packed" if self.packed is not None else "dense" if self.weight is not None else "dequantized"
-        w8a8 = f", w8a8 up to {W8A8_ROWS_MAX} rows" if self.w8a8 is not None or self.shared is not None else ""
-        w8a8 += f" (shared input, part {self.shared[1]} of {len(self.shared[0].sizes)})" if self.shared is not None else ""
+        joint = self.shared_input
+        w8a8 = f", w8a8 up to {W8A8_ROWS_MAX} rows" if self.w8a8 is not None or joint is not None else ""
+        w8a8 += f" (shared input, part {joint[1]} of {len(joint[0].sizes)})" if joint is not None else ""
         w8a8 += f" (top {self.rescore} rescored)" if self.w8a8 is not None and self.rescore else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8{w8a8}, many rows: {many}"
 
@@ -466,23 +467,23 @@ def use_int8_weights(model: torch.nn.Module, keep_float: bool = True, activation
         embeddings = get() if callable(get) else None
         vocab = embeddings.num_embeddings if isinstance(embeddings, torch.nn.Embedding) else CALIBRATION_IDS
         absmax, groups = normalized_input_absmax(model, calibration_tokens(vocab))
-    shared: dict[str, tuple[SharedInput, int]] = {}
+    joints: dict[str, tuple[SharedInput, int]] = {}
     for group in groups if shared_inputs else []:
         # (every name in a group is a linear layer's; the filter only tells the type checker so)
         members = [m for m in map(model.get_submodule, group) if isinstance(m, torch.nn.Linear)]
         joint = SharedInput(members, absmax[group[0]])
-        shared.update((name, (joint, i)) for i, name in enumerate(group))
+        joints.update((name, (joint, i)) for i, name in enumerate(group))
     heads = _output_layers(model)
     uses = parameter_uses(model)
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        is_shared = uses.get(id(module.weight), 1) > 1
+        shared = uses.get(id(module.weight), 1) > 1
         rescore = RESCORE_TOP if id(module) in heads else 0
-        own = None if name in shared else absmax.get(name)
-        layer = Int8Linear(module, keep_float, shared=is_shared, input_absmax=own, rescore=rescore)
-        layer.shared = shared.get(name)
+        own = None if name in joints else absmax.get(name)
+        layer = Int8Linear(module, keep_float, shared=shared, input_absmax=own, rescore=rescore)
+        layer.shared_input = joints.get(name)
         setattr(parent, child, layer)
     return len(targets)
 

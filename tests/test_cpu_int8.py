@@ -315,28 +315,28 @@ def test_w8a8_goes_to_the_layers_that_read_a_norm(tiny_target):
     use_int8_weights(model, activations=True)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
     normed = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
-    assert {name for name, m in layers.items() if m.w8a8 is not None or m.shared is not None} == {
+    assert {name for name, m in layers.items() if m.w8a8 is not None or m.shared_input is not None} == {
         name for name in layers if name.rsplit(".", 1)[-1] in normed
     }
     assert {name for name, m in layers.items() if m.rescore} == {"lm_head"} and model.lm_head.rescore == RESCORE_TOP
-    assert model.lm_head.shared is None and model.lm_head.w8a8 is not None
+    assert model.lm_head.shared_input is None and model.lm_head.w8a8 is not None
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
-        assert [attn.q_proj.shared[1], attn.k_proj.shared[1], attn.v_proj.shared[1]] == [0, 1, 2]
-        assert attn.q_proj.shared[0] is attn.k_proj.shared[0] is attn.v_proj.shared[0]
-        assert mlp.gate_proj.shared[0] is mlp.up_proj.shared[0] and mlp.up_proj.shared[1] == 1
-        assert attn.o_proj.shared is None and mlp.down_proj.shared is None and attn.q_proj.w8a8 is None
+        assert [attn.q_proj.shared_input[1], attn.k_proj.shared_input[1], attn.v_proj.shared_input[1]] == [0, 1, 2]
+        assert attn.q_proj.shared_input[0] is attn.k_proj.shared_input[0] is attn.v_proj.shared_input[0]
+        assert mlp.gate_proj.shared_input[0] is mlp.up_proj.shared_input[0] and mlp.up_proj.shared_input[1] == 1
+        assert attn.o_proj.shared_input is None and mlp.down_proj.shared_input is None and attn.q_proj.w8a8 is None
     gen = torch.Generator().manual_seed(6)
     up = model.model.layers[0].mlp.up_proj
     many = torch.randn(W8A8_ROWS_MAX + 1, up.in_features, generator=gen)
     assert torch.equal(up(many), int8_linear(many, up.qweight, up.scales, up.bias, up.packed if up.packed is not None else up.weight))
     few = many[:2]
-    joint = up.shared[0]
+    joint = up.shared_input[0]
     assert torch.equal(up(few), w8a8_linear(few, joint.weight)[:, joint.sizes[0] :])
     assert_tracks(model, reference, gen)
     separate = copy.deepcopy(reference)
     use_int8_weights(separate, activations=True, shared_inputs=False)
-    assert all(m.shared is None for m in separate.modules() if isinstance(m, Int8Linear))
+    assert all(m.shared_input is None for m in separate.modules() if isinstance(m, Int8Linear))
     assert_tracks(model, separate, gen)
 
 
