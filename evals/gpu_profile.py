@@ -530,7 +530,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return _graphs_only(args, target, draft, section, report)
     if args.engine_checks:
         if args.lossless:
-            section("engine_lossless_float32", lambda: engine_lossless(args.lossless_shapes, args.device, [1, 8], min(32, args.overhead_tokens), 512))
+            section("engine_lossless_float32", lambda: engine_lossless(args.lossless_shapes, args.device, args.lossless_batches, min(32, args.overhead_tokens), 512))
         section("engine_speed", lambda: engine_speed(target, draft, args.overhead_batches, args.overhead_tokens, args.context, args.engine_rounds))
         if args.step_profile:
             section("step_profile", lambda: step_profile(target, draft, sorted({args.overhead_batches[0], args.overhead_batches[-1]}), args.overhead_tokens, args.context))
@@ -620,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-checks", action="store_true",
                    help="only the engine: float32 greedy outputs against plain SDPA decoding (graphs, trees, both drafts), then plain/tree/default timed with graphs")
     p.add_argument("--lossless-shapes", default="1.5b", choices=sorted(SHAPES))
+    p.add_argument("--lossless-batches", type=int, nargs="+", default=[1, 8], help="with --engine-checks: batch sizes of the float32 output checks")
     p.add_argument("--engine-rounds", type=int, default=2, help="with --engine-checks: timed rounds of each configuration")
     p.add_argument("--lossless", action=argparse.BooleanOptionalAction, default=True, help="with --engine-checks: the float32 output checks")
     p.add_argument("--step-profile", action="store_true", help="with --engine-checks: torch.profiler tables of a fixed-tree run")
