@@ -11,7 +11,8 @@ Layout: ``qweight`` [N, K] int8 and ``scales`` [N] in the activations' dtype, W 
 
 ``int8_linear`` is the fast path: torch's CPU kernel for weight-only int8 products
 (``aten::_weight_int8pack_mm``, the one gpt-fast and torchao's CPU path call) for up to
-``INT8_ROWS_MAX`` rows, where it reads the int8 weights once (measured, cache-cold weights, one row:
+``INT8_ROWS_MAX`` rows (``INT8_ROWS_MAX_FLOAT32`` for float32 activations, whose float weight reads
+twice the bytes), where it reads the int8 weights once (measured, cache-cold weights, one row:
 1.7x faster than bfloat16 at [4864 x 896], 1.7x at the [151936 x 896] output layer; at 8 rows it is
 slower than bfloat16, its cost grows with the rows). More rows (a prefill, a catch-up) take the float
 weight an ``Int8Linear`` keeps beside the int8 one (``F.linear`` on the flattened rows); without it
@@ -30,7 +31,8 @@ int8 activations too (``w8a8_linear``, the draft dtype "w8a8"): on an AVX2 CPU w
 products the weight-only kernel above emulates bfloat16, while fbgemm's dynamically quantized product
 (``quantized::linear_dynamic``: the rows quantized to 7-bit unsigned integers with one scale per call,
 integer dot products, int32 sums) measured 1.3-3x faster for 1-8 rows and flat in the row count
-(kernels/NOTES.md). Quantizing activations per call loses more than quantizing weights: channels with
+(kernels/NOTES.md). A pass over more rows (a draft level of several requests) goes through in chunks
+of ``W8A8_ROWS_MAX`` rows, each with its own scale, up to ``W8A8_CHUNKED_ROWS_MAX`` rows. Quantizing activations per call loses more than quantizing weights: channels with
 outliers set the scale for all. Three measured answers: only the layers that read a normalization's
 output take it (a model's q/k/v and gate/up projections and its output layer; the attention output and
 MLP down projections keep weight-only int8, where w8a8 cost 2-3% of the draft's top-1 agreement with its
@@ -63,16 +65,22 @@ from spruce.kernels.cpu_linear import (
 
 # Row counts at or below this take the int8 kernel; above it, the kept float weight (or dequantization).
 INT8_ROWS_MAX = 4
+# the same for float32 activations: the kernel (in bfloat16) against a float32 weight's 4 bytes per value
+# rather than bfloat16's 2, so it stays ahead for more rows (measured on an AVX2 CPU, 24 [896 x 4864]
+# weights: 31 ms for 5-8 rows against oneDNN float32's 43-48 ms; 48 ms at 12 rows)
+INT8_ROWS_MAX_FLOAT32 = 8
 # the kernel is used only for inner dimensions that are a multiple of this (see the module docstring)
 INT8_K_MULTIPLE = 32
 # the activations' dtypes the kernel path takes, and what it computes in for each (float32 rows are
 # rounded to bfloat16 for it)
 _KERNEL_COMPUTE = {torch.bfloat16: torch.bfloat16, torch.float32: torch.bfloat16}
 _KERNEL_DTYPES = tuple(_KERNEL_COMPUTE)
-# Rows up to this take a layer's w8a8 product where it has one (flat in the row count up to 8, measured);
-# more rows (a prefill, a catch-up) take the float or weight-only path: they would share one activation
-# scale, and a prefill reads its weights once for many rows anyway.
+# Rows per fbgemm call of a w8a8 product (its cost is flat in the row count up to 8, measured) and so per
+# activation scale: more rows go through in chunks of this many, each quantized on its own, up to
+# ``W8A8_CHUNKED_ROWS_MAX`` rows (a draft level of several requests); more than that (a prefill, a long
+# catch-up, compute-bound) take the float weight.
 W8A8_ROWS_MAX = 8
+W8A8_CHUNKED_ROWS_MAX = 64
 # fbgemm quantizes the activations to [0, 127] (``reduce_range``): AVX2 without VNNI multiplies pairs of
 # 8-bit values into saturating 16-bit sums, and full-range inputs gave wrong products here
 _W8A8_QMAX = 127
@@ -119,11 +127,16 @@ def int8_linear_reference(
     return F.linear(x, dequantize_int8(qweight, scales, x.dtype), None if bias is None else bias.to(x.dtype))
 
 
+def int8_rows_max(dtype: torch.dtype) -> int:
+    """Rows up to which ``int8_linear`` takes the int8 kernel for activations of ``dtype``."""
+    return INT8_ROWS_MAX_FLOAT32 if dtype == torch.float32 else INT8_ROWS_MAX
+
+
 def uses_int8_kernel(x: torch.Tensor, qweight: torch.Tensor) -> bool:
     """Whether ``int8_linear`` computes ``x``'s product with torch's int8 kernel (few rows, a CPU tensor of
     a supported dtype and width)."""
     return (
-        x.numel() // max(x.shape[-1], 1) <= INT8_ROWS_MAX
+        x.numel() // max(x.shape[-1], 1) <= int8_rows_max(x.dtype)
         and x.device.type == "cpu"
         and qweight.device.type == "cpu"
         and x.dtype in _KERNEL_DTYPES
@@ -145,12 +158,12 @@ def int8_linear(
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[..., N] = x @ W^T + bias: W the int8 weight (``qweight * scales[:, None]``) for up to
-    ``INT8_ROWS_MAX`` rows (computed in bfloat16 for float32 ``x``); for more, the float ``weight`` when
-    given (a prefill is compute-bound: its weights are read once for many rows), else the dequantized
-    int8 weight."""
+    ``int8_rows_max(x.dtype)`` rows (computed in bfloat16 for float32 ``x``); for more, the float
+    ``weight`` when given (a prefill is compute-bound: its weights are read once for many rows), else the
+    dequantized int8 weight."""
     rows = x.reshape(-1, x.shape[-1])
     n = qweight.shape[0]
-    if rows.shape[0] > INT8_ROWS_MAX and weight is not None:
+    if rows.shape[0] > int8_rows_max(x.dtype) and weight is not None:
         out = onednn_linear(rows, weight, bias) if weight.is_mkldnn else F.linear(rows, weight, bias)
         return out.reshape(*x.shape[:-1], n)
     if uses_int8_kernel(x, qweight):
@@ -206,10 +219,14 @@ def w8a8_pack(weight: torch.Tensor, bias: torch.Tensor | None, smooth: torch.Ten
 
 
 def w8a8_linear(x: torch.Tensor, w: W8A8Weight) -> torch.Tensor:
-    """[..., N]: ``x`` [..., K] times 1 / s, quantized per call (7-bit unsigned, one scale and zero point
-    for all rows), through fbgemm's integer product with the smoothed int8 weight; in ``x``'s dtype."""
+    """[..., N]: ``x`` [..., K] times 1 / s, quantized per chunk of ``W8A8_ROWS_MAX`` rows (7-bit
+    unsigned, one scale and zero point per chunk), through fbgemm's integer product with the smoothed
+    int8 weight; in ``x``'s dtype."""
     rows = (x.reshape(-1, x.shape[-1]).float() * w.inv_smooth).contiguous()
-    out = torch.ops.quantized.linear_dynamic(rows, w.packed, True)
+    if rows.shape[0] <= W8A8_ROWS_MAX:
+        out = torch.ops.quantized.linear_dynamic(rows, w.packed, True)
+    else:
+        out = torch.cat([torch.ops.quantized.linear_dynamic(part, w.packed, True) for part in rows.split(W8A8_ROWS_MAX)])
     return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -232,9 +249,12 @@ def w8a8_linear_reference(x: torch.Tensor, w: W8A8Weight) -> torch.Tensor:
     """The twin of ``w8a8_linear``: the same smoothing and quantization written out, the dequantized
     rows through ``F.linear`` with the dequantized weight."""
     rows = x.reshape(-1, x.shape[-1]).float() * w.inv_smooth
-    codes, scale, zero_point = quantize_activations(rows)
-    out = F.linear((codes - zero_point) * scale, dequantize_int8(w.qweight, w.scales, torch.float32), w.bias)
-    return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+    weight = dequantize_int8(w.qweight, w.scales, torch.float32)
+    parts = []
+    for chunk in rows.split(W8A8_ROWS_MAX):
+        codes, scale, zero_point = quantize_activations(chunk)
+        parts.append(F.linear((codes - zero_point) * scale, weight, w.bias))
+    return torch.cat(parts).to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def rescore_top(
@@ -389,7 +409,8 @@ class SharedInput:
 
 class Int8Linear(torch.nn.Module):
     """A linear layer with int8 weights and per-row scales (inference only). ``keep_float``: keep the
-    float weight too, for passes over more than ``INT8_ROWS_MAX`` rows (memory: 1.5x the float layer);
+    float weight too, for passes over more rows than the int8 paths take (``int8_rows_max``, and
+    ``W8A8_CHUNKED_ROWS_MAX`` for a w8a8 layer; memory: 1.5x the float layer);
     prepacked for oneDNN where torch runs it in that dtype, unless ``shared`` (another module holds the
     same weight, a tied output embedding: kept dense, not copied)."""
 
@@ -419,7 +440,7 @@ class Int8Linear(torch.nn.Module):
         # a plain attribute, not a buffer: opaque tensors do not go into a state dict or through .to()
         self.packed = onednn_pack(w) if pack else None
         # ``input_absmax`` (the measured max |x_j| of the layer's input): also int8 activations for up to
-        # ``W8A8_ROWS_MAX`` rows (``w8a8_linear``), smoothed by it; ``rescore`` > 0 (an output layer): the
+        # ``W8A8_CHUNKED_ROWS_MAX`` rows (``w8a8_linear``), smoothed by it; ``rescore`` > 0 (an output layer): the
         # top that many of those outputs per row are scored again (``rescore_top``)
         self.w8a8 = None if input_absmax is None else w8a8_pack(w, linear.bias, smooth_factors(input_absmax, w))
         self.rescore = rescore
@@ -429,7 +450,7 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         w8a8 = self.w8a8 is not None or self.shared_input is not None
-        if w8a8 and input.numel() // max(input.shape[-1], 1) <= W8A8_ROWS_MAX and input.device.type == "cpu":
+        if w8a8 and input.numel() // max(input.shape[-1], 1) <= W8A8_CHUNKED_ROWS_MAX and input.device.type == "cpu":
             if self.shared_input is not None:
                 return self.shared_input[0].output(input, self.shared_input[1])
             assert self.w8a8 is not None
@@ -443,7 +464,7 @@ class Int8Linear(torch.nn.Module):
     def extra_repr(self) -> str:
         many = "oneDNN packed" if self.packed is not None else "dense" if self.weight is not None else "dequantized"
         joint = self.shared_input
-        w8a8 = f", w8a8 up to {W8A8_ROWS_MAX} rows" if self.w8a8 is not None or joint is not None else ""
+        w8a8 = f", w8a8 up to {W8A8_CHUNKED_ROWS_MAX} rows" if self.w8a8 is not None or joint is not None else ""
         w8a8 += f" (shared input, part {joint[1]} of {len(joint[0].sizes)})" if joint is not None else ""
         w8a8 += f" (top {self.rescore} rescored)" if self.w8a8 is not None and self.rescore else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8{w8a8}, many rows: {many}"

@@ -14,12 +14,14 @@ from conftest import TINY_VOCAB, assert_close
 from spruce.kernels.cpu_int8 import (
     INT8_ROWS_MAX,
     RESCORE_TOP,
+    W8A8_CHUNKED_ROWS_MAX,
     W8A8_ROWS_MAX,
     Int8Linear,
     SharedInput,
     dequantize_int8,
     int8_linear,
     int8_linear_reference,
+    int8_rows_max,
     quantize_activations,
     quantize_int8,
     rescore_top,
@@ -76,8 +78,10 @@ def test_int8_linear_matches_reference_and_exact(dtype, k, rows, bias):
     tol = 1e-4 if dtype == torch.float32 and not kernel else 0.02 * float(exact.abs().max())
     assert_close(got.double(), exact, atol=tol, what="int8_linear vs exact")
     assert_close(got.double(), int8_linear_reference(x, q, scales, b).double(), atol=2 * tol, what="int8_linear vs reference")
-    # the kernel takes few rows of a supported width; the rest goes the reference way
-    assert kernel == (rows * 2 <= INT8_ROWS_MAX and k % 32 == 0)
+    # the kernel takes few rows of a supported width (more for float32 activations); the rest goes the
+    # reference way
+    assert kernel == (rows * 2 <= int8_rows_max(dtype) and k % 32 == 0)
+    assert int8_rows_max(torch.bfloat16) == INT8_ROWS_MAX < int8_rows_max(torch.float32)
 
 
 def test_many_rows_take_the_float_weight_when_kept():
@@ -86,7 +90,7 @@ def test_many_rows_take_the_float_weight_when_kept():
     with torch.no_grad():
         linear.weight.copy_(torch.randn(30, 64, generator=gen))
     layer = Int8Linear(linear, keep_float=True)
-    x = torch.randn(INT8_ROWS_MAX + 3, 64, generator=gen)
+    x = torch.randn(int8_rows_max(torch.float32) + 3, 64, generator=gen)
     # more rows than the kernel takes: the float weight (oneDNN-prepacked where torch runs it), which
     # is F.linear to float32 rounding
     want = F.linear(x.double(), linear.weight.double(), linear.bias.double())
@@ -234,11 +238,12 @@ def test_int8_speedup_is_measured():
 
 @needs_w8a8
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, W8A8_ROWS_MAX])
+@pytest.mark.parametrize("rows", [1, 3, W8A8_ROWS_MAX // 2, W8A8_ROWS_MAX, W8A8_ROWS_MAX + 3])
 @pytest.mark.parametrize("bias", [False, True])
 def test_w8a8_linear_matches_reference_and_exact(dtype, rows, bias):
     """fbgemm's product equals its written-out twin (same codes, same integer sums: float rounding
-    apart), and both stay within the error bound of the two quantizations from the exact product."""
+    apart), and both stay within the error bound of the two quantizations from the exact product
+    (2 x ``rows`` rows: one chunk of ``W8A8_ROWS_MAX`` or several, each quantized on its own)."""
     gen = torch.Generator().manual_seed(rows * 10 + bias + (dtype == torch.bfloat16) * 100)
     k, n = 96, 40
     weight = torch.randn(n, k, generator=gen)
@@ -262,6 +267,32 @@ def test_w8a8_linear_matches_reference_and_exact(dtype, rows, bias):
     exact = F.linear(x.reshape(-1, k).double(), weight.double(), None if b is None else b.double())
     err = (want.reshape(-1, n).double() - exact).abs()
     assert bool((err <= bound + rounding * exact.abs() + 1e-3).all())
+
+
+@needs_w8a8
+def test_w8a8_rows_are_quantized_by_chunks():
+    """More than ``W8A8_ROWS_MAX`` rows go through in chunks of that many, each with its own activation
+    scale: the product over all rows is the products over each chunk side by side, bit for bit, and a
+    row with large values spoils only its own chunk's precision (one scale for all rows would coarsen
+    every row)."""
+    gen = torch.Generator().manual_seed(11)
+    k, n, m = 64, 24, 2 * W8A8_ROWS_MAX + 3
+    weight = torch.randn(n, k, generator=gen)
+    w = w8a8_pack(weight, torch.randn(n, generator=gen), torch.ones(k))
+    x = torch.randn(m, k, generator=gen)
+    x[-1] *= 100  # in the last chunk
+    got = w8a8_linear(x, w)
+    chunks = torch.cat([w8a8_linear(part, w) for part in x.split(W8A8_ROWS_MAX)])
+    assert torch.equal(got, chunks)
+    assert_close(got, w8a8_linear_reference(x, w), atol=1e-4 * float(got.abs().max()), what="chunked vs reference")
+    exact = F.linear(x.double(), weight.double(), w.bias.double())
+    first = slice(0, W8A8_ROWS_MAX)
+    # the first chunk's rows are as precise as alone; quantized with the large row they would not be
+    alone = (w8a8_linear(x[first], w).double() - exact[first]).abs().max()
+    assert float((got[first].double() - exact[first]).abs().max()) == float(alone)
+    codes, scale, zero = quantize_activations(x)
+    together = F.linear((codes - zero) * scale, dequantize_int8(w.qweight, w.scales, torch.float32), w.bias)
+    assert float((together[first].double() - exact[first]).abs().max()) > 5 * float(alone)
 
 
 @needs_w8a8
@@ -328,11 +359,12 @@ def test_w8a8_goes_to_the_layers_that_read_a_norm(tiny_target):
         assert attn.o_proj.shared_input is None and mlp.down_proj.shared_input is None and attn.q_proj.w8a8 is None
     gen = torch.Generator().manual_seed(6)
     up = model.model.layers[0].mlp.up_proj
-    many = torch.randn(W8A8_ROWS_MAX + 1, up.in_features, generator=gen)
+    many = torch.randn(W8A8_CHUNKED_ROWS_MAX + 1, up.in_features, generator=gen)
     assert torch.equal(up(many), int8_linear(many, up.qweight, up.scales, up.bias, up.packed if up.packed is not None else up.weight))
-    few = many[:2]
     joint = up.shared_input[0]
-    assert torch.equal(up(few), w8a8_linear(few, joint.weight)[:, joint.sizes[0] :])
+    for rows in (2, W8A8_ROWS_MAX + 1, W8A8_CHUNKED_ROWS_MAX):  # one chunk, two, the most chunks
+        few = many[:rows]
+        assert torch.equal(up(few), w8a8_linear(few, joint.weight)[:, joint.sizes[0] :])
     assert_tracks(model, reference, gen)
     separate = copy.deepcopy(reference)
     use_int8_weights(separate, activations=True, shared_inputs=False)
