@@ -31,20 +31,21 @@ int8 activations too (``w8a8_linear``, the draft dtype "w8a8"): on an AVX2 CPU w
 products the weight-only kernel above emulates bfloat16, while fbgemm's dynamically quantized product
 (``quantized::linear_dynamic``: the rows quantized to 7-bit unsigned integers with one scale per call,
 integer dot products, int32 sums) measured 1.3-3x faster for 1-8 rows and flat in the row count
-(kernels/NOTES.md). A pass over more rows (a draft level of several requests) goes through in chunks
-of ``W8A8_ROWS_MAX`` rows, each with its own scale, up to ``W8A8_CHUNKED_ROWS_MAX`` rows. Quantizing activations per call loses more than quantizing weights: channels with
-outliers set the scale for all. Three measured answers: only the layers that read a normalization's
-output take it (a model's q/k/v and gate/up projections and its output layer; the attention output and
-MLP down projections keep weight-only int8, where w8a8 cost 2-3% of the draft's top-1 agreement with its
-float self); those are smoothed (SmoothQuant: column j of the weight times s_j, the input divided by it,
-s_j = sqrt(max|x_j| / max|W_j|) with max|x_j| from a calibration pass); and the output layer's w8a8
-logits only pick candidates: its top ``RESCORE_TOP`` ids per row are scored again with the int8 weights
-and float activations (``rescore_top``; on the embedded draft the weight-only top-1 was among the w8a8
-top 8 in 749 of 749 rows of Spec-Bench text). ``w8a8_linear_reference`` is the product's twin (the same
-quantization written out, then ``F.linear``). Layers that read the very same norm output (found in the
-calibration pass: a decoder's q/k/v, its gate/up) share one product over their weights side by side
-(``SharedInput``): one activation quantization and one fbgemm call instead of three or two (a draft
-level of the embedded draft 4-7% faster at 1-4 tokens; kernels/NOTES.md).
+(kernels/NOTES.md). A pass over more rows (a draft level of several requests) goes through in chunks of
+``W8A8_ROWS_MAX`` rows, each with its own scale, up to ``W8A8_CHUNKED_ROWS_MAX`` rows. Quantizing
+activations per call loses more than quantizing weights: channels with outliers set the scale for all.
+Three measured answers: only the layers that read a normalization's output take it (a model's q/k/v and
+gate/up projections and its output layer; the attention output and MLP down projections keep weight-only
+int8, where w8a8 cost 2-3% of the draft's top-1 agreement with its float self); those are smoothed
+(SmoothQuant: column j of the weight times s_j, the input divided by it, s_j = sqrt(max|x_j| / max|W_j|)
+with max|x_j| from a calibration pass); and the output layer's w8a8 logits only pick candidates: its top
+``RESCORE_TOP`` ids per row are scored again with the int8 weights and float activations (``rescore_top``;
+on the embedded draft the weight-only top-1 was among the w8a8 top 8 in 749 of 749 rows of Spec-Bench
+text). ``w8a8_linear_reference`` is the product's twin (the same quantization written out, then
+``F.linear``). Layers that read the very same norm output (found in the calibration pass: a decoder's
+q/k/v, its gate/up) share one product over their weights side by side (``SharedInput``): one activation
+quantization and one fbgemm call instead of three or two (a draft level of the embedded draft 4-7% faster
+at 1-4 tokens; kernels/NOTES.md).
 """
 
 from __future__ import annotations
@@ -440,8 +441,8 @@ class Int8Linear(torch.nn.Module):
         # a plain attribute, not a buffer: opaque tensors do not go into a state dict or through .to()
         self.packed = onednn_pack(w) if pack else None
         # ``input_absmax`` (the measured max |x_j| of the layer's input): also int8 activations for up to
-        # ``W8A8_CHUNKED_ROWS_MAX`` rows (``w8a8_linear``), smoothed by it; ``rescore`` > 0 (an output layer): the
-        # top that many of those outputs per row are scored again (``rescore_top``)
+        # ``W8A8_CHUNKED_ROWS_MAX`` rows (``w8a8_linear``), smoothed by it; ``rescore`` > 0 (an output
+        # layer): the top that many of those outputs per row are scored again (``rescore_top``)
         self.w8a8 = None if input_absmax is None else w8a8_pack(w, linear.bias, smooth_factors(input_absmax, w))
         self.rescore = rescore
         # (group, index): this layer's w8a8 product comes from a ``SharedInput`` (set by ``use_int8_weights``;
