@@ -57,6 +57,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 from spruce.kernels.cpu_linear import (
+    alternating_ratio,
     median_seconds,
     onednn_linear,
     onednn_linear_available,
@@ -537,3 +538,42 @@ def int8_speedup(in_features: int, out_features: int, dtype: torch.dtype = torch
             int8_linear(x, q, s, None)
 
     return median_seconds(float_pass) / median_seconds(int8_pass)
+
+
+def w8a8_mlp_speedup(hidden: int, inner: int, dtype: torch.dtype = torch.bfloat16, weights_mb: int = 256) -> float:
+    """Measured time of one row through MLP-shaped layers in ``dtype`` (oneDNN-prepacked where torch runs
+    it, else ``F.linear``) / the same layers as a "w8a8" draft holds them: the gate and up projections
+    side by side in one ``w8a8_linear``, the down projection weight-only int8 (``int8_linear``). Median
+    over several distinct layers (``weights_mb`` of them in ``dtype``, at most 16), so that they come from
+    memory as a model's do.
+
+    Decides, on a CPU with native bfloat16, whether a draft runs as w8a8 rather than in bfloat16
+    (``spruce.pairing.pick_draft_dtype``): both read their weights once per level of a few rows, so what
+    counts is the bytes and each kernel's cost per call, which differ by CPU.
+    """
+    gen = torch.Generator().manual_seed(0)
+    layer_bytes = 3 * hidden * inner * torch.finfo(dtype).bits // 8
+    count = min(16, max(2, weights_mb * 2**20 // layer_bytes))
+    packed = onednn_linear_available(dtype)
+    floats, quantized = [], []
+    for _ in range(count):
+        gate_up = torch.randn(2 * inner, hidden, generator=gen) / hidden**0.5
+        down = torch.randn(hidden, inner, generator=gen) / inner**0.5
+        pair = [w.to(dtype) for w in (gate_up, down)]
+        floats.append([onednn_pack(w) for w in pair] if packed else pair)
+        quantized.append((w8a8_pack(gate_up, None, torch.ones(hidden)), quantize_int8(down, _KERNEL_COMPUTE.get(dtype, dtype))))
+    x = torch.randn(1, hidden, generator=gen).to(dtype)
+    h = torch.randn(1, inner, generator=gen).to(dtype)
+
+    def float_pass() -> None:
+        for gate_up, down in floats:
+            if packed:
+                onednn_linear(x, gate_up, None), onednn_linear(h, down, None)
+            else:
+                F.linear(x, gate_up), F.linear(h, down)
+
+    def w8a8_pass() -> None:
+        for gate_up, (q, s) in quantized:
+            w8a8_linear(x, gate_up), int8_linear(h, q, s, None)
+
+    return alternating_ratio(float_pass, w8a8_pass)

@@ -226,3 +226,16 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def alternating_ratio(slow: Callable[[], object], fast: Callable[[], object], rounds: int = 9) -> float:
+    """Median time of ``slow()`` / median time of ``fast()``, the two timed in turn ``rounds`` times after
+    one untimed call of each (alternating, so that a drift in the machine's speed reaches both)."""
+    slow(), fast()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        for fn, out in zip((slow, fast), times):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return statistics.median(times[0]) / statistics.median(times[1])

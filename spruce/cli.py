@@ -127,7 +127,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=_ENGINE.dtype, choices=DTYPES)
     p.add_argument(
         "--draft-dtype", default=_ENGINE.draft_dtype, choices=DRAFT_DTYPES,
-        help="default: auto (bfloat16 on CPUs with native bfloat16, else --dtype); int8 (weights) and w8a8 (weights and, where harmless, activations): CPU only",
+        help="default: auto (w8a8 or bfloat16 on CPUs with native bfloat16, by a measurement at load; else w8a8 or --dtype); int8 (weights) and w8a8 (weights and, where harmless, activations): CPU only",
     )
     p.add_argument(
         "--draft-vocab", type=int, default=_ENGINE.draft_vocab,

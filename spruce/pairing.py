@@ -20,6 +20,10 @@ _BF16_DRAFT_MIN_SPEEDUP = 1.3
 # ... and an int8 one, where bfloat16 is not native, this much faster than the target's dtype (a wide
 # margin: a machine near it would pick differently from run to run, and the draft shapes seeded trees)
 _INT8_DRAFT_MIN_SPEEDUP = 1.5
+# ... and, where bfloat16 is native, a w8a8 one (int8 activations where they do little harm) this much
+# faster than bfloat16 through MLP-shaped layers (measured 1.39-1.51 on the CPU that chose this margin,
+# which keeps the answer from flipping between runs there)
+_W8A8_DRAFT_MIN_SPEEDUP = 1.15
 # ... and only for a draft whose layers do not fit in a CPU cache (a float32 MLP weight of at least this
 # many bytes; the embedded draft's is 17 MB): a smaller one is not bound by reading its weights, and its
 # choice would rest on timings too close to call
@@ -28,7 +32,9 @@ _INT8_MIN_LAYER_BYTES = 4 * 2**20
 
 def pick_draft_dtype(device: torch.device, dtype: str, draft_dir: Path) -> str:
     """The draft's dtype when not given. On a CPU where bfloat16 is fast (native dot products, or
-    measured clearly faster): bfloat16 where torch's oneDNN matmul runs it with prepacked weights
+    measured clearly faster): "w8a8" where fbgemm's dynamic product runs and MLP-shaped layers through it
+    measure at least ``_W8A8_DRAFT_MIN_SPEEDUP`` times faster than in bfloat16 (for a draft whose layers
+    do not fit in a cache), else bfloat16 where torch's oneDNN matmul runs it with prepacked weights
     (``spruce.kernels.cpu_linear``), else int8 weights with bfloat16 activations where torch has its
     weight-only int8 kernel (``spruce.kernels.cpu_int8``), else bfloat16. On a CPU where bfloat16 is
     emulated: int8 weights (float32 activations, the int8 products in bfloat16) where one row through
@@ -66,8 +72,17 @@ def pick_draft_dtype(device: torch.device, dtype: str, draft_dir: Path) -> str:
                 # embedded pair: 1.67x against 1.53x plain decoding at 1 request, 1.21x against 1.03x at 4)
                 return "w8a8" if cpu_int8.w8a8_available() else "int8"
         return dtype
+    from spruce.kernels import cpu_int8
     from spruce.kernels.cpu_linear import onednn_linear_available
 
+    hidden, inner = _mlp_shape(draft_dir)
+    big = 4 * hidden * inner >= _INT8_MIN_LAYER_BYTES
+    # measured on a 2-core AVX-512 CPU with bfloat16 and VNNI dot products (embedded pair, float32 target):
+    # a draft level 25 against 36 ms, the default 1.41x against 1.32x plain decoding at 1 request (means
+    # of 2 and 3 runs; kernels/NOTES.md)
+    w8a8 = big and int8_kernel_available() and cpu_int8.w8a8_available()
+    if w8a8 and cpu_int8.w8a8_mlp_speedup(hidden, inner, torch.bfloat16) >= _W8A8_DRAFT_MIN_SPEEDUP:
+        return "w8a8"
     if onednn_linear_available(torch.bfloat16) or not int8_kernel_available():
         return "bfloat16"
     return "int8"

@@ -6,6 +6,7 @@ both quantizations, smoothing, the output layer's rescoring, which layers take i
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -227,6 +228,21 @@ def test_draft_dtype_pick(monkeypatch, tiny_dirs):
     assert pairing.pick_draft_dtype(cpu, "float32", draft_dir) == "w8a8"
     monkeypatch.setattr(cpu_int8, "int8_speedup", lambda *a, **k: 1.2)
     assert pairing.pick_draft_dtype(cpu, "float32", draft_dir) == "float32"
+    # bfloat16 native: w8a8 where MLP-shaped layers through it measure clearly faster than bfloat16 (a
+    # draft whose layers do not fit in a cache: the minimum is 0 here), else as before
+    monkeypatch.setattr(pairing, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(cpu_linear, "onednn_linear_available", lambda dtype=torch.float32: True)
+    monkeypatch.setattr(cpu_int8, "w8a8_mlp_speedup", lambda *a, **k: 1.4)
+    for dtype in ("float32", "bfloat16"):
+        assert pairing.pick_draft_dtype(cpu, dtype, draft_dir) == "w8a8"
+    monkeypatch.setattr(cpu_int8, "w8a8_mlp_speedup", lambda *a, **k: 1.1)
+    assert pairing.pick_draft_dtype(cpu, "float32", draft_dir) == "bfloat16"
+    monkeypatch.setattr(cpu_int8, "w8a8_mlp_speedup", lambda *a, **k: 1.4)
+    monkeypatch.setattr(cpu_int8, "w8a8_available", lambda: False)
+    assert pairing.pick_draft_dtype(cpu, "float32", draft_dir) == "bfloat16"
+    monkeypatch.setattr(pairing, "_INT8_MIN_LAYER_BYTES", 2**40)
+    monkeypatch.setattr(cpu_int8, "w8a8_available", lambda: True)
+    assert pairing.pick_draft_dtype(cpu, "float32", draft_dir) == "bfloat16"
 
 
 def test_int8_speedup_is_measured():
@@ -234,6 +250,33 @@ def test_int8_speedup_is_measured():
 
     ratio = int8_speedup(64, 96, weights_mb=1)
     assert 0 < ratio < float("inf")
+
+
+@needs_w8a8
+def test_w8a8_mlp_speedup_is_measured():
+    from spruce.kernels.cpu_int8 import w8a8_mlp_speedup
+
+    for dtype in (torch.bfloat16, torch.float32):
+        ratio = w8a8_mlp_speedup(64, 96, dtype, weights_mb=1)
+        assert 0 < ratio < float("inf")
+
+
+def test_alternating_ratio_times_both_in_turn():
+    from spruce.kernels.cpu_linear import alternating_ratio
+
+    calls: list[str] = []
+
+    def slow() -> None:
+        calls.append("slow")
+        time.sleep(0.02)
+
+    def fast() -> None:
+        calls.append("fast")
+        time.sleep(0.001)
+
+    ratio = alternating_ratio(slow, fast, rounds=3)
+    assert calls == ["slow", "fast"] * 4
+    assert ratio > 1.5
 
 
 @needs_w8a8
