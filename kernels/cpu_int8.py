@@ -32,7 +32,8 @@ products the weight-only kernel above emulates bfloat16, while fbgemm's dynamica
 (``quantized::linear_dynamic``: the rows quantized to 7-bit unsigned integers with one scale per call,
 integer dot products, int32 sums) measured 1.3-3x faster for 1-8 rows and flat in the row count
 (kernels/NOTES.md). A pass over more rows (a draft level of several requests) goes through in chunks of
-``W8A8_ROWS_MAX`` rows, each with its own scale, up to ``W8A8_CHUNKED_ROWS_MAX`` rows. Quantizing
+``W8A8_ROWS_MAX`` rows, each with its own scale, up to ``W8A8_CHUNKED_ROWS_MAX`` rows (float32 activations;
+bfloat16 ones take the bfloat16 weight above one chunk: ``w8a8_rows_max``). Quantizing
 activations per call loses more than quantizing weights: channels with outliers set the scale for all.
 Three measured answers: only the layers that read a normalization's output take it (a model's q/k/v and
 gate/up projections and its output layer; the attention output and MLP down projections keep weight-only
@@ -78,9 +79,11 @@ INT8_K_MULTIPLE = 32
 _KERNEL_COMPUTE = {torch.bfloat16: torch.bfloat16, torch.float32: torch.bfloat16}
 _KERNEL_DTYPES = tuple(_KERNEL_COMPUTE)
 # Rows per fbgemm call of a w8a8 product (its cost is flat in the row count up to 8, measured) and so per
-# activation scale: more rows go through in chunks of this many, each quantized on its own, up to
-# ``W8A8_CHUNKED_ROWS_MAX`` rows (a draft level of several requests); more than that (a prefill, a long
-# catch-up, compute-bound) take the float weight.
+# activation scale: float32 rows beyond it go through in chunks of this many, each quantized on its own, up
+# to ``W8A8_CHUNKED_ROWS_MAX`` rows (a draft level of several requests); more than that (a prefill, a long
+# catch-up, compute-bound) take the float weight. bfloat16 rows (a CPU with native bfloat16) take the
+# bfloat16 weight above ``W8A8_ROWS_MAX``: there its oneDNN product beat the chunks at every level of
+# 10-48 rows measured (``w8a8_rows_max``).
 W8A8_ROWS_MAX = 8
 W8A8_CHUNKED_ROWS_MAX = 64
 # fbgemm quantizes the activations to [0, 127] (``reduce_range``): AVX2 without VNNI multiplies pairs of
@@ -132,6 +135,15 @@ def int8_linear_reference(
 def int8_rows_max(dtype: torch.dtype) -> int:
     """Rows up to which ``int8_linear`` takes the int8 kernel for activations of ``dtype``."""
     return INT8_ROWS_MAX_FLOAT32 if dtype == torch.float32 else INT8_ROWS_MAX
+
+
+def w8a8_rows_max(dtype: torch.dtype) -> int:
+    """Rows up to which a w8a8 layer takes ``w8a8_linear`` for activations of ``dtype``; more take the
+    float weight. float32: ``W8A8_CHUNKED_ROWS_MAX`` (against a 4-byte weight, the 8-row chunks stay ahead;
+    measured on an AVX2 CPU). bfloat16: one chunk, ``W8A8_ROWS_MAX`` (a whole draft level of the embedded
+    draft with bfloat16 activations on a CPU with native bfloat16, 10 / 16 / 32 rows: 47.7 / 58.1 / 106.0 ms
+    chunked against 44.2 / 50.0 / 75.9 ms with the bfloat16 weights above 8 rows; kernels/NOTES.md)."""
+    return W8A8_CHUNKED_ROWS_MAX if dtype == torch.float32 else W8A8_ROWS_MAX
 
 
 def uses_int8_kernel(x: torch.Tensor, qweight: torch.Tensor) -> bool:
@@ -412,7 +424,7 @@ class SharedInput:
 class Int8Linear(torch.nn.Module):
     """A linear layer with int8 weights and per-row scales (inference only). ``keep_float``: keep the
     float weight too, for passes over more rows than the int8 paths take (``int8_rows_max``, and
-    ``W8A8_CHUNKED_ROWS_MAX`` for a w8a8 layer; memory: 1.5x the float layer);
+    ``w8a8_rows_max`` for a w8a8 layer; memory: 1.5x the float layer);
     prepacked for oneDNN where torch runs it in that dtype, unless ``shared`` (another module holds the
     same weight, a tied output embedding: kept dense, not copied)."""
 
@@ -442,7 +454,7 @@ class Int8Linear(torch.nn.Module):
         # a plain attribute, not a buffer: opaque tensors do not go into a state dict or through .to()
         self.packed = onednn_pack(w) if pack else None
         # ``input_absmax`` (the measured max |x_j| of the layer's input): also int8 activations for up to
-        # ``W8A8_CHUNKED_ROWS_MAX`` rows (``w8a8_linear``), smoothed by it; ``rescore`` > 0 (an output
+        # ``w8a8_rows_max`` rows (``w8a8_linear``), smoothed by it; ``rescore`` > 0 (an output
         # layer): the top that many of those outputs per row are scored again (``rescore_top``)
         self.w8a8 = None if input_absmax is None else w8a8_pack(w, linear.bias, smooth_factors(input_absmax, w))
         self.rescore = rescore
@@ -452,7 +464,8 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         w8a8 = self.w8a8 is not None or self.shared_input is not None
-        if w8a8 and input.numel() // max(input.shape[-1], 1) <= W8A8_CHUNKED_ROWS_MAX and input.device.type == "cpu":
+        rows = input.numel() // max(input.shape[-1], 1)
+        if w8a8 and rows <= w8a8_rows_max(input.dtype) and input.device.type == "cpu":
             if self.shared_input is not None:
                 return self.shared_input[0].output(input, self.shared_input[1])
             assert self.w8a8 is not None
@@ -466,7 +479,8 @@ class Int8Linear(torch.nn.Module):
     def extra_repr(self) -> str:
         many = "oneDNN packed" if self.packed is not None else "dense" if self.weight is not None else "dequantized"
         joint = self.shared_input
-        w8a8 = f", w8a8 up to {W8A8_CHUNKED_ROWS_MAX} rows" if self.w8a8 is not None or joint is not None else ""
+        limits = f"{w8a8_rows_max(torch.float32)} float32 / {w8a8_rows_max(torch.bfloat16)} bfloat16"
+        w8a8 = f", w8a8 up to {limits} rows" if self.w8a8 is not None or joint is not None else ""
         w8a8 += f" (shared input, part {joint[1]} of {len(joint[0].sizes)})" if joint is not None else ""
         w8a8 += f" (top {self.rescore} rescored)" if self.w8a8 is not None and self.rescore else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8{w8a8}, many rows: {many}"

@@ -23,6 +23,7 @@ from spruce.kernels.cpu_int8 import (
     int8_linear,
     int8_linear_reference,
     int8_rows_max,
+    w8a8_rows_max,
     quantize_activations,
     quantize_int8,
     rescore_top,
@@ -408,6 +409,7 @@ def test_w8a8_goes_to_the_layers_that_read_a_norm(tiny_target):
     for rows in (2, W8A8_ROWS_MAX + 1, W8A8_CHUNKED_ROWS_MAX):  # one chunk, two, the most chunks
         few = many[:rows]
         assert torch.equal(up(few), w8a8_linear(few, joint.weight)[:, joint.sizes[0] :])
+    assert w8a8_rows_max(torch.float32) == W8A8_CHUNKED_ROWS_MAX and w8a8_rows_max(torch.bfloat16) == W8A8_ROWS_MAX
     assert_tracks(model, reference, gen)
     separate = copy.deepcopy(reference)
     use_int8_weights(separate, activations=True, shared_inputs=False)
@@ -440,3 +442,22 @@ def test_shared_input_gives_each_layer_its_part(bias):
         assert_close(got, w, atol=1e-4 * float(w.abs().max()), what="shared part vs twin")
         exact = m(x).detach()
         assert float((got - exact).abs().max()) < 0.05 * float(exact.abs().max())
+
+
+@needs_w8a8
+def test_w8a8_layer_takes_the_bfloat16_weight_above_one_chunk():
+    """bfloat16 activations: up to ``W8A8_ROWS_MAX`` rows through the w8a8 product, more through the kept
+    bfloat16 weight (no chunks: that weight's product is the cheaper one where bfloat16 is native);
+    float32 activations keep the chunks up to ``W8A8_CHUNKED_ROWS_MAX``."""
+    gen = torch.Generator().manual_seed(21)
+    for dtype, limit in ((torch.bfloat16, W8A8_ROWS_MAX), (torch.float32, W8A8_CHUNKED_ROWS_MAX)):
+        linear = torch.nn.Linear(64, 48).to(dtype)
+        torch.nn.init.normal_(linear.weight, generator=gen)
+        layer = Int8Linear(linear, input_absmax=torch.rand(64, generator=gen) + 0.5)
+        assert layer.w8a8 is not None
+        float_weight = layer.packed if layer.packed is not None else layer.weight
+        x = torch.randn(limit + 1, 64, generator=gen).to(dtype)
+        assert torch.equal(layer(x[:limit]), w8a8_linear(x[:limit], layer.w8a8))
+        assert torch.equal(layer(x), int8_linear(x, layer.qweight, layer.scales, layer.bias, float_weight))
+        exact = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+        assert_close(layer(x).float(), exact, atol=0.05 * float(exact.abs().max()), rtol=0.0)
