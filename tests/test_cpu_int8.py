@@ -23,7 +23,6 @@ from spruce.kernels.cpu_int8 import (
     int8_linear,
     int8_linear_reference,
     int8_rows_max,
-    w8a8_rows_max,
     quantize_activations,
     quantize_int8,
     rescore_top,
@@ -34,6 +33,7 @@ from spruce.kernels.cpu_int8 import (
     w8a8_linear,
     w8a8_linear_reference,
     w8a8_pack,
+    w8a8_rows_max,
 )
 from spruce.kernels.cpu_linear import onednn_linear, onednn_linear_available
 
