@@ -35,6 +35,7 @@ from spruce.attention import use_backend
 from spruce.config import SpeculationConfig
 from spruce.graphs import GraphedPasses
 from spruce.kvcache import TREE_RESERVE, Segment, SlotKVCache, run_packed
+from spruce.lean import LeanDecoder, lean_unsupported
 from spruce.sampling import sampling_probs
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ class ModelDrafter:
         kernel: str | None = None,
         graphs: bool = False,
         host_rows: bool = False,
+        lean: bool = True,
     ) -> None:
         """``vocab_size``: the target's logits width; draft logits are cut or padded to it, so a draft
         never proposes an id the target cannot score and its distributions line up with the target's.
@@ -114,7 +116,9 @@ class ModelDrafter:
         ``KERNEL_MAX_FEED`` tokens per request) run through the tree-attention kernel, and with
         ``graphs`` replay CUDA graphs (``spruce.graphs``; one pool slot becomes their scratch slot);
         else SDPA per request. ``host_rows``: the reference path, every frontier's whole logits rows
-        copied to the host and its top-k children chosen there (tests and side-by-side timing).
+        copied to the host and its top-k children chosen there (tests and side-by-side timing). ``lean``:
+        on a CPU, passes of a model ``spruce.lean`` supports run through its ``LeanDecoder`` (the same
+        computation without transformers' per-module overhead) instead of the model's own forward.
 
         A draft whose output layer is a ``spruce.draft.vocab.NarrowHead`` scores only its ids, unless a
         job asks for the full vocabulary (``SpeculationConfig.full_draft_vocab``: then that whole pass
@@ -128,6 +132,8 @@ class ModelDrafter:
         # the head mode the draft's CUDA graphs were captured with (they replay only that one)
         self._graph_narrow: bool | None = None
         use_backend(model, "sdpa")
+        # built after the model's layers were converted (it calls the modules it finds now)
+        self.lean = LeanDecoder(model) if lean and lean_unsupported(model) is None else None
         if capacity is None:
             context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
             capacity = min(context, 4096) + TREE_RESERVE
@@ -326,7 +332,7 @@ class ModelDrafter:
         """One packed draft forward: through the kernel (a graph where one serves it) when every segment
         is short, else SDPA per request (a long catch-up is a prefill)."""
         if self.kernel is None or max(int(s.tokens.numel()) for s in segments) > KERNEL_MAX_FEED:
-            return run_packed(self.model, self.pool, segments)
+            return run_packed(self.lean or self.model, self.pool, segments)
         out = None
         if self.graphs is not None:
             # graphs replay the head they were captured with: another mode runs eagerly

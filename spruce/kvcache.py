@@ -37,6 +37,8 @@ from spruce.modeling import cache_kwarg
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from spruce.lean import LeanDecoder
+
 
 # positions a slot keeps beyond a request's context: the tree nodes of one pass (verify) or of the
 # expanded levels (draft) are written after the committed tokens before the accepted ones are kept
@@ -271,7 +273,8 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype, device: torch.device) -
 
 @torch.inference_mode()
 def run_packed(
-    model: PreTrainedModel,
+    # a model on spruce's attention function, or its ``spruce.lean.LeanDecoder``
+    model: PreTrainedModel | LeanDecoder,
     cache: SlotKVCache,
     segments: list[Segment],
     kernel: str | None = None,
