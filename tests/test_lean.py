@@ -143,3 +143,44 @@ def test_lean_declines_what_it_does_not_compute():
     assert ModelDrafter(build_tiny_model(seed=0, hidden_act="gelu"), TINY_VOCAB, num_slots=1).lean is None
     with pytest.raises(ValueError, match="packed passes only"):
         LeanDecoder(build_tiny_model(seed=0))(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_a_hooked_model_runs_its_own_forward():
+    """A forward hook on a module the loop skips (the model, a decoder layer) sees every pass: the lean
+    forward hands such passes to the model's own forward; without hooks it runs its loop."""
+    model = build_tiny_model(seed=6)
+    use_backend(model, "sdpa")
+    lean = LeanDecoder(model)
+    pool = SlotKVCache(model, 1, 32)
+    slot = pool.allocate()
+    seen: list[str] = []
+    for module, name in ((model, "model"), (model.model.layers[1], "layer")):
+        handle = module.register_forward_pre_hook(lambda m, args, kwargs, name=name: seen.append(name), with_kwargs=True)
+        assert lean.hooked()
+        run_packed(lean, pool, [Segment(slot, torch.tensor([5, 6]), torch.arange(pool.lengths[slot], pool.lengths[slot] + 2))])
+        handle.remove()
+    assert seen == ["model", "layer"]  # each pass through the model's own forward, which ran the layer's
+    assert not lean.hooked()
+    run_packed(lean, pool, [Segment(slot, torch.tensor([7]), torch.tensor([pool.lengths[slot]]))])
+    assert seen == ["model", "layer"]
+
+
+def test_engine_passes_go_through_the_lean_forward(tiny_target, tiny_draft, tokenizer):
+    """On a CPU the engine's target passes (prefill, verification, plain decoding) and the drafter's run
+    the lean forward; the outputs, plain and speculative, equal those of an engine on transformers'
+    forwards token for token."""
+    from test_engine import prompts
+
+    from spruce import Engine, SamplingParams
+
+    lean = Engine(copy.deepcopy(tiny_target), tokenizer, copy.deepcopy(tiny_draft))
+    model = Engine(copy.deepcopy(tiny_target), tokenizer, copy.deepcopy(tiny_draft))
+    assert isinstance(lean.target_forward, LeanDecoder) and lean.drafter.lean is not None
+    model.target_forward = model.planner.target = model.target
+    model.drafter.lean = None
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    batch = prompts(3, 4)
+    for spec in (None, SpeculationConfig(depth=3, top_k=2, budget=5)):
+        got = [o.token_ids for o in lean.generate(batch, params, speculation=spec)]
+        want = [o.token_ids for o in model.generate(batch, params, speculation=spec)]
+        assert got == want
