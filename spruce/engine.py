@@ -131,12 +131,10 @@ class Engine:
         slots, capacity = self.config.max_batch_size + 1 + graphs, self.max_context + TREE_RESERVE
         self.kv = SlotKVCache(target, slots, capacity, shards=self.config.tensor_parallel)
         self.graphs = GraphedPasses(target, self.kv, self.attention_backend) if graphs else None
-        # what runs the target's passes: on a CPU, for the architectures ``spruce.lean`` covers, its lean
-        # forward (float32 logits equal to transformers' bit for bit; ~3% off a pass of the embedded
-        # target); a sharded target keeps its own forward
-        self.target_forward: PreTrainedModel | LeanDecoder = (
-            LeanDecoder(target) if self.tp is None and lean_unsupported(target) is None else target
-        )
+        # what runs the target's passes (``target_forward``): on a CPU, for the architectures
+        # ``spruce.lean`` covers, its lean forward (float32 logits equal to transformers' bit for bit; ~3%
+        # off a pass of the embedded target); a sharded target keeps its own forward
+        target_forward = LeanDecoder(target) if self.tp is None and lean_unsupported(target) is None else target
         # the draft's passes go through the target's kernel where it reads the pool in place (and its
         # short passes replay graphs when the target's do)
         draft_kernel = "triton" if self.attention_backend == "triton" else None
@@ -155,7 +153,17 @@ class Engine:
         self._tp_closing = False
         self.tp_done = False
         # adaptive speculation: what the engine measures, and each step's plan (``spruce.planner``)
-        self.planner = Planner(self.target_forward, self.kv, self.drafter, self.attention_backend, self.graphs)
+        self.planner = Planner(target_forward, self.kv, self.drafter, self.attention_backend, self.graphs)
+
+    @property
+    def target_forward(self) -> PreTrainedModel | LeanDecoder:
+        """What runs the target's passes, the steps' and the planner's cost measurements alike (held by
+        the planner); set it to ``target`` for transformers' own forward."""
+        return self.planner.target
+
+    @target_forward.setter
+    def target_forward(self, forward: PreTrainedModel | LeanDecoder) -> None:
+        self.planner.target = forward
 
     @classmethod
     def from_pretrained(

@@ -25,8 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as torch_module
 
 from spruce.attention import packed_attention
+from spruce.modeling import cache_kwarg
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -150,8 +152,6 @@ class LeanDecoder:
         if spruce_batch is None or cache is None:
             raise ValueError("the lean forward runs packed passes only: spruce_batch and cache are required")
         if self.hooked():  # someone's instrumentation (a test's fault, a profiler) expects the real forward
-            from spruce.modeling import cache_kwarg
-
             return self.model(
                 input_ids=input_ids,
                 position_ids=position_ids,
@@ -184,8 +184,6 @@ class LeanDecoder:
     def hooked(self) -> bool:
         """Whether a forward hook or pre-hook sits on a module whose forward the loop skips (or on every
         module): then a pass runs through the model's own forward, so that the hook sees it."""
-        from torch.nn.modules import module as torch_module
-
         if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
             return True
         return any(m._forward_hooks or m._forward_pre_hooks for m in self._bypassed)

@@ -53,37 +53,31 @@ def pick_draft_dtype(device: torch.device, dtype: str, draft_dir: Path) -> str:
     """
     if device.type != "cpu":
         return dtype
-    from spruce.kernels.cpu_int8 import int8_kernel_available
-
-    fast_bf16 = cpu_has_native_bf16()
-    if fast_bf16 is None:
-        from spruce.kernels.cpu_linear import bf16_speedup
-
-        fast_bf16 = bf16_speedup(*_mlp_shape(draft_dir)) >= _BF16_DRAFT_MIN_SPEEDUP
-    if not fast_bf16:
-        # bfloat16 is emulated here, but torch's int8 kernel still reads a quarter of float32's bytes
-        if int8_kernel_available():
-            from spruce.kernels import cpu_int8
-
-            hidden, inner = _mlp_shape(draft_dir)
-            big = 4 * hidden * inner >= _INT8_MIN_LAYER_BYTES  # float32 bytes of one MLP weight
-            if big and cpu_int8.int8_speedup(hidden, inner, torch_dtype(dtype)) >= _INT8_DRAFT_MIN_SPEEDUP:
-                # int8 activations too where fbgemm's product runs (measured there, side by side on the
-                # embedded pair: 1.67x against 1.53x plain decoding at 1 request, 1.21x against 1.03x at 4)
-                return "w8a8" if cpu_int8.w8a8_available() else "int8"
-        return dtype
     from spruce.kernels import cpu_int8
     from spruce.kernels.cpu_linear import onednn_linear_available
 
     hidden, inner = _mlp_shape(draft_dir)
-    big = 4 * hidden * inner >= _INT8_MIN_LAYER_BYTES
+    big = 4 * hidden * inner >= _INT8_MIN_LAYER_BYTES  # float32 bytes of one MLP weight
+    fast_bf16 = cpu_has_native_bf16()
+    if fast_bf16 is None:
+        from spruce.kernels.cpu_linear import bf16_speedup
+
+        fast_bf16 = bf16_speedup(hidden, inner) >= _BF16_DRAFT_MIN_SPEEDUP
+    if not fast_bf16:
+        # bfloat16 is emulated here, but torch's int8 kernel still reads a quarter of float32's bytes
+        int8 = big and cpu_int8.int8_kernel_available()
+        if int8 and cpu_int8.int8_speedup(hidden, inner, torch_dtype(dtype)) >= _INT8_DRAFT_MIN_SPEEDUP:
+            # int8 activations too where fbgemm's product runs (measured there, side by side on the
+            # embedded pair: 1.67x against 1.53x plain decoding at 1 request, 1.21x against 1.03x at 4)
+            return "w8a8" if cpu_int8.w8a8_available() else "int8"
+        return dtype
     # measured on a 2-core AVX-512 CPU with bfloat16 and VNNI dot products (embedded pair, float32 target):
     # a draft level 25 against 36 ms, the default 1.41x against 1.32x plain decoding at 1 request (means
     # of 2 and 3 runs; kernels/NOTES.md)
-    w8a8 = big and int8_kernel_available() and cpu_int8.w8a8_available()
+    w8a8 = big and cpu_int8.int8_kernel_available() and cpu_int8.w8a8_available()
     if w8a8 and cpu_int8.w8a8_mlp_speedup(hidden, inner, torch.bfloat16) >= _W8A8_DRAFT_MIN_SPEEDUP:
         return "w8a8"
-    if onednn_linear_available(torch.bfloat16) or not int8_kernel_available():
+    if onednn_linear_available(torch.bfloat16) or not cpu_int8.int8_kernel_available():
         return "bfloat16"
     return "int8"
 

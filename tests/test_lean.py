@@ -176,7 +176,8 @@ def test_engine_passes_go_through_the_lean_forward(tiny_target, tiny_draft, toke
     lean = Engine(copy.deepcopy(tiny_target), tokenizer, copy.deepcopy(tiny_draft))
     model = Engine(copy.deepcopy(tiny_target), tokenizer, copy.deepcopy(tiny_draft))
     assert isinstance(lean.target_forward, LeanDecoder) and lean.drafter.lean is not None
-    model.target_forward = model.planner.target = model.target
+    model.target_forward = model.target
+    assert model.planner.target is model.target
     model.drafter.lean = None
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     batch = prompts(3, 4)
