@@ -206,11 +206,19 @@ class CostCurve:
     larger one (cost is non-decreasing in size), so one slow sample cannot make a size look expensive
     forever when the plan then avoids re-measuring it. Between points, linear interpolation; beyond the
     largest, the last segment's slope or the average slope over the measured range, whichever is steeper.
+
+    Below the smallest measured size: a pass never costs less than the smallest one (a target pass of
+    1 token costs about what one of 3 does), or, ``proportional=True``, a share of it in proportion to
+    the size (a draft's levels: each is a pass of its own, so 1 level costs about a third of 3; priced
+    like 3, a batch size whose trees all had 3 levels would never try 1 or 2: measured on a 2-core CPU,
+    2026-11-28, at 4 to 16 requests where only 3-level trees had run).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, proportional: bool = False) -> None:
         self._lock = threading.Lock()
         self.points: dict[int, float] = {}
+        # the origin (0, 0 s) is a point of the curve (interpolation and extrapolation see it)
+        self.proportional = proportional
         # (the points it was built from, sizes, monotone seconds): rebuilt when ``points`` differ from
         # them; a plan prices tens of thousands of sizes per second under load (profiled: rebuilding the
         # envelope on every lookup was 60% of planning time)
@@ -219,11 +227,12 @@ class CostCurve:
     def __getstate__(self) -> dict:
         """A snapshot without the lock (tensor-parallel ranks receive rank 0's curves pickled)."""
         with self._lock:
-            return {"points": dict(self.points)}
+            return {"points": dict(self.points), "proportional": self.proportional}
 
     def __setstate__(self, state: dict) -> None:
         self._lock = threading.Lock()
         self.points = state["points"]
+        self.proportional = state.get("proportional", False)
         self._envelope = ((), [], [])
 
     def observe(self, size: int, seconds: float) -> None:
@@ -240,7 +249,7 @@ class CostCurve:
 
     def _monotone(self) -> list[tuple[int, float]]:
         sizes, seconds = self._envelope_now()
-        return list(zip(sizes, seconds))
+        return [(size, cost) for size, cost in zip(sizes, seconds) if size]
 
     def _envelope_now(self) -> tuple[list[int], list[float]]:
         with self._lock:
@@ -251,6 +260,9 @@ class CostCurve:
                     floor = min(floor, cost)
                     sizes.append(size)
                     seconds.append(floor)
+                if self.proportional and sizes:
+                    sizes.append(0)
+                    seconds.append(0.0)
                 self._envelope = (points, sizes[::-1], seconds[::-1])
             return self._envelope[1], self._envelope[2]
 

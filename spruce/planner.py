@@ -96,7 +96,7 @@ class Planner:
         self.profile = AcceptanceProfile()
         self.sampling_profile = AcceptanceProfile()
         self.verify_costs = CostCurve()
-        self.draft_costs_by_batch: dict[int, CostCurve] = {1: CostCurve()}
+        self.draft_costs_by_batch: dict[int, CostCurve] = {1: _draft_curve()}
         self.draft_costs = self.draft_costs_by_batch[1]
         # the draft's seconds to read n tokens it has not seen, by n (bucketed: ``observe_draft``)
         self.draft_catch_up = CostCurve()
@@ -189,7 +189,7 @@ class Planner:
         if self._explorer is not None and batch == 1 and not self._step_drafting:
             self.explore_s += seconds
         if max(lags) <= STEADY_LAG:
-            self.draft_costs_by_batch.setdefault(batch, CostCurve()).observe(levels, seconds)
+            self.draft_costs_by_batch.setdefault(batch, _draft_curve()).observe(levels, seconds)
         feed_s, fed = self.drafter.last_feed
         if fed >= CALIBRATION_PREFIX:  # a catch-up pass: its own cost curve
             self.observe_catch_up(fed, feed_s)
@@ -387,7 +387,7 @@ class Planner:
         """The draft's seconds by levels at this batch size (the nearest measured size until this one is)."""
         known = [b for b, c in self.draft_costs_by_batch.items() if c.known]
         if batch in known or not known:
-            return self.draft_costs_by_batch.setdefault(batch, CostCurve())
+            return self.draft_costs_by_batch.setdefault(batch, _draft_curve())
         return self.draft_costs_by_batch[min(known, key=lambda b: abs(math.log(b / batch)))]
 
     def calibrate(self, spec: SpeculationConfig) -> None:
@@ -448,3 +448,9 @@ class _BatchCurve:
 
     def __call__(self, size: int) -> float:
         return self.curve(self.batch * size)
+
+
+def _draft_curve() -> CostCurve:
+    """The draft's seconds by levels (at one batch size): each level is a pass of its own, so fewer
+    levels than any measured cost their share of the fewest measured (``CostCurve(proportional=True)``)."""
+    return CostCurve(proportional=True)

@@ -308,6 +308,49 @@ def test_cost_curve_beyond_its_largest_point_is_never_flat():
     assert steep(11) == pytest.approx(0.5 + 2 * 0.19)
 
 
+def test_a_proportional_curve_prices_fewer_levels_than_measured_by_their_share():
+    """A draft's levels are passes of their own: where only 3-level trees ran, 1 level costs a third of
+    them (a verify curve keeps its floor: a 1-token pass costs what the smallest measured one does)."""
+    import pickle
+
+    levels, passes = CostCurve(proportional=True), CostCurve()
+    for curve in (levels, passes):
+        curve.observe(3, 0.06)
+    assert levels(1) == pytest.approx(0.02) and levels(2) == pytest.approx(0.04)
+    assert levels(6) == pytest.approx(0.12)  # beyond: the chord from the origin
+    assert passes(1) == pytest.approx(0.06) and passes(6) == pytest.approx(0.06)
+    levels.observe(5, 0.11)
+    assert levels(4) == pytest.approx(0.085) and levels(1) == pytest.approx(0.02)
+    assert levels.to_dict() == {"3": pytest.approx(0.06), "5": pytest.approx(0.11)}  # measured points only
+    again = pickle.loads(pickle.dumps(levels))  # tensor-parallel ranks receive the curves pickled
+    assert again.proportional and again(1) == pytest.approx(0.02)
+
+
+def test_a_batch_size_measured_only_at_three_levels_can_plan_one():
+    """Under load the verify curve steepens and only a shallow tree pays. At a batch size whose trees
+    all had 3 levels, every depth was priced like 3 (1 level too dear, 4 too cheap) and no other depth
+    was ever drafted there to correct it: the planner prices levels by their share and plans 1 level."""
+    from spruce.planner import Planner
+
+    planner = object.__new__(Planner)  # only the curves are read
+    planner.draft_costs_by_batch = {}
+    draft = planner.draft_curve(8)
+    draft.observe(3, 0.168)
+    verify = CostCurve()
+    for size, seconds in ((8, 0.160), (16, 0.206), (24, 0.30), (32, 0.34), (40, 0.39)):
+        verify.observe(size, seconds)
+    per_request = lambda n: verify(8 * n)  # noqa: E731 (every request of the batch like this one)
+    rates = torch.full((MAX_DEPTH, MAX_RANK), 0.02, dtype=torch.float64)
+    rates[:, 0] = 0.9  # a confident context
+    plan = plan_tree(rates, per_request, draft, 6, 4, margin=0.1)
+    assert (plan.budget, plan.depth) == (1, 1)
+    assert plan.tokens_per_s > 1.1 * 8 / 0.160 / 8
+    flat = CostCurve()
+    flat.observe(3, 0.168)
+    # priced like 3 levels, every depth costs the same: the deepest chain looks free and is chosen
+    assert plan_tree(rates, per_request, flat, 6, 4, margin=0.1).depth == 4
+
+
 def test_step_policy_looks_past_a_step_in_the_verify_curve():
     """One more level crosses the 2 -> 3 token step and does not pay alone; three more levels do."""
     rates = torch.full((MAX_DEPTH, MAX_RANK), 0.9, dtype=torch.float64)
