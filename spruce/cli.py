@@ -81,7 +81,7 @@ def _speculation(args: argparse.Namespace, default: SpeculationConfig | None) ->
     if not overrides:
         return default
     # a tree given on the command line is used as is: the cost model does not replace it
-    return dataclasses.replace(default or SpeculationConfig(drafter=args.drafter), adaptive=False, **overrides)
+    return dataclasses.replace(default or SpeculationConfig(drafter=args.drafter or "model"), adaptive=False, **overrides)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -122,7 +122,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=_ENGINE.target, help="HF model dir or .gguf file (default: embedded)")
     p.add_argument("--draft", default=_ENGINE.draft, help="HF model dir or .gguf file (default: embedded)")
-    p.add_argument("--drafter", default=_ENGINE.drafter, choices=DRAFTERS, help="ngram loads no draft model")
+    p.add_argument("--drafter", default=_ENGINE.drafter, choices=DRAFTERS,
+                   help="ngram loads no draft model (default: both where a draft model is loaded, else plain decoding)")
     p.add_argument("--device", default=_ENGINE.device)
     p.add_argument("--dtype", default=_ENGINE.dtype, choices=DTYPES)
     p.add_argument(

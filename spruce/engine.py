@@ -119,6 +119,8 @@ class Engine:
         if draft is not None:
             check_pair(target, draft)
         self.config = config or EngineConfig()
+        if self.config.drafter is None:  # the default: n-gram tokens beside the draft model's, if one is loaded
+            self.config = dataclasses.replace(self.config, drafter="both" if draft is not None else "model")
         # tensor parallelism (``spruce.parallel``): rank 0 decides what timings or entropy would decide
         self.tp = parallel.current(self.config.tensor_parallel)
         self.attention_backend = self._setup_attention(self.config.attention_backend)
@@ -173,7 +175,7 @@ class Engine:
         device: str = "cpu",
         dtype: str = "float32",
         draft_dtype: str | None = None,
-        drafter: str = "model",
+        drafter: str | None = None,
         trust_remote_code: bool = False,
         attention_backend: str = "auto",
         max_batch_size: int = EngineConfig.max_batch_size,
@@ -191,7 +193,8 @@ class Engine:
         (CPU: a draft step reads half the bytes; ``spruce.kernels.cpu_int8``); "w8a8" also quantizes the
         activations of the layers that read a normalization's output (fbgemm's integer products: faster
         where bfloat16 is emulated). ``drafter`` picks what the default speculation
-        uses: "model", "ngram" (prompt lookup; no draft model is loaded) or "both".
+        uses: "model", "ngram" (prompt lookup; no draft model is loaded) or "both"; None: "both" where a
+        draft model is loaded, else "model" (plain decoding).
         ``attention_backend``: how the target attends over a tree (``spruce.kernels.backend``): auto, sdpa,
         triton, flex or flash. ``max_batch_size`` requests run at once, each with up to ``max_seq_len``
         tokens of context (0: the model's, at most 4096); the KV pools are sized from both.

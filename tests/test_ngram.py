@@ -84,3 +84,24 @@ def test_engine_from_pretrained_with_ngram_drafter(tiny_dirs):
     assert engine.default_speculation is not None and engine.default_speculation.drafter == "ngram"
     out = engine.generate("abcabcabcab", SamplingParams(max_tokens=6, ignore_eos=True))[0]
     assert len(out.token_ids) == 6
+
+
+def test_default_drafter_is_both_with_a_draft_model_and_plain_without(tiny_target, tiny_draft, tokenizer, tiny_dirs):
+    """No drafter given: n-gram tokens beside the draft model's where one is loaded; a target alone
+    decodes plainly (it never starts prompt lookup unasked); an explicit choice stands."""
+    from spruce.config import EngineConfig
+
+    paired = Engine(tiny_target, tokenizer, tiny_draft)
+    assert paired.config.drafter == "both"
+    spec = paired.default_speculation
+    assert spec is not None and spec.drafter == "both" and spec.adaptive and spec.ngram_budget > 0
+    alone = Engine(tiny_target, tokenizer)
+    assert alone.config.drafter == "model" and alone.default_speculation is None
+    chosen = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(drafter="model"))
+    assert chosen.default_speculation is not None and chosen.default_speculation.drafter == "model"
+    target_dir, draft_dir = tiny_dirs
+    assert Engine.from_pretrained(target=target_dir, draft=draft_dir).config.drafter == "both"
+    assert Engine.from_pretrained(target=target_dir).default_speculation is None
+    prompt = [3, 4, 5, 3, 4, 5, 3, 4]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    assert paired.generate(prompt, params)[0].token_ids == alone.generate(prompt, params)[0].token_ids
