@@ -339,7 +339,10 @@ def test_a_batch_size_measured_only_at_three_levels_can_plan_one():
     verify = CostCurve()
     for size, seconds in ((8, 0.160), (16, 0.206), (24, 0.30), (32, 0.34), (40, 0.39)):
         verify.observe(size, seconds)
-    per_request = lambda n: verify(8 * n)  # noqa: E731 (every request of the batch like this one)
+
+    def per_request(n: int) -> float:  # every request of the batch drafting like this one
+        return verify(8 * n)
+
     rates = torch.full((MAX_DEPTH, MAX_RANK), 0.02, dtype=torch.float64)
     rates[:, 0] = 0.9  # a confident context
     plan = plan_tree(rates, per_request, draft, 6, 4, margin=0.1)
@@ -596,7 +599,8 @@ def test_a_step_where_few_requests_draft_is_priced_again(tiny_target, tiny_draft
 def test_catch_ups_are_priced_on_the_steps_that_keep_drafting(tiny_target, tiny_draft, tokenizer):
     """A lagging draft's catch-up pays only over the steps on which its request will then draft. At a
     batch size where caught-up requests' plans keep being cancelled (partial steps that do not pay), the
-    measured share falls and the same catch-up is no longer read; other batch sizes keep theirs."""
+    measured share falls and the same catch-up is no longer read; other batch sizes keep theirs. Steps
+    with no caught-up request bring it back (else no request would ever catch up there again)."""
     from types import SimpleNamespace
 
     from spruce.config import EngineConfig
@@ -637,6 +641,16 @@ def test_catch_ups_are_priced_on_the_steps_that_keep_drafting(tiny_target, tiny_
     for _ in range(2 * KEEP_HORIZON):
         step([req(1) for _ in range(4)])
     assert planner.keep_share(4) > 0.8
+    # a low share is no trap: steps without a caught-up request (all declined their catch-ups, so none
+    # could correct it) move it back, and the catch-ups are read again
+    for _ in range(2 * KEEP_HORIZON):
+        step([req(1)] + [req(100) for _ in range(3)])
+    assert planner.keep_share(4) < 0.2
+    assert step([req(40) for _ in range(4)]) == [None] * 4
+    for _ in range(3 * KEEP_HORIZON):
+        assert step([req(100) for _ in range(4)]) == [None] * 4
+    assert planner.keep_share(4) > 0.9
+    assert all(spec is not None for spec in step([req(40) for _ in range(4)]))
 
 
 def test_ngram_budget_follows_acceptance_and_verify_cost():
