@@ -127,7 +127,7 @@ def model_info(engine: Engine, served_model_name: str, max_tokens_limit: int) ->
         device=str(engine.target.device),
         vocab_size=int(engine.target.config.vocab_size),
         max_context_tokens=int(engine.max_context),
-        default_drafter=_DRAFTER_ENUM[c.drafter],
+        default_drafter=_DRAFTER_ENUM[c.drafter or "model"],  # (the engine resolved None)
         attention_backend=engine.attention_backend,
         max_tokens_limit=max_tokens_limit,
         draft_vocab=engine.draft_vocab,

@@ -306,7 +306,7 @@ class Engine:
     @property
     def default_speculation(self) -> SpeculationConfig | None:
         """What ``generate`` uses when ``speculation`` is omitted (None: plain decoding)."""
-        kind = self.config.drafter
+        kind = self.config.drafter or "model"  # (resolved in __init__: never None here)
         if self.drafter is None:
             if kind == "model":
                 return None

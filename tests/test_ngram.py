@@ -97,6 +97,11 @@ def test_default_drafter_is_both_with_a_draft_model_and_plain_without(tiny_targe
     assert spec is not None and spec.drafter == "both" and spec.adaptive and spec.ngram_budget > 0
     alone = Engine(tiny_target, tokenizer)
     assert alone.config.drafter == "model" and alone.default_speculation is None
+    from spruce.server._gen.spruce.v1 import spruce_pb2 as pb
+    from spruce.server.convert import model_info
+
+    assert model_info(paired, "spruce", 64).default_drafter == pb.DRAFTER_BOTH  # what clients are told
+    assert model_info(alone, "spruce", 64).default_drafter == pb.DRAFTER_MODEL
     chosen = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(drafter="model"))
     assert chosen.default_speculation is not None and chosen.default_speculation.drafter == "model"
     target_dir, draft_dir = tiny_dirs
