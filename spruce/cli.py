@@ -123,7 +123,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=_ENGINE.target, help="HF model dir or .gguf file (default: embedded)")
     p.add_argument("--draft", default=_ENGINE.draft, help="HF model dir or .gguf file (default: embedded)")
     p.add_argument("--drafter", default=_ENGINE.drafter, choices=DRAFTERS,
-                   help="ngram loads no draft model (default: both where a draft model is loaded, else plain decoding)")
+                   help="ngram loads no draft model (default: both with a draft model on a CPU, else model)")
     p.add_argument("--device", default=_ENGINE.device)
     p.add_argument("--dtype", default=_ENGINE.dtype, choices=DTYPES)
     p.add_argument(

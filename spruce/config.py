@@ -229,10 +229,12 @@ class EngineConfig:
     # the draft may run in another precision than the target: verification keeps the output exact
     draft_dtype: str | None = None
     # which drafter the default speculation uses; "ngram" loads no draft model. None (the default): "both"
-    # where a draft model is loaded (the cost model adds n-gram tokens only where they pay, and falls back
-    # to them alone where reading the prompt would not pay the draft; Spec-Bench, 3 prompts per category,
-    # 2-core AVX-512 CPU, 2026-11-28: 1.40x / 1.24x / 1.46x against "model"'s 1.39x / 1.16x / 1.41x in
-    # float32 greedy / bfloat16 greedy / float32 T=0.7), else "model" (a target alone decodes plainly)
+    # where a draft model is loaded on a CPU (the cost model adds n-gram tokens only where they pay, and
+    # verifies them alone where reading the prompt would not pay the draft; Spec-Bench, 3 prompts per
+    # category, 2-core AVX-512 CPU, 2026-11-28: 1.40x / 1.24x / 1.46x against "model"'s 1.39x / 1.16x /
+    # 1.41x in float32 greedy / bfloat16 greedy / float32 T=0.7), else "model" (a target alone decodes
+    # plainly; on a GPU each n-gram lookup is host time per request per step, not yet measured against a
+    # CUDA-graphed step of milliseconds)
     drafter: str | None = None
     trust_remote_code: bool = False
     # tree attention: auto, sdpa, triton, flex or flash (``spruce.kernels.backend``)

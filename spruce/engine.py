@@ -119,8 +119,9 @@ class Engine:
         if draft is not None:
             check_pair(target, draft)
         self.config = config or EngineConfig()
-        if self.config.drafter is None:  # the default: n-gram tokens beside the draft model's, if one is loaded
-            self.config = dataclasses.replace(self.config, drafter="both" if draft is not None else "model")
+        if self.config.drafter is None:  # the default: n-gram tokens beside a draft model's on a CPU
+            both = draft is not None and target.device.type == "cpu"
+            self.config = dataclasses.replace(self.config, drafter="both" if both else "model")
         # tensor parallelism (``spruce.parallel``): rank 0 decides what timings or entropy would decide
         self.tp = parallel.current(self.config.tensor_parallel)
         self.attention_backend = self._setup_attention(self.config.attention_backend)
@@ -194,7 +195,7 @@ class Engine:
         activations of the layers that read a normalization's output (fbgemm's integer products: faster
         where bfloat16 is emulated). ``drafter`` picks what the default speculation
         uses: "model", "ngram" (prompt lookup; no draft model is loaded) or "both"; None: "both" where a
-        draft model is loaded, else "model" (plain decoding).
+        draft model is loaded on a CPU, else "model" (a target alone: plain decoding).
         ``attention_backend``: how the target attends over a tree (``spruce.kernels.backend``): auto, sdpa,
         triton, flex or flash. ``max_batch_size`` requests run at once, each with up to ``max_seq_len``
         tokens of context (0: the model's, at most 4096); the KV pools are sized from both.
