@@ -118,6 +118,7 @@ def stream_response(request_id: str, token_ids: list[int], text: str, out: Gener
 
 def model_info(engine: Engine, served_model_name: str, max_tokens_limit: int) -> pb.ModelInfo:
     c = engine.config
+    assert c.drafter is not None  # the engine resolved the default
     return pb.ModelInfo(
         served_model_name=served_model_name,
         target=c.target or "",
@@ -127,7 +128,7 @@ def model_info(engine: Engine, served_model_name: str, max_tokens_limit: int) ->
         device=str(engine.target.device),
         vocab_size=int(engine.target.config.vocab_size),
         max_context_tokens=int(engine.max_context),
-        default_drafter=_DRAFTER_ENUM[c.drafter or "model"],  # (the engine resolved None)
+        default_drafter=_DRAFTER_ENUM[c.drafter],
         attention_backend=engine.attention_backend,
         max_tokens_limit=max_tokens_limit,
         draft_vocab=engine.draft_vocab,

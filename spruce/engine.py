@@ -307,7 +307,8 @@ class Engine:
     @property
     def default_speculation(self) -> SpeculationConfig | None:
         """What ``generate`` uses when ``speculation`` is omitted (None: plain decoding)."""
-        kind = self.config.drafter or "model"  # (resolved in __init__: never None here)
+        kind = self.config.drafter
+        assert kind is not None  # resolved in __init__
         if self.drafter is None:
             if kind == "model":
                 return None

@@ -342,7 +342,8 @@ class Planner:
             if counts is not None:
                 counts[0] += (counts[1] - counts[0]) / KEEP_HORIZON
             return
-        counts = counts if counts is not None else self.keep_drafting.setdefault(batch, [KEEP_PRIOR, KEEP_PRIOR])
+        if counts is None:
+            counts = self.keep_drafting[batch] = [KEEP_PRIOR, KEEP_PRIOR]
         decay = (1.0 - 1.0 / KEEP_HORIZON) ** n
         counts[0] = counts[0] * decay + (n if drafted else 0)
         counts[1] = counts[1] * decay + n
