@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from spruce.kernels import backend as kernel_backends
-from spruce.kvcache import BatchAttention
+from spruce.kvcache import FLOAT32_ROWS_MAX, BatchAttention
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -103,6 +103,10 @@ def packed_attention(
         k, v = key[slot, :, :length], value[slot, :, :length]
         q = query[0, :, offset : offset + n]  # [H, n, D]
         causal = meta.causal_rows[i] if meta.causal_rows else 0
+        if meta.float32_rows and not causal and n <= FLOAT32_ROWS_MAX:
+            outs.append(float32_rows_attention(q, k, v, mask, scaling, groups).to(query.dtype).transpose(0, 1))
+            continue
+        q = q.to(k.dtype)  # a float32 pool under a lower-precision model (``SlotKVCache(float32_rows=True)``)
         pieces = []
         if causal:  # a prefill's causal rows: no mask (7x faster than the folded mask at 2000 tokens)
             pieces.append(_sdpa(q[:, :causal], k[:, :causal], v[:, :causal], None, scaling, groups, is_causal=True))
@@ -111,8 +115,32 @@ def packed_attention(
             grouped = cpu and rest is not None and n - causal > 1
             pieces.append(_sdpa(q[:, causal:], k, v, rest, scaling, groups, fold=not grouped))
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-        outs.append(out.transpose(0, 1))
+        outs.append(out.to(query.dtype).transpose(0, 1))
     return torch.cat(outs)[None]
+
+
+def float32_rows_attention(
+    # [H, n, D]
+    q: torch.Tensor,
+    # [Hkv, L, D] float32
+    k: torch.Tensor,
+    v: torch.Tensor,
+    # [n, L] float32 additive, or None
+    mask: torch.Tensor | None,
+    scaling: float | None,
+    groups: int,
+) -> torch.Tensor:
+    """[H, n, D] float32: a few query rows' attention as plain float32 products over a float32 pool's
+    keys (heads folded as in ``_sdpa``). On a 2-core CPU (kernels/NOTES.md) ~50 us per segment and layer
+    where SDPA takes ~80 (float32) to ~100 (bfloat16): a draft level's attention, per request."""
+    heads, n, dim = q.shape
+    kv_heads = k.shape[0]
+    scale = dim**-0.5 if scaling is None else scaling
+    rows = q.to(torch.float32).reshape(kv_heads, groups * n, dim)
+    scores = torch.bmm(rows, k.transpose(1, 2)).mul_(scale)
+    if mask is not None:  # [Hkv, groups, n, L] + [n, L]
+        scores.view(kv_heads, groups, n, -1).add_(mask)
+    return torch.bmm(scores.softmax(-1), v).reshape(heads, n, dim)
 
 
 def _sdpa(

@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 # positions a slot keeps beyond a request's context: the tree nodes of one pass (verify) or of the
 # expanded levels (draft) are written after the committed tokens before the accepted ones are kept
 TREE_RESERVE = 256
+# the most query rows of a segment that a float32-rows pool's passes attend to by the plain float32
+# computation (``SlotKVCache(float32_rows=True)``): a draft level's frontier or a few pending tokens;
+# longer feeds (catch-ups) go through SDPA
+FLOAT32_ROWS_MAX = 16
 
 
 class PoolExhaustedError(RuntimeError):
@@ -90,14 +94,21 @@ class BatchAttention:
     # (row i sees keys 0..i): on a CPU, SDPA's own causal path serves them without a mask
     # (``packed_attention``); 0 everywhere for pools on other devices
     causal_rows: tuple[int, ...] = ()
+    # segments of at most ``FLOAT32_ROWS_MAX`` rows and no causal prefill attend by a plain float32
+    # computation over the pool's float32 keys (``SlotKVCache(float32_rows=True)``)
+    float32_rows: bool = False
 
 
 class SlotKVCache:
     """The KV pool of one model: ``num_slots`` slots of ``capacity`` positions each."""
 
-    def __init__(self, model: PreTrainedModel, num_slots: int, capacity: int, shards: int = 1) -> None:
+    def __init__(self, model: PreTrainedModel, num_slots: int, capacity: int, shards: int = 1, float32_rows: bool = False) -> None:
         """``shards``: the model's heads are split over that many tensor-parallel ranks; this rank's pool
-        holds its share of the key/value heads."""
+        holds its share of the key/value heads. ``float32_rows`` (used on a CPU only): the pool holds
+        float32 keys and values whatever the model computes in, and passes' segments of a few rows attend
+        by a plain float32 computation instead of SDPA (``spruce.attention.float32_rows_attention``): for a
+        draft, whose few-row levels pay SDPA's ~60-100 us per segment and layer in bfloat16, ~50 this
+        way (kernels/NOTES.md)."""
         cfg = model.config
         layers = int(cfg.num_hidden_layers)
         heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) // shards
@@ -105,10 +116,12 @@ class SlotKVCache:
         if num_slots < 1 or capacity < 2:
             raise ValueError(f"a KV pool needs at least 1 slot and 2 positions, got {num_slots} x {capacity}")
         shape = (num_slots, heads, capacity, head_dim)
+        self.float32_rows = float32_rows and model.device.type == "cpu"
+        dtype = torch.float32 if self.float32_rows else model.dtype
         # never read beyond a slot's length, so left uninitialised: on a CPU the pages stay untouched (and
         # take no memory) until slots fill
-        self.keys = [torch.empty(shape, dtype=model.dtype, device=model.device) for _ in range(layers)]
-        self.values = [torch.empty(shape, dtype=model.dtype, device=model.device) for _ in range(layers)]
+        self.keys = [torch.empty(shape, dtype=dtype, device=model.device) for _ in range(layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=model.device) for _ in range(layers)]
         self.num_slots = num_slots
         self.capacity = capacity
         self.lengths = [0] * num_slots
@@ -157,8 +170,9 @@ class SlotKVCache:
 
     # ---- one packed pass ----------------------------------------------------------------------------
 
-    def begin(self, segments: list[Segment], dtype: torch.dtype, kernel: str | None = None) -> BatchAttention:
-        """Reserve the positions the pass writes and build its attention metadata. ``kernel``: a tree
+    def begin(self, segments: list[Segment], kernel: str | None = None) -> BatchAttention:
+        """Reserve the positions the pass writes and build its attention metadata (additive masks in the
+        pool's dtype, which attention runs in). ``kernel``: a tree
         pass for that tree-attention backend (``tree_segment``: every key before ``full`` visible, the
         rest by the segment's ``tail``); its segments need no additive masks."""
         device = self.keys[0].device
@@ -173,12 +187,12 @@ class SlotKVCache:
             poss.append(torch.arange(start, start + n))
             mask = _segment_mask(seg, start, n)
             causal.append(_causal_rows(mask) if device.type == "cpu" and start == 0 and mask is not None else 0)
-            additive = None if mask is None or kernel is not None else _additive(mask, dtype, device)
+            additive = None if mask is None or kernel is not None else _additive(mask, self.keys[0].dtype, device)
             parts.append((offset, n, seg.slot, start + n, additive))
             offset += n
         self._slot_index = torch.cat(slots).to(device)
         self._pos_index = torch.cat(poss).to(device)
-        meta = BatchAttention(tuple(parts), causal_rows=tuple(causal))
+        meta = BatchAttention(tuple(parts), causal_rows=tuple(causal), float32_rows=self.float32_rows and kernel is None)
         if kernel is not None:
             meta = _kernel_metadata(meta, segments, kernel, device)
         for seg in segments:
@@ -188,9 +202,10 @@ class SlotKVCache:
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """transformers' cache hook: write this layer's new [1, Hkv, T, D] keys and values into their
         slots; returns the whole pool of this layer (the attention function reads its slots)."""
-        self.keys[layer_idx][self._slot_index, :, self._pos_index] = key[0].transpose(0, 1)
-        self.values[layer_idx][self._slot_index, :, self._pos_index] = value[0].transpose(0, 1)
-        return self.keys[layer_idx], self.values[layer_idx]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[self._slot_index, :, self._pos_index] = key[0].transpose(0, 1).to(keys.dtype)
+        values[self._slot_index, :, self._pos_index] = value[0].transpose(0, 1).to(values.dtype)
+        return keys, values
 
 
 def tree_segment(seg: Segment, start: int) -> torch.Tensor | None:
@@ -291,7 +306,7 @@ def run_packed(
     """
     if not segments:
         return []
-    meta = cache.begin(segments, model.dtype, None if kernel in (None, "sdpa") else kernel)
+    meta = cache.begin(segments, None if kernel in (None, "sdpa") else kernel)
     tokens = torch.cat([s.tokens for s in segments])
     positions = torch.cat([s.positions for s in segments])
     rows: list[int] = []

@@ -90,14 +90,15 @@ def test_packed_tree_pass_matches_each_request_alone(packed_model, requests, see
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), groups=st.sampled_from([1, 3]))
-def test_packed_attention_paths_match_a_per_row_reference(seed, groups):
+@given(seed=st.integers(0, 2**31 - 1), groups=st.sampled_from([1, 3]), float32_rows=st.booleans())
+def test_packed_attention_paths_match_a_per_row_reference(seed, groups, float32_rows):
     """Every SDPA path of the packed pass (a prefill's causal rows unmasked, grouped-query masked rows,
-    folded one-row queries) against a float64 softmax over each row's visible keys: a prompt fused with
-    its first tree, a causal chunk after cached keys, a tree after a prefix, a one-token decode."""
+    folded one-row queries) and the float32 rows of a ``float32_rows`` pool (every segment but the
+    prefill) against a float64 softmax over each row's visible keys: a prompt fused with its first
+    tree, a causal chunk after cached keys, a tree after a prefix, a one-token decode."""
     gen = torch.Generator().manual_seed(seed)
     model = build_tiny_model(seed=0, num_attention_heads=2 * groups, num_key_value_heads=2)
-    pool = SlotKVCache(model, 4, 64)
+    pool = SlotKVCache(model, 4, 64, float32_rows=float32_rows)
     slots = [pool.allocate() for _ in range(4)]
     for slot, cached in zip(slots, (0, 7, 9, 5)):
         pool.lengths[slot] = cached
@@ -113,9 +114,10 @@ def test_packed_attention_paths_match_a_per_row_reference(seed, groups):
         Segment(slots[3], torch.zeros(1, dtype=torch.long), torch.arange(1)),
     ]
     visible = [fused, torch.ones(chunk, 7 + chunk, dtype=torch.bool).tril(7), torch.cat([torch.ones(5, 9, dtype=torch.bool), tree.ancestor_mask], 1), torch.ones(1, 6, dtype=torch.bool)]
-    meta = pool.begin(segments, torch.float32)
+    meta = pool.begin(segments)
     # the prompt's rows at least (a tree's leading chain is causal too); the other segments start later
     assert meta.causal_rows[0] >= prompt and meta.causal_rows[1:] == (0, 0, 0)
+    assert meta.float32_rows == float32_rows
     heads, kv_heads, dim = 2 * groups, 2, 8
     rows = sum(int(s.tokens.numel()) for s in segments)
     query = torch.randn(1, heads, rows, dim, generator=gen)
@@ -132,6 +134,41 @@ def test_packed_attention_paths_match_a_per_row_reference(seed, groups):
         want = (scores.softmax(-1) @ v).transpose(0, 1)
         assert_close(got[offset : offset + n], want.float(), atol=1e-5, what=f"slot {slot} attention")
         offset += n
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_float32_rows_pool_under_a_bfloat16_model(seed):
+    """A ``float32_rows`` pool (a draft's on a CPU) keeps float32 keys under a bfloat16 model: a prefill,
+    a tree level after it for several requests and a one-token step give the logits of the model's own
+    bfloat16 pool to bfloat16's rounding, and stay as close to the float32 model's as that pool does."""
+    gen = torch.Generator().manual_seed(seed)
+    exact = build_tiny_model(seed=seed, num_attention_heads=6, num_key_value_heads=2)
+    model = copy.deepcopy(exact).to(torch.bfloat16)
+    use_backend(exact, "sdpa")
+    use_backend(model, "sdpa")
+    pools = {
+        "float32 rows": (model, SlotKVCache(model, 3, 64, float32_rows=True)),
+        "bfloat16": (model, SlotKVCache(model, 3, 64)),
+        "exact": (exact, SlotKVCache(exact, 3, 64)),
+    }
+    assert pools["float32 rows"][1].keys[0].dtype == torch.float32 and pools["bfloat16"][1].keys[0].dtype == torch.bfloat16
+    prompts = [torch.randint(0, TINY_VOCAB, (int(torch.randint(3, 20, (1,), generator=gen)),), generator=gen) for _ in range(3)]
+    trees = [_random_tree(int(torch.randint(1, 6, (1,), generator=gen)), gen) for _ in prompts]
+    steps = [
+        [Segment(i, p, torch.arange(len(p)), logits="last") for i, p in enumerate(prompts)],
+        [Segment(i, t.tokens, t.depth + len(p), tail=t.ancestor_mask) for i, (p, t) in enumerate(zip(prompts, trees))],
+    ]
+    ids = torch.randint(0, TINY_VOCAB, (1,), generator=gen)
+    got = {}
+    for name, (m, pool) in pools.items():
+        for _ in prompts:
+            pool.allocate()
+        got[name] = [torch.cat(run_packed(m, pool, segs)) for segs in steps]
+        got[name].append(run_packed(m, pool, [Segment(0, ids, torch.tensor([pool.lengths[0]]))])[0])
+    for i, what in enumerate(("prefill", "tree level", "one-token step")):
+        a, b, want = got["float32 rows"][i], got["bfloat16"][i], got["exact"][i]
+        assert_close(a, b, atol=0.1, what=f"{what}: float32 rows against the bfloat16 pool")
+        assert (a - want).abs().max() <= 1.5 * (b - want).abs().max() + 1e-3, what
 
 
 @pytest.mark.parametrize("kernel", ["triton", "flex"])
@@ -382,6 +419,7 @@ def test_drafter_reports_its_catch_up_pass(tiny_draft):
     from spruce.draft.model_drafter import DraftJob, ModelDrafter
 
     drafter = ModelDrafter(tiny_draft, TINY_VOCAB, num_slots=2)
+    assert drafter.pool.float32_rows  # on a CPU its levels attend in float32 (test_float32_rows_pool_...)
     a, b = drafter.new_state(), drafter.new_state()
     spec = SpeculationConfig(depth=3, top_k=2, budget=4)
     drafter.propose_batch([DraftJob(a, list(range(40)), spec, 3), DraftJob(b, list(range(5)), spec, 3)])
