@@ -807,7 +807,8 @@ def test_plans_follow_the_requests_context(tiny_target, tiny_draft, tokenizer):
 def test_plans_are_reused_while_planning_would_cost_a_share_of_the_step(tiny_target, tiny_draft, tokenizer):
     """A plan is made again only when it is ``plan_every`` steps old: as many steps as keep the measured
     search time under PLAN_HOST_SHARE of the measured step time (1 where steps are slow, as on a CPU;
-    up to PLAN_MAX_AGE where a step is a few milliseconds); a new batch size gets its own plan at once."""
+    up to PLAN_MAX_AGE where a step is a few milliseconds); a new batch size gets its own plan at once.
+    A plan to decode plainly stands for PLAN_MAX_AGE steps whatever the step time."""
     from types import SimpleNamespace
 
     from spruce.config import EngineConfig
@@ -822,6 +823,7 @@ def test_plans_are_reused_while_planning_would_cost_a_share_of_the_step(tiny_tar
     req = SimpleNamespace(
         tokens=list(range(20)), draft_state=SimpleNamespace(cached=19), sampling=None, policy=None, confidence=None,
         stopper=SimpleNamespace(remaining=50), stats=SpecStats(), params=SamplingParams(max_tokens=50),
+        adaptive=False,  # no exploring request in these steps
     )
 
     def budget(batch: int = 1) -> int:
@@ -845,3 +847,8 @@ def test_plans_are_reused_while_planning_would_cost_a_share_of_the_step(tiny_tar
     assert budget(batch=2) == 0  # another batch size: planned now, with the new curve
     planner.plan_s = 0.002
     assert budget() == 0  # older than three steps: planned again
+    # a plan to decode plainly stands longer: PLAN_MAX_AGE steps, even where planning is cheap
+    planner.mean_step_s, planner.plan_s = 0.25, 0.002
+    planner.verify_costs.points.update({n: 0.01 for n in range(1, 65)})  # trees pay again
+    assert all(budget() == 0 for _ in range(PLAN_MAX_AGE - 1))
+    assert budget() > 0
