@@ -87,8 +87,13 @@ def add_ngram_branches(
 
     At most ``budget`` nodes are added; continuations are at most ``budget`` tokens long.
     """
+    return merge_ngram_paths(proposal, ngram_continuations(tokens, max_ngram, min_ngram, budget, branches), budget)
+
+
+def merge_ngram_paths(proposal: Proposal, paths: list[list[int]], budget: int) -> Proposal:
+    """Merge continuations found by ``ngram_continuations`` into ``proposal`` (at most ``budget`` new
+    nodes, each a deterministic proposal)."""
     tree = proposal.tree
-    paths = ngram_continuations(tokens, max_ngram, min_ngram, budget, branches)
     if not paths:
         return proposal
     node_tokens, parents, added = merge_paths(tree.tokens.tolist(), tree.parents.tolist(), paths, budget)

@@ -52,8 +52,10 @@ PRIOR_WEIGHT = 4.0
 # and 0.8; the request's own past acceptance predicted less (R^2 0.05 against 0.07-0.10).
 CONTEXT_BUCKETS = 5
 CONTEXT_EMA = 0.5
-# n-gram proposals: the prior of P(token accepted | parent accepted) before any is measured
+# n-gram proposals: the prior of P(token accepted | parent accepted) before any is measured, and of
+# P(a lookup finds a continuation)
 NGRAM_PRIOR_RATE = 0.3
+NGRAM_PRIOR_MATCH = 0.5
 # Levels the expansion decision looks ahead.
 LOOKAHEAD = 4
 # Buckets of draft path probability for the confidence calibration (0-0.1, ..., 0.9-1).
@@ -416,6 +418,20 @@ def choose_ngram_budget(
     return best if best and value(best) >= (1.0 + margin) * value(0) else 0
 
 
+def ngram_token_s(rate: float, match: float, budget: int, verify_cost: PassCost) -> float:
+    """Seconds per token decoding with lookups alone: a lookup finds a continuation with probability
+    ``match`` (then ``budget`` tokens ride the pass, the d-th landing with probability rate^d), else the
+    pass verifies nothing but the bonus token."""
+    tokens = 1.0 + match * sum(rate**d for d in range(1, budget + 1))
+    return (match * verify_cost(budget + 1) + (1.0 - match) * verify_cost(1)) / tokens
+
+
+def prompt_bucket(prompt_tokens: int) -> int:
+    """Prompts by length for the n-gram statistics: bucket b holds 2^(b-1) .. 2^b - 1 tokens (how much
+    of an answer its prompt can supply grows with it: summaries and retrieved passages)."""
+    return max(0, prompt_tokens).bit_length()
+
+
 # Output lengths: before any request has ended, answers are taken to end (EOS or a stop string) after
 # this many tokens on average, with the weight of one request
 PRIOR_OUTPUT_TOKENS = 256
@@ -453,22 +469,23 @@ def catch_up_tokens(
     # tokens the request can be expected to generate still (``expected_output_tokens``)
     remaining: float,
     plan: TreePlan,
-    # seconds per token without drafting
-    plain_token_s: float,
+    # seconds per token without the draft model (plain decoding, or lookups alone: ``ngram_token_s``)
+    undrafted_token_s: float,
     # requests sharing each pass
     batch: int = 1,
     margin: float = 0.0,
 ) -> int:
     """How many of the ``lag`` tokens the draft reads before it drafts for this request: all of them,
-    only the latest (a window: ``SpeculationConfig.draft_window``), or none (0: decode plainly).
+    only the latest (a window: ``SpeculationConfig.draft_window``), or none (0: decode without the
+    draft: plainly or with lookups alone).
 
-    In the batch's wall time the plan saves ``remaining x (plain s/token - planned s/token)``, a saving
+    In the batch's wall time the plan saves ``remaining x (undrafted s/token - planned s/token)``, a saving
     the ``batch`` requests make together (each step serves them all), so this request's share is that
     / ``batch``; the catch-up pass stalls the whole batch. The draft reads everything when that costs
     less than the share (by ``margin``); else the latest tokens that cost at most ``CATCH_UP_SHARE`` of
     it, if at least ``MIN_DRAFT_WINDOW`` do. Long prompts with short answers read a window or stay
     plain, as do new requests joining a large batch."""
-    saved = remaining * (plain_token_s - plan.expected_step_s / plan.expected_tokens) / batch
+    saved = remaining * (undrafted_token_s - plan.expected_step_s / plan.expected_tokens) / batch
     if saved <= 0:
         return 0
     if catch_up_cost(lag) * (1.0 + margin) <= saved:

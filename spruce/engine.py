@@ -47,7 +47,7 @@ from spruce.costmodel import (
     context_bucket,
 )
 from spruce.draft.model_drafter import DraftJob, DraftSampling, DraftState, ModelDrafter
-from spruce.draft.ngram import add_ngram_branches
+from spruce.draft.ngram import merge_ngram_paths, ngram_continuations
 from spruce.draft.tree import Proposal, TokenTree, path_logprobs
 from spruce.errors import InvalidRequestError
 from spruce import parallel
@@ -817,7 +817,10 @@ class Engine:
         for i, (r, spec) in enumerate(zip(reqs, specs)):
             if spec is not None and spec.uses_ngram:
                 budget = min(spec.ngram_budget, r.stopper.remaining - 1)
-                proposals[i] = add_ngram_branches(proposals[i], r.tokens, spec.ngram_max, spec.ngram_min, spec.ngram_branches, budget)
+                paths = ngram_continuations(r.tokens, spec.ngram_max, spec.ngram_min, budget, spec.ngram_branches)
+                if budget > 0:
+                    self.planner.record_lookup(r, bool(paths))
+                proposals[i] = merge_ngram_paths(proposals[i], paths, budget)
         return proposals
 
     # ---- single-request views -----------------------------------------------------------------------
@@ -905,6 +908,9 @@ class Request:
     # n-gram proposals of this request: tried (parent accepted) and accepted (``Planner.record_ngram``)
     ngram_tried: int = 0
     ngram_accepted: int = 0
+    # its n-gram lookups, and those that found a continuation (``Planner.record_lookup``)
+    ngram_lookups: int = 0
+    ngram_found: int = 0
     # this step's decisions for a dynamic tree (adaptive speculation)
     policy: StepPolicy | None = None
     # the target's recent confidence: its probability of its own top token, a moving average over the

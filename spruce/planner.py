@@ -19,18 +19,22 @@ import torch
 from spruce.config import SpeculationConfig
 from spruce.costmodel import (
     COST_EMA,
+    NGRAM_PRIOR_MATCH,
     NGRAM_PRIOR_RATE,
     PLAN_MARGIN,
     PRIOR_WEIGHT,
     AcceptanceProfile,
     CostCurve,
+    PassCost,
     StepPolicy,
     TreePlan,
     catch_up_tokens,
     choose_ngram_budget,
     context_bucket,
     expected_output_tokens,
+    ngram_token_s,
     plan_tree,
+    prompt_bucket,
 )
 from spruce.draft.tree import TokenTree
 from spruce.kvcache import Segment, SlotKVCache, run_packed
@@ -122,9 +126,14 @@ class Planner:
         # by batch size: [drafted, planned] (decayed) over caught-up requests whose plan drafted
         self.keep_drafting: dict[int, list[float]] = {}
         self._step_caught_up = 0
-        # n-gram proposals over all requests: those tried (their parent was accepted) and accepted
+        # n-gram proposals over all requests: those tried (their parent was accepted) and accepted; lookups
+        # and those that found a continuation; the same four by prompt length (``prompt_bucket``): a
+        # request's own counts shrink toward its prompt length's, which shrink toward all requests'
         self.ngram_tried = 0.0
         self.ngram_accepted = 0.0
+        self.ngram_lookups = 0.0
+        self.ngram_found = 0.0
+        self.ngram_by_prompt: dict[int, list[float]] = {}
         # ended requests: how many ended by EOS or a stop string, and the tokens all of them generated
         self.outputs_stopped = 0
         self.outputs_tokens = 0
@@ -211,6 +220,17 @@ class Planner:
             "draft_catch_up_s_by_tokens": self.draft_catch_up.to_dict(),
             "exploration_share": self.explore_s / self.step_s if self.step_s else 0.0,
             "keep_drafting_share_by_batch": {str(b): d / p for b, (d, p) in sorted(self.keep_drafting.items())},
+            # by prompt length (the bucket's shortest prompt): lookups, the share that found a
+            # continuation, n-gram tokens tried (parent accepted) and the share accepted
+            "ngram_by_prompt_tokens": {
+                str(2 ** (b - 1) if b else 0): {
+                    "lookups": int(n),
+                    "match_rate": found / n if n else 0.0,
+                    "tried": int(tried),
+                    "accept_rate": accepted / tried if tried else 0.0,
+                }
+                for b, (n, found, tried, accepted) in sorted(self.ngram_by_prompt.items())
+            },
         }
 
     def plan(self, req: Any, spec: SpeculationConfig, batch: int) -> SpeculationConfig | None:
@@ -266,7 +286,9 @@ class Planner:
         if budget and lag > STEADY_LAG and self.draft_catch_up.known:
             # the tokens it will draft for: its remaining ones, on the share of steps that draft
             remaining = self.expected_remaining(req) * self.keep_share(batch)
-            read = catch_up_tokens(lag, self.draft_catch_up, remaining, plan, verify(1), batch, PLAN_MARGIN)
+            # priced against what the request decodes at without its draft: plainly, or with lookups alone
+            # (a summary that copies its article gains more from them than from reading it: ``ngram_token_s``)
+            read = catch_up_tokens(lag, self.draft_catch_up, remaining, plan, self.undrafted_token_s(req, spec, verify), batch, PLAN_MARGIN)
             budget = budget if read else 0
             window = read if read < lag else 0
         if budget == 0 and req is self._explorer:
@@ -382,9 +404,42 @@ class Planner:
             return float(req.stopper.remaining)
         return expected_output_tokens(req.stopper.remaining, self.outputs_stopped, self.outputs_tokens)
 
+    def _ngram_counts(self, req: Any) -> list[float]:
+        """[lookups, found, tried, accepted] of the requests with this one's prompt length."""
+        return self.ngram_by_prompt.setdefault(prompt_bucket(len(req.prompt_ids)), [0.0, 0.0, 0.0, 0.0])
+
     def ngram_rate(self, req: Any) -> float:
+        """P(an n-gram token is accepted | its parent was), for this request."""
+        _, _, tried, accepted = self._ngram_counts(req)
         pooled = (self.ngram_accepted + PRIOR_WEIGHT * NGRAM_PRIOR_RATE) / (self.ngram_tried + PRIOR_WEIGHT)
-        return (req.ngram_accepted + PRIOR_WEIGHT * pooled) / (req.ngram_tried + PRIOR_WEIGHT)
+        by_prompt = (accepted + PRIOR_WEIGHT * pooled) / (tried + PRIOR_WEIGHT)
+        return (req.ngram_accepted + PRIOR_WEIGHT * by_prompt) / (req.ngram_tried + PRIOR_WEIGHT)
+
+    def ngram_match(self, req: Any) -> float:
+        """P(a lookup finds a continuation at all), for this request."""
+        lookups, found, _, _ = self._ngram_counts(req)
+        pooled = (self.ngram_found + PRIOR_WEIGHT * NGRAM_PRIOR_MATCH) / (self.ngram_lookups + PRIOR_WEIGHT)
+        by_prompt = (found + PRIOR_WEIGHT * pooled) / (lookups + PRIOR_WEIGHT)
+        return (req.ngram_found + PRIOR_WEIGHT * by_prompt) / (req.ngram_lookups + PRIOR_WEIGHT)
+
+    def undrafted_token_s(self, req: Any, spec: SpeculationConfig, verify: PassCost) -> float:
+        """Seconds per token of this request without its draft model: plain decoding, or lookups alone
+        where its spec uses them and they pay (``ngram_token_s``)."""
+        if not spec.uses_ngram:
+            return verify(1)
+        rate = self.ngram_rate(req)
+        k = choose_ngram_budget(rate, spec.ngram_budget, verify, PLAN_MARGIN)
+        return ngram_token_s(rate, self.ngram_match(req), k, verify) if k else verify(1)
+
+    def record_lookup(self, req: Any, found: bool) -> None:
+        """One n-gram lookup for this request, and whether it found a continuation."""
+        counts = self._ngram_counts(req)
+        counts[0] += 1
+        counts[1] += found
+        req.ngram_lookups += 1
+        req.ngram_found += found
+        self.ngram_lookups += 1
+        self.ngram_found += found
 
     def record_ngram(self, req: Any, tree: TokenTree, accepted_nodes: list[int], first: int) -> None:
         """Count the n-gram nodes (indices ``first`` on) whose parent was accepted, and those accepted."""
@@ -396,6 +451,9 @@ class Planner:
         req.ngram_accepted += hits
         self.ngram_tried += len(tried)
         self.ngram_accepted += hits
+        counts = self._ngram_counts(req)
+        counts[2] += len(tried)
+        counts[3] += hits
 
     def draft_curve(self, batch: int) -> CostCurve:
         """The draft's seconds by levels at this batch size (the nearest measured size until this one is)."""

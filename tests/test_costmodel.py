@@ -669,7 +669,7 @@ def test_ngram_budget_follows_acceptance_and_verify_cost():
     assert choose_ngram_budget(0.12, 1, barely, margin=0.1) == 0
 
 
-def test_ngram_drafting_adapts_per_request(tiny_target, tokenizer):
+def test_ngram_drafting_adapts_per_request(tiny_target, tokenizer, monkeypatch):
     """Adaptive n-gram speculation (no draft model): a request whose n-gram proposals keep landing keeps
     them; one whose proposals never land decodes plainly once that is measured. Output stays lossless."""
     from spruce.config import EngineConfig
@@ -677,12 +677,15 @@ def test_ngram_drafting_adapts_per_request(tiny_target, tokenizer):
     engine = Engine(tiny_target, tokenizer, None, EngineConfig(drafter="ngram"))
     for size in range(1, 9):
         engine.verify_costs.observe(size, 0.01 * (1 + 0.05 * (size - 1)))
+    monkeypatch.setattr(CostCurve, "observe", lambda self, size, seconds: None)  # frozen, not timed
     spec = SpeculationConfig(drafter="ngram", ngram_budget=4, adaptive=True)
     planner = engine.planner
 
     class Req:  # what the planner reads of a request
         def __init__(self, tried: int, accepted: int) -> None:
             self.ngram_tried, self.ngram_accepted = tried, accepted
+            self.ngram_lookups = self.ngram_found = 0
+            self.prompt_ids = [0] * 24
 
     good, bad = Req(40, 36), Req(40, 0)
     assert planner.plan(good, spec, 1).ngram_budget == 4
@@ -693,6 +696,81 @@ def test_ngram_drafting_adapts_per_request(tiny_target, tokenizer):
     want = engine.generate([prompt], params, None)[0].token_ids
     assert engine.generate([prompt], params, spec)[0].token_ids == want
     assert planner.ngram_tried >= 0 and planner.ngram_accepted <= planner.ngram_tried
+    # its lookups are counted, by prompt length too (the repeated prompt always finds a continuation)
+    assert 0 < planner.ngram_found <= planner.ngram_lookups
+    by_prompt = engine.speculation_telemetry()["ngram_by_prompt_tokens"]["16"]
+    assert by_prompt["lookups"] == planner.ngram_lookups and by_prompt["match_rate"] > 0.5
+
+
+def test_ngram_step_seconds_count_lookups_that_find_nothing():
+    from spruce.costmodel import ngram_token_s, prompt_bucket
+
+    verify = CostCurve()
+    for size in range(1, 9):
+        verify.observe(size, 1.0 + 0.1 * (size - 1))
+    # nothing found: a plain step per token; always found and always landing: k + 1 tokens a pass
+    assert ngram_token_s(0.9, 0.0, 4, verify) == pytest.approx(1.0)
+    assert ngram_token_s(1.0, 1.0, 3, verify) == pytest.approx(1.3 / 4)
+    # found half the time, each token landing with 0.5: (0.5 x 1.2 + 0.5 x 1.0) / (1 + 0.5 x 0.75)
+    assert ngram_token_s(0.5, 0.5, 2, verify) == pytest.approx(1.1 / 1.375)
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        rate, match, k = torch.rand(3, generator=rng).tolist()
+        k = 1 + int(k * 6)
+        now = ngram_token_s(rate, match, k, verify)
+        # tokens that land more often never make a token dearer; more matches do not either, where the
+        # k tokens pay for their pass when found (else they do, as plain decoding would win)
+        assert ngram_token_s(min(1.0, rate + 0.1), match, k, verify) <= now + 1e-12
+        pays = ngram_token_s(rate, 1.0, k, verify) <= 1.0
+        assert (ngram_token_s(rate, min(1.0, match + 0.1), k, verify) <= now + 1e-12) == pays or match > 0.9
+    assert [prompt_bucket(n) for n in (0, 1, 2, 3, 4, 511, 512, 1023, 1024)] == [0, 1, 2, 2, 3, 9, 10, 10, 11]
+
+
+def test_catch_up_is_priced_against_lookups_alone(tokenizer, monkeypatch):
+    """With drafter "both", a long prompt's catch-up must save more than lookups alone would: where
+    the requests of its prompt length have measured lookups that match and land, it reads nothing and
+    verifies lookups alone; where they measured lookups that never match, it reads the prompt. A short
+    prompt's statistics do not decide for a long one. Costs are set and frozen, not timed; the output
+    is the target's either way."""
+    from conftest import build_tiny_model, perturbed_copy
+    from spruce.draft.model_drafter import ModelDrafter
+
+    from spruce.config import EngineConfig
+
+    tiny_target = build_tiny_model(seed=0, max_position_embeddings=2048)
+    tiny_draft = perturbed_copy(tiny_target, noise=0.1, seed=1)
+    monkeypatch.setattr(CostCurve, "observe", lambda self, size, seconds: None)
+    fed: list[int] = []
+    propose_batch = ModelDrafter.propose_batch
+    monkeypatch.setattr(ModelDrafter, "propose_batch", lambda self, jobs: (fed.extend(len(j.tokens) - j.state.cached for j in jobs), propose_batch(self, jobs))[1])
+    prompt = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(4)).tolist()
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    spec = SpeculationConfig(drafter="both", depth=4, top_k=2, budget=6, ngram_budget=4, adaptive=True)
+
+    def run(found: float, accepted: float, prompt_tokens: int) -> Any:
+        fed.clear()
+        engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_seq_len=1100))
+        engine.verify_costs.points.update({size: 0.01 for size in range(1, 20)})
+        engine.draft_costs.points.update({1: 0.0001, 2: 0.0002})
+        # reading the 600-token prompt costs 0.03 s: under what the model's trees would save (12 tokens
+        # of 0.01 s), not under what they save beyond lookups that land
+        engine.planner.draft_catch_up.points.update({n: 5e-5 * n for n in (32, 1024)})
+        planner = engine.planner
+        planner.ngram_by_prompt[prompt_bucket(prompt_tokens)] = [1000.0, 1000.0 * found, 1000.0, 1000.0 * accepted]
+        out = engine.generate([prompt], params, spec)[0]
+        assert out.token_ids == reference_greedy(tiny_target, prompt, 12, eos=None)
+        return out
+
+    from spruce.costmodel import prompt_bucket
+
+    caught_up = run(found=0.0, accepted=0.0, prompt_tokens=600)
+    assert fed and max(fed) > 500 and caught_up.stats.drafted > 0
+    lookups = run(found=1.0, accepted=1.0, prompt_tokens=600)
+    assert not fed or max(fed) <= 64  # (at most an exploring draft's window)
+    assert lookups.stats.steps_by_planned_budget.get(0, 0) >= 10
+    # the same statistics measured on short prompts: the long one is priced on the pooled prior
+    run(found=1.0, accepted=1.0, prompt_tokens=20)
+    assert fed and max(fed) > 500
 
 
 @pytest.mark.parametrize("ngram_hits", [0, 1000])
