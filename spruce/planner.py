@@ -133,7 +133,7 @@ class Planner:
         self.ngram_accepted = 0.0
         self.ngram_lookups = 0.0
         self.ngram_found = 0.0
-        self.ngram_by_prompt: dict[int, list[float]] = {}
+        self.ngram_by_prompt: dict[tuple[bool, int], list[float]] = {}
         # ended requests: how many ended by EOS or a stop string, and the tokens all of them generated
         self.outputs_stopped = 0
         self.outputs_tokens = 0
@@ -220,17 +220,23 @@ class Planner:
             "draft_catch_up_s_by_tokens": self.draft_catch_up.to_dict(),
             "exploration_share": self.explore_s / self.step_s if self.step_s else 0.0,
             "keep_drafting_share_by_batch": {str(b): d / p for b, (d, p) in sorted(self.keep_drafting.items())},
-            # by prompt length (the bucket's shortest prompt): lookups, the share that found a
-            # continuation, n-gram tokens tried (parent accepted) and the share accepted
-            "ngram_by_prompt_tokens": {
-                str(2 ** (b - 1) if b else 0): {
-                    "lookups": int(n),
-                    "match_rate": found / n if n else 0.0,
-                    "tried": int(tried),
-                    "accept_rate": accepted / tried if tried else 0.0,
-                }
-                for b, (n, found, tried, accepted) in sorted(self.ngram_by_prompt.items())
-            },
+            # n-gram lookups by prompt length (the bucket's shortest prompt), greedy and sampling apart
+            "ngram_by_prompt_tokens": self._ngram_table(sampling=False),
+            "ngram_by_prompt_tokens_sampling": self._ngram_table(sampling=True),
+        }
+
+    def _ngram_table(self, sampling: bool) -> dict[str, dict[str, float]]:
+        """Lookups, the share that found a continuation, n-gram tokens tried (parent accepted) and the
+        share accepted, by prompt length."""
+        return {
+            str(2 ** (b - 1) if b else 0): {
+                "lookups": int(n),
+                "match_rate": found / n if n else 0.0,
+                "tried": int(tried),
+                "accept_rate": accepted / tried if tried else 0.0,
+            }
+            for (s, b), (n, found, tried, accepted) in sorted(self.ngram_by_prompt.items())
+            if s == sampling
         }
 
     def plan(self, req: Any, spec: SpeculationConfig, batch: int) -> SpeculationConfig | None:
@@ -405,8 +411,11 @@ class Planner:
         return expected_output_tokens(req.stopper.remaining, self.outputs_stopped, self.outputs_tokens)
 
     def _ngram_counts(self, req: Any) -> list[float]:
-        """[lookups, found, tried, accepted] of the requests with this one's prompt length."""
-        return self.ngram_by_prompt.setdefault(prompt_bucket(len(req.prompt_ids)), [0.0, 0.0, 0.0, 0.0])
+        """[lookups, found, tried, accepted] of the requests with this one's prompt length and mode (a
+        sampled n-gram token lands with the target's probability of it, a greedy one when it is the
+        argmax)."""
+        key = (not req.params.greedy, prompt_bucket(len(req.prompt_ids)))
+        return self.ngram_by_prompt.setdefault(key, [0.0, 0.0, 0.0, 0.0])
 
     def ngram_rate(self, req: Any) -> float:
         """P(an n-gram token is accepted | its parent was), for this request."""

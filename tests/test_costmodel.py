@@ -686,6 +686,7 @@ def test_ngram_drafting_adapts_per_request(tiny_target, tokenizer, monkeypatch):
             self.ngram_tried, self.ngram_accepted = tried, accepted
             self.ngram_lookups = self.ngram_found = 0
             self.prompt_ids = [0] * 24
+            self.params = SamplingParams()
 
     good, bad = Req(40, 36), Req(40, 0)
     assert planner.plan(good, spec, 1).ngram_budget == 4
@@ -747,7 +748,7 @@ def test_catch_up_is_priced_against_lookups_alone(tokenizer, monkeypatch):
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     spec = SpeculationConfig(drafter="both", depth=4, top_k=2, budget=6, ngram_budget=4, adaptive=True)
 
-    def run(found: float, accepted: float, prompt_tokens: int) -> Any:
+    def run(found: float, accepted: float, prompt_tokens: int, sampling: bool = False) -> Any:
         fed.clear()
         engine = Engine(tiny_target, tokenizer, tiny_draft, EngineConfig(max_seq_len=1100))
         engine.verify_costs.points.update({size: 0.01 for size in range(1, 20)})
@@ -756,7 +757,7 @@ def test_catch_up_is_priced_against_lookups_alone(tokenizer, monkeypatch):
         # of 0.01 s), not under what they save beyond lookups that land
         engine.planner.draft_catch_up.points.update({n: 5e-5 * n for n in (32, 1024)})
         planner = engine.planner
-        planner.ngram_by_prompt[prompt_bucket(prompt_tokens)] = [1000.0, 1000.0 * found, 1000.0, 1000.0 * accepted]
+        planner.ngram_by_prompt[sampling, prompt_bucket(prompt_tokens)] = [1000.0, 1000.0 * found, 1000.0, 1000.0 * accepted]
         out = engine.generate([prompt], params, spec)[0]
         assert out.token_ids == reference_greedy(tiny_target, prompt, 12, eos=None)
         return out
@@ -768,8 +769,11 @@ def test_catch_up_is_priced_against_lookups_alone(tokenizer, monkeypatch):
     lookups = run(found=1.0, accepted=1.0, prompt_tokens=600)
     assert not fed or max(fed) <= 64  # (at most an exploring draft's window)
     assert lookups.stats.steps_by_planned_budget.get(0, 0) >= 10
-    # the same statistics measured on short prompts: the long one is priced on the pooled prior
+    # the same statistics measured on short prompts, or by sampling requests: the long greedy one is
+    # priced on the pooled prior
     run(found=1.0, accepted=1.0, prompt_tokens=20)
+    assert fed and max(fed) > 500
+    run(found=1.0, accepted=1.0, prompt_tokens=600, sampling=True)
     assert fed and max(fed) > 500
 
 
