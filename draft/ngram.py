@@ -75,24 +75,9 @@ def merge_paths(
     return tokens, parents, added
 
 
-def add_ngram_branches(
-    proposal: Proposal,
-    tokens: list[int],
-    max_ngram: int,
-    min_ngram: int,
-    branches: int,
-    budget: int,
-) -> Proposal:
-    """Merge n-gram continuations of ``tokens`` (whose last token is the tree's root) into ``proposal``.
-
-    At most ``budget`` nodes are added; continuations are at most ``budget`` tokens long.
-    """
-    return merge_ngram_paths(proposal, ngram_continuations(tokens, max_ngram, min_ngram, budget, branches), budget)
-
-
 def merge_ngram_paths(proposal: Proposal, paths: list[list[int]], budget: int) -> Proposal:
-    """Merge continuations found by ``ngram_continuations`` into ``proposal`` (at most ``budget`` new
-    nodes, each a deterministic proposal)."""
+    """Merge continuations found by ``ngram_continuations`` (of the tokens whose last one is the tree's
+    root) into ``proposal``: at most ``budget`` new nodes, each a deterministic proposal."""
     tree = proposal.tree
     if not paths:
         return proposal

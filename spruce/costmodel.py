@@ -418,6 +418,16 @@ def choose_ngram_budget(
     return best if best and value(best) >= (1.0 + margin) * value(0) else 0
 
 
+def shrunk(prior: float, *levels: tuple[float, float]) -> float:
+    """A rate from (hits, trials) counts at nested levels, most specific first (a request, its kind, all
+    requests): each level's estimate is shrunk toward the next one's by PRIOR_WEIGHT pseudo-observations,
+    the last toward ``prior``."""
+    estimate = prior
+    for hits, trials in reversed(levels):
+        estimate = (hits + PRIOR_WEIGHT * estimate) / (trials + PRIOR_WEIGHT)
+    return estimate
+
+
 def ngram_token_s(rate: float, match: float, budget: int, verify_cost: PassCost) -> float:
     """Seconds per token decoding with lookups alone: a lookup finds a continuation with probability
     ``match`` (then ``budget`` tokens ride the pass, the d-th landing with probability rate^d), else the

@@ -22,7 +22,6 @@ from spruce.costmodel import (
     NGRAM_PRIOR_MATCH,
     NGRAM_PRIOR_RATE,
     PLAN_MARGIN,
-    PRIOR_WEIGHT,
     AcceptanceProfile,
     CostCurve,
     PassCost,
@@ -35,6 +34,7 @@ from spruce.costmodel import (
     ngram_token_s,
     plan_tree,
     prompt_bucket,
+    shrunk,
 )
 from spruce.draft.tree import TokenTree
 from spruce.kvcache import Segment, SlotKVCache, run_packed
@@ -420,16 +420,12 @@ class Planner:
     def ngram_rate(self, req: Any) -> float:
         """P(an n-gram token is accepted | its parent was), for this request."""
         _, _, tried, accepted = self._ngram_counts(req)
-        pooled = (self.ngram_accepted + PRIOR_WEIGHT * NGRAM_PRIOR_RATE) / (self.ngram_tried + PRIOR_WEIGHT)
-        by_prompt = (accepted + PRIOR_WEIGHT * pooled) / (tried + PRIOR_WEIGHT)
-        return (req.ngram_accepted + PRIOR_WEIGHT * by_prompt) / (req.ngram_tried + PRIOR_WEIGHT)
+        return shrunk(NGRAM_PRIOR_RATE, (req.ngram_accepted, req.ngram_tried), (accepted, tried), (self.ngram_accepted, self.ngram_tried))
 
     def ngram_match(self, req: Any) -> float:
         """P(a lookup finds a continuation at all), for this request."""
         lookups, found, _, _ = self._ngram_counts(req)
-        pooled = (self.ngram_found + PRIOR_WEIGHT * NGRAM_PRIOR_MATCH) / (self.ngram_lookups + PRIOR_WEIGHT)
-        by_prompt = (found + PRIOR_WEIGHT * pooled) / (lookups + PRIOR_WEIGHT)
-        return (req.ngram_found + PRIOR_WEIGHT * by_prompt) / (req.ngram_lookups + PRIOR_WEIGHT)
+        return shrunk(NGRAM_PRIOR_MATCH, (req.ngram_found, req.ngram_lookups), (found, lookups), (self.ngram_found, self.ngram_lookups))
 
     def undrafted_token_s(self, req: Any, spec: SpeculationConfig, verify: PassCost) -> float:
         """Seconds per token of this request without its draft model: plain decoding, or lookups alone

@@ -727,6 +727,18 @@ def test_ngram_step_seconds_count_lookups_that_find_nothing():
     assert [prompt_bucket(n) for n in (0, 1, 2, 3, 4, 511, 512, 1023, 1024)] == [0, 1, 2, 2, 3, 9, 10, 10, 11]
 
 
+def test_rates_shrink_through_nested_levels():
+    from spruce.costmodel import PRIOR_WEIGHT, shrunk
+
+    assert shrunk(0.3) == 0.3  # nothing measured: the prior
+    assert shrunk(0.3, (0, 0), (0, 0)) == pytest.approx(0.3)  # empty levels pass the prior through
+    assert shrunk(0.3, (9000, 10000)) == pytest.approx(0.9, abs=1e-3)  # much evidence overrides it
+    # a request with 2 of 2 landed, its kind 10 of 40, all requests 100 of 200
+    pooled = (100 + PRIOR_WEIGHT * 0.3) / (200 + PRIOR_WEIGHT)
+    kind = (10 + PRIOR_WEIGHT * pooled) / (40 + PRIOR_WEIGHT)
+    assert shrunk(0.3, (2, 2), (10, 40), (100, 200)) == pytest.approx((2 + PRIOR_WEIGHT * kind) / (2 + PRIOR_WEIGHT))
+
+
 def test_catch_up_is_priced_against_lookups_alone(tokenizer, monkeypatch):
     """With drafter "both", a long prompt's catch-up must save more than lookups alone would: where
     the requests of its prompt length have measured lookups that match and land, it reads nothing and

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spruce.draft.ngram import add_ngram_branches, merge_paths, ngram_continuations
+from spruce.draft.ngram import merge_ngram_paths, merge_paths, ngram_continuations
 from spruce.draft.tree import Proposal, TokenTree
 
 from spruce import Engine, SamplingParams, SpeculationConfig
@@ -33,10 +33,11 @@ def test_merge_paths_reuses_prefixes_and_respects_budget():
     TokenTree.from_parents(tokens, parents).validate()
 
 
-def test_add_ngram_branches_marks_nodes_deterministic():
+def test_merged_ngram_branches_are_deterministic_nodes():
     model_tree = TokenTree.chain(2, [1, 2])
     probs = torch.rand(3, 10)
-    merged = add_ngram_branches(Proposal(model_tree, probs), [1, 2, 3, 4, 1, 2], 2, 1, 1, budget=3)
+    paths = ngram_continuations([1, 2, 3, 4, 1, 2], 2, 1, 3, 1)
+    merged = merge_ngram_paths(Proposal(model_tree, probs), paths, budget=3)
     # suffix (1, 2) -> continuation 3 4 1, a new branch under the root
     assert merged.tree.tokens.tolist() == [2, 1, 2, 3, 4, 1]
     assert merged.deterministic.tolist() == [False, False, False, True, True, True]
